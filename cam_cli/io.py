@@ -10,6 +10,7 @@ Its outputs are ``OUT/<key>.<method>.<fmt>`` (overlay) and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -44,19 +45,43 @@ def _is_image_name(name: str) -> bool:
 
 
 def _walk(root: Path, exclude: Path | None) -> Iterator[InputImage]:
-    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned."""
+    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned.
+
+    Symbolic links to folders are followed (keys keep the link's name, so
+    outputs stay under OUT) unless they lead back to a folder being walked.
+    A folder that cannot be listed is yielded itself, so that it becomes an
+    ``error`` line in the manifest instead of vanishing.
+    """
     excluded = os.path.realpath(exclude) if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != excluded
-        )
-        rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
-        for name in sorted(filenames):
-            if _is_image_name(name):
-                key = str(rel_dir / name) if str(rel_dir) != "." else name
-                yield InputImage(Path(dirpath) / name, key)
+
+    def visit(folder: Path, rel: PurePosixPath, ancestors: frozenset[str]) -> Iterator[InputImage]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError:
+            if str(rel) != ".":
+                yield InputImage(folder, str(rel))
+                return
+            raise
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links; a broken link is not a folder
+            except OSError:
+                is_dir = False
+            if is_dir:
+                folders.append(entry)
+            elif _is_image_name(entry.name):
+                yield InputImage(folder / entry.name, str(rel / entry.name))
+        for entry in folders:
+            real = os.path.realpath(entry.path)
+            if real in ancestors or real == excluded:
+                continue
+            yield from visit(folder / entry.name, rel / entry.name, ancestors | {real})
+
+    yield from visit(root, PurePosixPath("."), frozenset({os.path.realpath(root)}))
 
 
 def key_for_listed_path(path: Path) -> str:
@@ -83,7 +108,10 @@ def discover(
     found: list[InputImage] = []
     for item in inputs:
         if item.is_dir():
-            found.extend(_walk(item, exclude))
+            try:
+                found.extend(_walk(item, exclude))
+            except OSError as exc:
+                raise InputError(f"cannot read folder {item}: {exc.strerror or exc}") from None
         elif item.exists() or item.is_symlink():
             found.append(InputImage(item, item.name))
         else:
@@ -158,6 +186,9 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     Raises ``DecodeError`` with a one-line reason for anything unreadable.
     """
     try:
+        if os.path.isdir(path):
+            os.listdir(path)  # PermissionError for a folder that cannot be read
+            raise DecodeError("is a folder, not an image file")
         if os.path.getsize(path) == 0:
             raise DecodeError("empty file (0 bytes)")
         # Our own limit replaces Pillow's decompression-bomb guard (checked below).
@@ -186,6 +217,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         raise DecodeError("not a recognised image file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DecodeError(_one_line(f"cannot decode: {exc}")) from None
+    except Exception as exc:  # a decoder bug on a hostile file must not end the run
+        raise DecodeError(_one_line(f"cannot decode: {type(exc).__name__}: {exc}")) from None
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise DecodeError(f"unexpected decoded shape {array.shape}")
     return np.ascontiguousarray(array)
@@ -199,14 +232,27 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_SUFFIX}")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     """Write ``data`` to ``path`` so that a kill at any moment leaves either the
-    old file, the new file, or (a hidden temporary) never a partial ``path``."""
+    old file or the new one, never a partial ``path``.
+
+    The data goes to a hidden temporary in the same folder, renamed into place;
+    if writing fails the temporary is removed and the ``OSError`` propagates.
+    ``durable`` also syncs the data to disk before the rename (power loss).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -266,17 +312,16 @@ def journal_path(manifest: Path) -> Path:
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file; a torn last line (a killed run) is skipped."""
     try:
-        handle = open(path, encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         return
-    with handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "input" in record:
-                yield record
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and "input" in record:
+            yield record
 
 
 def load_manifest(manifest: Path) -> dict[RecordKey, dict[str, Any]]:
@@ -295,29 +340,44 @@ def dumps_record(record: dict[str, Any]) -> str:
 def write_manifest(manifest: Path, records: dict[RecordKey, dict[str, Any]]) -> None:
     """Replace ``manifest`` atomically with ``records`` sorted by input and method."""
     text = "".join(dumps_record(records[k]) + "\n" for k in sorted(records))
-    write_atomic(manifest, text.encode("utf-8"))
+    write_atomic(manifest, text.encode("utf-8"), durable=True)
 
 
 class Journal:
-    """Append-only record log of the run in progress, flushed after every batch."""
+    """Append-only record log of the run in progress, flushed after every batch.
+
+    A journal left by a killed run is appended to (``finalise_manifest`` folds
+    it in at the end); its torn last line, if any, is closed off first so that
+    it cannot swallow the next record.
+    """
 
     def __init__(self, manifest: Path) -> None:
         self.path = journal_path(manifest)
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._handle = open(self.path, "a+b")  # noqa: SIM115 (open for the whole run)
+        if self._handle.tell() > 0:
+            self._handle.seek(-1, os.SEEK_END)
+            if self._handle.read(1) != b"\n":
+                self._handle.write(b"\n")
+                self._handle.flush()
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        self._handle.write("".join(dumps_record(r) + "\n" for r in records))
-        self._handle.flush()
+        """Add ``records`` as one write, flushed to the OS before returning."""
+        text = "".join(dumps_record(r) + "\n" for r in records)
+        if not text:
+            return
+        try:
+            self._handle.write(text.encode("utf-8"))
+            self._handle.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         self._handle.close()
 
     def discard(self) -> None:
         self.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def finalise_manifest(manifest: Path, new_records: dict[RecordKey, dict[str, Any]]) -> int:
@@ -325,10 +385,8 @@ def finalise_manifest(manifest: Path, new_records: dict[RecordKey, dict[str, Any
     records = load_manifest(manifest)
     records.update(new_records)
     write_manifest(manifest, records)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(journal_path(manifest))
-    except FileNotFoundError:
-        pass
     return len(records)
 
 

@@ -56,6 +56,8 @@ class Probe:
     logits: torch.Tensor
     input_size: int
     modules: dict[str, nn.Module]
+    #: (position in ``records`` when the call finished, module name) of every leaf module call
+    leaf_calls: list[tuple[int, str]] = field(default_factory=list)
 
     def find(self, label: str) -> Record | None:
         for record in reversed(self.records):
@@ -83,12 +85,15 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     model = classifier.module
     size = input_size or classifier.input_size
     records: list[Record] = []
+    leaf_calls: list[tuple[int, str]] = []
     counts: dict[str, int] = {}
     handles = []
     modules = dict(model.named_modules())
 
     def on_output(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
+            if not any(module.children()):
+                leaf_calls.append((len(records), name))
             if isinstance(output, torch.Tensor) and output.dim() >= 3:
                 counts[name] = counts.get(name, 0) + 1
                 if output.requires_grad and output.dim() == 3:
@@ -133,7 +138,7 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     finally:
         for handle in handles:
             handle.remove()
-    return Probe(records, logits.detach(), size, modules)
+    return Probe(records, logits.detach(), size, modules, leaf_calls)
 
 
 def _grid_before(probe: Probe, record: Record) -> tuple[int, int] | None:
@@ -234,21 +239,12 @@ class CamHead:
 
 
 def _head_description(probe: Probe, target: TargetLayer) -> str:
+    """The leaf modules that run after the target layer, e.g. ``Linear -> Tanh -> Linear``."""
     record = probe.find(target.label)
     start = record.order if record is not None else 0
-    seen: list[str] = []
-    for r in probe.records[start + 1 :]:
-        if r.point == "output" and r.is_leaf and r.name not in seen:
-            seen.append(r.name)
-    leaves = [n for n, m in probe.modules.items() if n and not any(m.children())]
-    after = [n for n in leaves if n in seen]
-    # modules with non-tensor or 2-D outputs are not in the records: add the leaf
-    # modules that follow the target in definition order and are not seen before it
-    before = {r.name for r in probe.records[: start + 1]}
-    tail = [n for n in leaves if n not in before]
-    names = after or tail
-    types = [type(probe.modules[n]).__name__ for n in names if n in probe.modules]
-    return " -> ".join(types[-8:]) if types else "no modules (only functional operations)"
+    after = [name for order, name in probe.leaf_calls if order > start]
+    types = [type(probe.modules[n]).__name__ for n in after]
+    return " -> ".join(types[-8:]) if types else "made of functional operations only"
 
 
 def cam_head(probe: Probe, target: TargetLayer) -> CamHead:

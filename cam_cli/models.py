@@ -148,10 +148,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "unsupported global" not in str(exc).lower():  # junk, not a pickle of objects
+            raise WeightsError(f"cannot read weights {path}: not a PyTorch checkpoint") from None
         raise WeightsError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint "
-            f"(weights_only=True rejected it: {first[:160]})"
+            f"refusing to load {path}: it holds objects other than tensors, and loading it could run "
+            "code (torch.load with weights_only=True rejected it)"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         message = " ".join(str(exc).split())[:200]
@@ -248,7 +249,12 @@ def _load_torchvision(
                 with _weights_only_loading():
                     module = torchvision.models.get_model(name, weights=chosen, progress=False)
             except pickle.UnpicklingError as exc:
-                raise WeightsError(f"refusing to load {target}: not a plain tensor checkpoint ({exc})") from None
+                if "unsupported global" not in str(exc).lower():
+                    raise WeightsError(f"cannot read cached weights {target}: not a PyTorch checkpoint") from None
+                raise WeightsError(
+                    f"refusing to load {target}: it holds objects other than tensors, and loading it could "
+                    "run code (torch.load with weights_only=True rejected it)"
+                ) from None
             except (OSError, RuntimeError, ValueError) as exc:
                 if target.exists():
                     message = " ".join(str(exc).split())[:200]

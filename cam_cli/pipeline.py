@@ -244,7 +244,10 @@ def collate(items: list[Item]) -> Batch:
 def _ignore_sigint(_: int) -> None:
     import signal
 
+    # The main process stops the run; SIGTERM to the process group (SLURM, systemd)
+    # must not kill workers under it, or the loader raises instead of a clean stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------ the run

@@ -31,15 +31,20 @@ def upsample_normalise(maps: torch.Tensor, height: int, width: int) -> torch.Ten
     """Bilinear upsampling (``align_corners=False``) then min-max to [0, 1].
 
     ``maps``: ``(K, h, w)`` raw maps of one image.  Returns ``(K, height, width)``
-    float32, ``(M - min) / (max - min + 1e-7)`` computed at the output size, so
-    the hottest pixel is 1 (to within 1e-7) and the coldest 0.
+    float32, ``(M - min) / (max - min)`` computed at the output size, so the
+    hottest pixel is exactly 1 and the coldest 0; a flat map gives zeros.
+
+    The reference libraries divide by ``max - min + 1e-7``; that absolute
+    epsilon shifts maps of small range (Grad-CAM of random or tiny models,
+    range ~1e-3) by ~1e-4, so it is applied only where the range is zero.
     """
     up = F.interpolate(
         maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False
     )[:, 0]
     low = up.amin(dim=(1, 2), keepdim=True)
-    high = up.amax(dim=(1, 2), keepdim=True)
-    return (up - low).div_(high - low + EPSILON)
+    span = up.amax(dim=(1, 2), keepdim=True) - low
+    span = torch.where(span > 0, span, torch.full_like(span, EPSILON))
+    return (up - low).div_(span)
 
 
 def colorize(maps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+# camx developer tasks. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# torch/torchvision pinned for the install step only (pyproject keeps honest ranges).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP   = $(VENV)/.installed
+
+.PHONY: help install test lint format demo bench bench-localisation clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[test,demo]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with camx, its test and demo extras
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check cam_cli tests bench
+	$(BIN)/ruff format --check cam_cli tests bench
+	$(BIN)/mypy cam_cli
+
+format: $(STAMP)  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff check --fix cam_cli tests bench
+	$(BIN)/ruff format cam_cli tests bench
+
+demo: $(STAMP)  ## explain sample_images with the offline pretrained EfficientNet-Lite0
+	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method gradcam
+	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method cam --boxes --draw-boxes
+	@echo "overlays and maps: out/demo/*.gradcam.jpg and out/demo/*.cam.jpg; manifest: out/demo/manifest.jsonl"
+
+bench: $(STAMP)  ## throughput against the forward-only floor and the peers
+	$(BIN)/python bench/throughput.py --model resnet18 --images 64
+	$(BIN)/python bench/throughput.py --model resnet50 --images 64
+
+bench-localisation: $(STAMP)  ## pointing game and box IoU on the sample photos
+	$(BIN)/python bench/localisation.py
+
+clean:  ## remove the venv and outputs
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

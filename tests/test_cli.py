@@ -1,0 +1,186 @@
+"""`camx explain` end to end: outputs, manifest, the console script, error paths and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import camx_script, write_image
+from PIL import Image
+
+from cam_cli.cli import main
+
+FAST = ["--model", "resnet18", "--weights", "NONE", "--input-size", "64", "--device", "cpu", "--workers", "0"]
+REQUIRED_KEYS = {
+    "input", "status", "error", "overlay", "map", "class_index", "class_name", "score",
+    "method", "model", "layer", "width", "height",
+}
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_every_image_gets_an_overlay_a_map_and_a_manifest_line(image_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    records = manifest(out)
+    assert len(records) == 6
+    assert [r["input"] for r in records] == sorted(r["input"] for r in records)
+    for record in records:
+        assert REQUIRED_KEYS <= record.keys()
+        assert record["status"] == "ok" and record["error"] is None
+        assert record["method"] == "gradcam" and record["model"] == "resnet18" and record["layer"] == "layer4"
+        assert 0.0 <= record["score"] <= 1.0 and 0 <= record["class_index"] < 1000
+        source = Image.open(record["input"])
+        assert (record["width"], record["height"]) == source.size
+        overlay = Image.open(out / record["overlay"])
+        assert overlay.size == source.size and overlay.mode == "RGB"
+        cam = np.load(out / record["map"])
+        assert cam.dtype == np.float32 and cam.shape == (source.size[1], source.size[0])
+        assert cam.min() == 0.0 and cam.max() == 1.0
+    assert (out / "sub" / "d.jpeg.gradcam.jpg").is_file()
+    assert (out / "sub" / "d.jpeg.gradcam.npy").is_file()
+    assert not list(out.rglob("*.camx-tmp")) and not list(out.glob(".*journal"))
+
+
+def test_installed_console_script_runs_cam_with_png_and_json(image_dir, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [camx_script(), "explain", str(image_dir), "-o", str(out), *FAST, "--method", "cam", "--format", "png", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["done"] == 6 and summary["failed"] == 0 and summary["manifest"] == str(out / "manifest.jsonl")
+    assert "6 done" in run.stderr
+    for record in manifest(out):
+        assert record["overlay"].endswith(".cam.png") and record["layer"] == "layer4"
+        assert Image.open(out / record["overlay"]).format == "PNG"
+
+
+def test_python_dash_m_works(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "cam_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "camx" in run.stdout
+
+
+def test_same_input_same_names_whatever_else_is_in_the_folder(image_dir, tmp_path):
+    alone = tmp_path / "alone"
+    write_image(alone / "sub" / "d.jpeg", 90, 50, 4)
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert invoke("explain", alone, "-o", out_a, *FAST, "-q").exit_code == 0
+    assert invoke("explain", image_dir, "-o", out_b, *FAST, "-q").exit_code == 0
+    assert (out_a / "sub" / "d.jpeg.gradcam.npy").is_file() and (out_b / "sub" / "d.jpeg.gradcam.npy").is_file()
+
+
+def test_a_corrupt_file_is_reported_and_the_rest_is_done(image_dir, tmp_path):
+    (image_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (image_dir / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    result = invoke("explain", image_dir, "-o", out, *FAST)
+    assert result.exit_code == 3, result.output
+    records = {Path(r["input"]).name: r for r in manifest(out)}
+    assert len(records) == 8
+    assert records["broken.jpg"]["status"] == "error" and records["broken.jpg"]["overlay"] is None
+    assert records["empty.png"]["error"] == "empty file (0 bytes)"
+    assert sum(r["status"] == "ok" for r in records.values()) == 6
+    assert "broken.jpg" in result.output and "\n" not in records["broken.jpg"]["error"]
+
+
+def test_target_by_class_name_from_a_labels_file(image_dir, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}\n" for i in range(1000)))
+    out = tmp_path / "out"
+    result = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--labels", labels, "--target", "class 7")
+    assert result.exit_code == 0, result.output
+    assert {(r["class_index"], r["class_name"]) for r in manifest(out)} == {(7, "class 7")}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "resnet5"], "unknown model 'resnet5' (did you mean resnet50"),
+        (["--layer", "layer9"], "unknown layer 'layer9'"),
+        (["--device", "cuda:3"], "not available"),
+        (["--target", "no such class"], "no class names"),
+        (["--target", "1000"], "out of range"),
+        (["--method", "cam", "--model", "mobilenet_v3_small"], "Linear -> Hardswish -> Dropout -> Linear; use --method gradcam"),
+    ],
+)
+def test_fatal_errors_give_one_line_exit_1_and_write_nothing(image_dir, tmp_path, extra, message):
+    out = tmp_path / "out"
+    args = [*FAST[:-2], "--workers", "0"]
+    # later options win in click: the parametrised ones override FAST's
+    result = invoke("explain", image_dir, "-o", out, *args, *extra)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("camx: error: ")
+    assert not out.exists()
+
+
+def test_no_images_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    result = invoke("explain", tmp_path / "empty", "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 1 and "no images found" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_weights_file(image_dir, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    result = invoke("explain", image_dir, "-o", tmp_path / "out", *FAST, "--weights", junk)
+    assert result.exit_code == 1 and "cannot read weights" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_cannot_be_created(image_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    result = invoke("explain", image_dir, "-o", blocker / "out", *FAST)
+    assert result.exit_code == 1 and "is not a folder" in result.output
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_default_weights_offline_say_where_to_put_the_file(image_dir, tmp_path, torch_home):
+    result = invoke("explain", image_dir, "-o", tmp_path / "out", "--model", "resnet18", "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    expected = torch_home / "hub" / "checkpoints"
+    assert f"put resnet18-f37072fd.pth in {expected}" in result.output and "--weights PATH" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["explain", "-o", "out"],  # no input
+        ["explain", "x", "-o", "out", "--alpha", "1.5"],
+        ["explain", "x", "-o", "out", "--method", "scorecam"],
+        ["explain", "x", "-o", "out", "--device", "gpu"],
+        ["explain", "x", "-o", "out", "--shard", "3/2"],
+        ["explain", "x"],  # no -o
+    ],
+)
+def test_usage_errors_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, command in main.commands.items():
+        assert command.help and len(command.help) > 20, name
+        assert f"camx {name}" in readme, f"README does not mention camx {name}"
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:
+                assert param.help, f"{name} {param.name} has no help"
+                assert param.opts[-1] in readme or param.opts[0] in readme, f"README misses {param.opts}"
