@@ -65,6 +65,46 @@ def blend(image: torch.Tensor, heat: torch.Tensor, alpha: float) -> torch.Tensor
     return mixed.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def render_on_device(
+    maps: torch.Tensor, image: torch.Tensor, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The whole post-processing of one image with tensor ops on ``maps.device`` (GPU path).
+
+    ``maps``: ``(K, h, w)`` raw maps; ``image``: ``(H, W, 3)`` uint8 RGB.
+    Returns normalised maps ``(K, H, W)`` float32 and overlays ``(K, H, W, 3)``
+    uint8 **BGR** (ready for OpenCV's encoders), as numpy arrays.
+    """
+    height, width = int(image.shape[0]), int(image.shape[1])
+    norm = upsample_normalise(maps, height, width)
+    overlay = blend(image.to(norm.device, non_blocking=True), colorize(norm), alpha).flip(-1)
+    return norm.cpu().numpy(), overlay.cpu().numpy()
+
+
+def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The same post-processing as ``render_on_device`` with OpenCV's SIMD kernels (CPU path).
+
+    ``cv2.resize`` with ``INTER_LINEAR`` samples at half-pixel centres exactly
+    like ``F.interpolate(..., align_corners=False)``; ``applyColorMap`` and
+    ``addWeighted`` work on uint8. Agrees with the device path to 1e-6 on the
+    maps and to one grey level on the overlays (rounding).
+    """
+    height, width = image.shape[:2]
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    norms = np.empty((maps.shape[0], height, width), dtype=np.float32)
+    overlays = np.empty((maps.shape[0], height, width, 3), dtype=np.uint8)
+    for k in range(maps.shape[0]):
+        up = cv2.resize(np.ascontiguousarray(maps[k], dtype=np.float32), (width, height),
+                        interpolation=cv2.INTER_LINEAR)
+        low = float(up.min())
+        span = float(up.max()) - low
+        np.subtract(up, low, out=up)
+        np.divide(up, np.float32(span if span > 0 else EPSILON), out=norms[k])
+        index = np.multiply(norms[k], 255.0, dtype=np.float32).astype(np.uint8)
+        heat = cv2.applyColorMap(index, cv2.COLORMAP_JET)
+        cv2.addWeighted(heat, alpha, bgr, 1.0 - alpha, 0.0, dst=overlays[k])
+    return norms, overlays
+
+
 def draw_box(overlay: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """Draw a white rectangle with a black edge around ``box`` (x0, y0, x1, y1 exclusive)."""
     x0, y0, x1, y1 = box

@@ -8,35 +8,41 @@ import numpy as np
 import torch
 from PIL import Image
 
+import pytest
+
 from cam_cli.pipeline import _encode
-from cam_cli.render import blend, colorize, jet_lut
-
-
-def corner_map(height: int = 20, width: int = 30) -> torch.Tensor:
-    m = torch.zeros(1, height, width)
-    m[0, :4, :4] = 1.0
-    return m
+from cam_cli.render import blend, colorize, jet_lut, render_on_device, render_with_opencv
 
 
 def decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_hot_is_red_and_cold_is_blue_in_the_written_png():
-    heat = colorize(corner_map())
+def render(path: str, maps: torch.Tensor, image: torch.Tensor, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    if path == "opencv":
+        return render_with_opencv(maps.numpy(), image.numpy(), alpha)
+    return render_on_device(maps, image, alpha)
+
+
+@pytest.mark.parametrize("path", ["opencv", "device"])
+def test_hot_is_red_and_cold_is_blue_in_the_written_png(path):
+    low = torch.zeros(1, 5, 5)
+    low[0, 0, 0] = 1.0  # hot top-left corner at low resolution
     grey = torch.full((20, 30, 3), 128, dtype=torch.uint8)
-    overlay = blend(grey, heat, alpha=1.0)[0].numpy()
-    written = decode(_encode(overlay, "png"))
+    _, overlay = render(path, low, grey, alpha=1.0)
+    written = decode(_encode(overlay[0], "png"))
     r, g, b = (int(v) for v in written[1, 1])
     assert r >= 120 and g == 0 and b == 0, f"hot corner should be red, got {(r, g, b)}"
     r, g, b = (int(v) for v in written[15, 25])
     assert b >= 120 and r == 0 and g == 0, f"cold area should be blue, got {(r, g, b)}"
 
 
-def test_jpeg_overlay_keeps_the_colours_too():
-    heat = colorize(corner_map(64, 64))
-    overlay = blend(torch.zeros(64, 64, 3, dtype=torch.uint8), heat, alpha=1.0)[0].numpy()
-    written = decode(_encode(overlay, "jpg")).astype(int)
+@pytest.mark.parametrize("path", ["opencv", "device"])
+def test_jpeg_overlay_keeps_the_colours_too(path):
+    low = torch.zeros(1, 8, 8)
+    low[0, 0, 0] = 1.0
+    _, overlay = render(path, low, torch.zeros(64, 64, 3, dtype=torch.uint8), alpha=1.0)
+    written = decode(_encode(overlay[0], "jpg")).astype(int)
     assert written[1, 1, 0] > 100 and written[1, 1, 2] < 40
     assert written[40, 40, 2] > 100 and written[40, 40, 0] < 40
 
@@ -62,3 +68,18 @@ def test_colour_index_truncates_like_uint8_of_255_times_map():
     heat = colorize(m)[0, 0]
     for j, value in enumerate([0.0, 0.5, 0.999, 1.0]):
         assert heat[j].tolist() == lut[int(255 * value)].tolist()
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 53), (224, 224), (5, 3), (1, 1), (480, 641)])
+def test_opencv_and_device_paths_agree(height, width):
+    generator = torch.Generator().manual_seed(height * width)
+    maps = torch.randn(2, 7, 7, generator=generator)
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+    norm_cv, over_cv = render_with_opencv(maps.numpy(), image.numpy(), 0.4)
+    norm_t, over_t = render_on_device(maps, image, 0.4)
+    assert norm_cv.shape == norm_t.shape == (2, height, width) and norm_cv.dtype == np.float32
+    assert over_cv.shape == over_t.shape == (2, height, width, 3) and over_cv.dtype == np.uint8
+    np.testing.assert_allclose(norm_cv, norm_t, atol=1e-6)
+    # the colour index may differ by one where 255 * map sits on an integer boundary
+    assert np.abs(over_cv.astype(int) - over_t.astype(int)).max() <= 3
+    assert (over_cv != over_t).any(axis=-1).mean() < 0.01

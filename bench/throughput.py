@@ -1,0 +1,342 @@
+"""Throughput of camx against the forward-only floor and the peers, in one run.
+
+Generates its own JPEGs (sizes between 320x240 and 640x480), then runs each
+pipeline over the same images in a fresh child process (so each has its own
+peak RSS and allocator state), one after another on this machine:
+
+* floor (default malloc): decode + resize (the same DataLoader camx uses) +
+  a plain forward pass in inference mode, glibc's default allocator settings;
+* floor: the same with the allocator tuned (what camx does on its own);
+* camx CAM and camx Grad-CAM end to end through ``cam_cli.pipeline.Explainer``
+  (the code the CLI runs), overlays and .npy maps written;
+* pytorch-grad-cam GradCAM and torchcam GradCAM / CAM end to end, when
+  installed, writing the same outputs (JPEG overlay + .npy map per image).
+
+Prints images/s, the ratio to the (tuned) floor, peak RSS and where camx's
+time goes. Not a test: nothing here asserts a timing.
+
+    python bench/throughput.py --model resnet50 --images 64 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PIPELINES = ["floor-default-malloc", "floor", "camx-cam", "camx-gradcam", "pgc-gradcam", "torchcam-gradcam", "torchcam-cam"]
+
+
+def generate_images(folder: Path, count: int, seed: int = 0) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        width = int(rng.integers(320, 641))
+        height = int(rng.integers(240, 481))
+        small = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+        image.save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------ children
+
+
+def _loader(args: argparse.Namespace, size: int):
+    from torch.utils.data import DataLoader
+
+    from cam_cli import io
+    from cam_cli.pipeline import ImageDataset, collate, default_workers
+
+    images = io.discover([Path(args.dir)])
+    workers = default_workers() if args.workers is None else args.workers
+    return DataLoader(
+        ImageDataset(images, size, io.DEFAULT_MAX_PIXELS),
+        batch_size=args.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=args.device.startswith("cuda"),
+        prefetch_factor=2 if workers else None,
+    ), images
+
+
+def _model(args: argparse.Namespace):
+    from cam_cli.models import load_classifier
+
+    classifier = load_classifier(args.model, "NONE")
+    return classifier, classifier.module.to(args.device)
+
+
+def _normalise(images, classifier, device):
+    import torch
+
+    mean = torch.tensor(classifier.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(classifier.std, device=device).view(1, 3, 1, 1) * 255
+    return images.to(device, non_blocking=True).float().sub_(mean).div_(std)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
+    import torch
+
+    from cam_cli.pipeline import PRECISIONS, tune_allocator
+
+    if tuned:
+        tune_allocator()
+    classifier, module = _model(args)
+    if args.device.startswith("cuda"):
+        module = module.to(memory_format=torch.channels_last)
+    dtype = PRECISIONS[args.precision]
+    loader, images = _loader(args, classifier.input_size)
+
+    def run() -> float:
+        waited = 0.0
+        started = time.perf_counter()
+        batches = iter(loader)
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t
+            if batch is None:
+                break
+            with torch.inference_mode(), torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                x = _normalise(batch.images, classifier, args.device)
+                if args.device.startswith("cuda"):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = module(x)
+                logits.float().softmax(1).max(1).indices.cpu()
+        _sync(args.device)
+        return time.perf_counter() - started, waited
+
+    run()  # warm-up pass (kernel selection, page cache)
+    seconds, waited = run()
+    return {"images": len(images), "seconds": seconds, "timings": {"wait_for_data": waited}}
+
+
+def child_camx(args: argparse.Namespace, method: str) -> dict:
+    from cam_cli.pipeline import ExplainConfig, Explainer
+
+    out = Path(args.out) / method
+
+    def config(overwrite: bool) -> ExplainConfig:
+        return ExplainConfig(
+            inputs=[Path(args.dir)], out_dir=out, method=method, model=args.model, weights="NONE",
+            device=args.device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+            overwrite=overwrite,
+        )
+
+    Explainer(config(True)).run()  # warm-up pass, as for the floor
+    explainer = Explainer(config(True))
+    summary = explainer.run()
+    return {"images": summary.done, "seconds": summary.seconds, "timings": summary.timings}
+
+
+def _write_peer_outputs(out: Path, name: str, overlay_bgr, cam) -> None:
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(out / f"{name}.jpg"), overlay_bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    np.save(out / f"{name}.npy", cam.astype(np.float32))
+
+
+def child_pgc(args: argparse.Namespace) -> dict:
+    import cv2
+    import numpy as np
+    import torchvision
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cam_cli.models import load_classifier
+
+    classifier = load_classifier(args.model, "NONE")
+    model = classifier.module.to(args.device)
+    for p in model.parameters():  # as a user of pytorch-grad-cam has it: a plain model
+        p.requires_grad_(True)
+    layer = model.get_submodule("layer4") if hasattr(model, "layer4") else model.features
+    loader, images = _loader(args, classifier.input_size)
+    out = Path(args.out) / "pgc"
+    out.mkdir(parents=True, exist_ok=True)
+    del torchvision
+
+    def run() -> float:
+        started = time.perf_counter()
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            for batch in loader:
+                x = _normalise(batch.images, classifier, args.device)
+                with __import__("torch").no_grad():
+                    classes = model(x).argmax(1).tolist()
+                grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+                for j, index in enumerate(batch.indices):
+                    original = batch.originals[j].numpy()
+                    h, w = original.shape[:2]
+                    mask = cv2.resize(grayscale[j], (w, h))
+                    overlay = show_cam_on_image(original.astype(np.float32) / 255, mask, use_rgb=False)
+                    _write_peer_outputs(out, images[index].key, overlay, mask)
+        return time.perf_counter() - started
+
+    run()
+    return {"images": len(images), "seconds": run(), "timings": {}}
+
+
+def child_torchcam(args: argparse.Namespace, method: str) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchcam.methods import CAM, GradCAM
+    from torchcam.utils import overlay_mask
+    from torchvision.transforms.functional import to_pil_image
+
+    from cam_cli.models import load_classifier
+
+    classifier = load_classifier(args.model, "NONE")
+    model = classifier.module.to(args.device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loader, images = _loader(args, classifier.input_size)
+    out = Path(args.out) / f"torchcam-{method}"
+    out.mkdir(parents=True, exist_ok=True)
+    size = classifier.input_size
+
+    def run() -> float:
+        started = time.perf_counter()
+        extractor_cls = CAM if method == "cam" else GradCAM
+        with extractor_cls(model, input_shape=(3, size, size)) as extractor:
+            for batch in loader:
+                x = _normalise(batch.images, classifier, args.device)
+                if method == "cam":
+                    with torch.no_grad():
+                        scores = model(x)
+                else:
+                    scores = model(x)
+                classes = scores.argmax(1).tolist()
+                (cams,) = extractor(class_idx=classes, scores=scores)
+                for j, index in enumerate(batch.indices):
+                    original = batch.originals[j].numpy()
+                    h, w = original.shape[:2]
+                    up = F.interpolate(cams[j][None, None].float(), size=(h, w), mode="bilinear")[0, 0]
+                    overlay = overlay_mask(Image.fromarray(original), to_pil_image(cams[j].float(), mode="F"), alpha=0.6)
+                    overlay.save(out / f"{images[index].key}.jpg", quality=95)
+                    np.save(out / f"{images[index].key}.npy", up.cpu().numpy())
+        return time.perf_counter() - started
+
+    run()
+    return {"images": len(images), "seconds": run(), "timings": {}}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    name = args.child
+    if name == "floor-default-malloc":
+        result = child_floor(args, tuned=False)
+    elif name == "floor":
+        result = child_floor(args, tuned=True)
+    elif name.startswith("camx-"):
+        result = child_camx(args, name.split("-", 1)[1])
+    elif name == "pgc-gradcam":
+        result = child_pgc(args)
+    else:
+        result = child_torchcam(args, name.split("-", 1)[1])
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+# -------------------------------------------------------------------- parent
+
+
+def available(name: str) -> bool:
+    module = {"pgc": "pytorch_grad_cam", "torchcam": "torchcam"}.get(name.split("-")[0])
+    if module is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--only", nargs="*", choices=PIPELINES, help="run only these pipelines")
+    parser.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam and torchcam")
+    parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+
+    chosen = args.only or [p for p in PIPELINES if not (args.no_peers and p.split("-")[0] in ("pgc", "torchcam"))]
+    with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
+        images = Path(tmp) / "images"
+        generate_images(images, args.images)
+        print(
+            f"camx throughput: {args.model}, {args.images} JPEGs 320x240..640x480, batch {args.batch_size}, "
+            f"device {args.device}, {args.precision}, {os.cpu_count()} CPUs; overlays + .npy written",
+            flush=True,
+        )
+        results: dict[str, dict] = {}
+        for name in chosen:
+            if not available(name):
+                print(f"  {name}: not installed, skipped", flush=True)
+                continue
+            command = [sys.executable, __file__, "--child", name, "--dir", str(images), "--out", str(Path(tmp) / "out"),
+                       "--model", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
+                       "--precision", args.precision]
+            if args.workers is not None:
+                command += ["--workers", str(args.workers)]
+            run = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+            if run.returncode != 0 or not lines:
+                print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:] }", flush=True)
+                continue
+            results[name] = json.loads(lines[-1][len("RESULT "):])
+            r = results[name]
+            print(f"  {name}: {r['images'] / r['seconds']:.2f} img/s", flush=True)
+
+    floor = results.get("floor")
+    print()
+    print(f"| pipeline | images/s | ratio to floor | peak RSS (MB) | ratio RSS |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        rate = r["images"] / r["seconds"]
+        ratio = rate / (floor["images"] / floor["seconds"]) if floor else float("nan")
+        rss = r["peak_rss_mb"] / floor["peak_rss_mb"] if floor else float("nan")
+        print(f"| {name} | {rate:.2f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} | {rss:.2f} |")
+    for name, r in results.items():
+        if r.get("timings") and name.startswith("camx"):
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(r["timings"].items()))
+            print(f"{name} time: total {r['seconds']:.2f}s; {parts}")
+
+
+if __name__ == "__main__":
+    main()
