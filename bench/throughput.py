@@ -33,7 +33,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PIPELINES = ["floor-default-malloc", "floor", "camx-cam", "camx-gradcam", "pgc-gradcam", "torchcam-gradcam", "torchcam-cam"]
+PIPELINES = [
+    "floor-default-malloc",
+    "floor",
+    "camx-cam",
+    "camx-gradcam",
+    "pgc-gradcam",
+    "torchcam-gradcam",
+    "torchcam-cam",
+]
 
 
 def generate_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -120,7 +128,10 @@ def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
             waited += time.perf_counter() - t
             if batch is None:
                 break
-            with torch.inference_mode(), torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None),
+            ):
                 x = _normalise(batch.images, classifier, args.device)
                 if args.device.startswith("cuda"):
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -141,8 +152,15 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
 
     def config(overwrite: bool) -> ExplainConfig:
         return ExplainConfig(
-            inputs=[Path(args.dir)], out_dir=out, method=method, model=args.model, weights="NONE",
-            device=args.device, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+            inputs=[Path(args.dir)],
+            out_dir=out,
+            method=method,
+            model=args.model,
+            weights="NONE",
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
             overwrite=overwrite,
         )
 
@@ -237,7 +255,9 @@ def child_torchcam(args: argparse.Namespace, method: str) -> dict:
                     original = batch.originals[j].numpy()
                     h, w = original.shape[:2]
                     up = F.interpolate(cams[j][None, None].float(), size=(h, w), mode="bilinear")[0, 0]
-                    overlay = overlay_mask(Image.fromarray(original), to_pil_image(cams[j].float(), mode="F"), alpha=0.6)
+                    overlay = overlay_mask(
+                        Image.fromarray(original), to_pil_image(cams[j].float(), mode="F"), alpha=0.6
+                    )
                     overlay.save(out / f"{images[index].key}.jpg", quality=95)
                     np.save(out / f"{images[index].key}.npy", up.cpu().numpy())
         return time.perf_counter() - started
@@ -309,23 +329,38 @@ def main() -> None:
             if not available(name):
                 print(f"  {name}: not installed, skipped", flush=True)
                 continue
-            command = [sys.executable, __file__, "--child", name, "--dir", str(images), "--out", str(Path(tmp) / "out"),
-                       "--model", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
-                       "--precision", args.precision]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--dir",
+                str(images),
+                "--out",
+                str(Path(tmp) / "out"),
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                args.device,
+                "--precision",
+                args.precision,
+            ]
             if args.workers is not None:
                 command += ["--workers", str(args.workers)]
             run = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             if run.returncode != 0 or not lines:
-                print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:] }", flush=True)
+                print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
-            results[name] = json.loads(lines[-1][len("RESULT "):])
+            results[name] = json.loads(lines[-1][len("RESULT ") :])
             r = results[name]
             print(f"  {name}: {r['images'] / r['seconds']:.2f} img/s", flush=True)
 
     floor = results.get("floor")
     print()
-    print(f"| pipeline | images/s | ratio to floor | peak RSS (MB) | ratio RSS |")
+    print("| pipeline | images/s | ratio to floor | peak RSS (MB) | ratio RSS |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         rate = r["images"] / r["seconds"]

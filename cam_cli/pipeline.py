@@ -156,9 +156,7 @@ def tune_allocator() -> bool:
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
-            _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-            )
+            _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
         except (OSError, AttributeError):
             _allocator_tuned = False
     return _allocator_tuned
@@ -324,15 +322,19 @@ class Explainer:
         if config.precision not in PRECISIONS:
             raise CamxError(f"unknown precision {config.precision!r}")
         self.classifier = load_classifier(
-            config.model, config.weights, config.num_classes, config.labels,
-            config.input_size, config.mean, config.std, config.output_key,
+            config.model,
+            config.weights,
+            config.num_classes,
+            config.labels,
+            config.input_size,
+            config.mean,
+            config.std,
+            config.output_key,
         )
         probe = run_probe(self.classifier)
         num_classes = int(probe.logits.shape[1])
         if self.classifier.categories is not None and len(self.classifier.categories) != num_classes:
-            raise ModelError(
-                f"{len(self.classifier.categories)} class names for a model with {num_classes} outputs"
-            )
+            raise ModelError(f"{len(self.classifier.categories)} class names for a model with {num_classes} outputs")
         self.target_layer: TargetLayer = resolve_target(probe, config.layer)
         self.target = parse_target(config.target, self.classifier, num_classes)
         module = self.classifier.module.to(self.device)
@@ -380,9 +382,9 @@ class Explainer:
         if not paths or len(targets) != self.target.count:
             return False
         fmt_suffix = f".{self.config.fmt}"
-        return all(
-            isinstance(p, str) and (self.config.out_dir / p).is_file() for p in paths
-        ) and all(t["overlay"].endswith(fmt_suffix) for t in targets)
+        return all(isinstance(p, str) and (self.config.out_dir / p).is_file() for p in paths) and all(
+            t["overlay"].endswith(fmt_suffix) for t in targets
+        )
 
     def pending(self) -> tuple[list[io.InputImage], int]:
         """Inputs still to do, and how many earlier complete outputs are kept.
@@ -395,7 +397,8 @@ class Explainer:
             else:
                 records = io.load_manifest(self.manifest)
                 todo = [
-                    image for image in self.images
+                    image
+                    for image in self.images
                     if not self._is_complete(records.get((str(image.path), self.config.method)))
                 ]
             self._pending = (todo, len(self.images) - len(todo))
@@ -493,8 +496,10 @@ class Explainer:
         started = time.perf_counter()
         todo, skipped = self.pending()
         summary = Summary(
-            total=len(self.images), skipped=skipped,
-            out_dir=str(config.out_dir), manifest=str(self.manifest),
+            total=len(self.images),
+            skipped=skipped,
+            out_dir=str(config.out_dir),
+            manifest=str(self.manifest),
         )
         try:
             config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -557,9 +562,19 @@ class Explainer:
                     self._add_time("model", time.perf_counter() - computed)
                     for j, index in enumerate(batch.indices):
                         image = todo[index]
-                        futures.append((image, pool.submit(
-                            self._postprocess_and_write, image, maps[j], batch.originals[j], classes[j], scores[j]
-                        )))
+                        futures.append(
+                            (
+                                image,
+                                pool.submit(
+                                    self._postprocess_and_write,
+                                    image,
+                                    maps[j],
+                                    batch.originals[j],
+                                    classes[j],
+                                    scores[j],
+                                ),
+                            )
+                        )
                 in_flight.append((ready, futures))
                 waited = time.perf_counter()
                 drain(MAX_PENDING_BATCHES)

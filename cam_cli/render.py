@@ -38,9 +38,7 @@ def upsample_normalise(maps: torch.Tensor, height: int, width: int) -> torch.Ten
     epsilon shifts maps of small range (Grad-CAM of random or tiny models,
     range ~1e-3) by ~1e-4, so it is applied only where the range is zero.
     """
-    up = F.interpolate(
-        maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False
-    )[:, 0]
+    up = F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     low = up.amin(dim=(1, 2), keepdim=True)
     span = up.amax(dim=(1, 2), keepdim=True) - low
     span = torch.where(span > 0, span, torch.full_like(span, EPSILON))
@@ -65,9 +63,7 @@ def blend(image: torch.Tensor, heat: torch.Tensor, alpha: float) -> torch.Tensor
     return mixed.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def render_on_device(
-    maps: torch.Tensor, image: torch.Tensor, alpha: float
-) -> tuple[np.ndarray, np.ndarray]:
+def render_on_device(maps: torch.Tensor, image: torch.Tensor, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """The whole post-processing of one image with tensor ops on ``maps.device`` (GPU path).
 
     ``maps``: ``(K, h, w)`` raw maps; ``image``: ``(H, W, 3)`` uint8 RGB.
@@ -93,8 +89,9 @@ def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tup
     norms = np.empty((maps.shape[0], height, width), dtype=np.float32)
     overlays = np.empty((maps.shape[0], height, width, 3), dtype=np.uint8)
     for k in range(maps.shape[0]):
-        up = cv2.resize(np.ascontiguousarray(maps[k], dtype=np.float32), (width, height),
-                        interpolation=cv2.INTER_LINEAR)
+        up = cv2.resize(
+            np.ascontiguousarray(maps[k], dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+        )
         low = float(up.min())
         span = float(up.max()) - low
         np.subtract(up, low, out=up)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
-
-import pytest
 
 from cam_cli.pipeline import _encode
 from cam_cli.render import blend, colorize, jet_lut, render_on_device, render_with_opencv

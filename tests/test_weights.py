@@ -52,8 +52,22 @@ def test_enum_name_selects_the_same_weights(cached_resnet18):
 def test_cli_uses_the_cached_weights_and_class_names(cached_resnet18, image_dir, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        main, ["explain", str(image_dir), "-o", str(out), "--model", "resnet18", "--device", "cpu", "-q",
-               "--input-size", "64", "--workers", "0"],
+        main,
+        [
+            "explain",
+            str(image_dir),
+            "-o",
+            str(out),
+            "--model",
+            "resnet18",
+            "--device",
+            "cpu",
+            "-q",
+            "--input-size",
+            "64",
+            "--workers",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

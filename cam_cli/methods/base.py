@@ -113,9 +113,7 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ModelError(
-            f"unknown layer {name!r}; `camx layers MODEL` lists the layers"
-        ) from None
+        raise ModelError(f"unknown layer {name!r}; `camx layers MODEL` lists the layers") from None
 
 
 ClassChooser = Callable[[torch.Tensor], torch.Tensor]
