@@ -117,9 +117,12 @@ def localisation_box(norm_map: np.ndarray, threshold: float) -> tuple[int, int, 
 
     Threshold the map at ``threshold`` times its maximum, keep the largest
     8-connected component, return its bounding box ``(x0, y0, x1, y1)`` in
-    pixels (x1, y1 exclusive), or ``None`` when nothing passes.
+    pixels (x1, y1 exclusive), or ``None`` for a map without a positive peak.
     """
-    mask = (norm_map >= threshold * float(norm_map.max())).astype(np.uint8)
+    peak = float(norm_map.max()) if norm_map.size else float("nan")
+    if not np.isfinite(peak) or peak <= 0:
+        return None  # a flat (all-zero) map has no evidence to localise
+    mask = (norm_map >= threshold * peak).astype(np.uint8)
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         return None

@@ -13,7 +13,6 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -79,13 +78,8 @@ def test_a_flat_positive_map_gives_the_whole_image():
     assert localisation_box(np.full((20, 30), 0.3, dtype=np.float32), 0.2) == (0, 0, 30, 20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proposed fix: an all-zero map (a flat map after normalisation, or a Grad-CAM "
-    "map the ReLU zeroed) holds no evidence; localisation_box should return None, not the "
-    "whole image",
-)
 def test_an_all_zero_map_gives_no_box():
+    """A flat map after normalisation, or a Grad-CAM map the ReLU zeroed, holds no evidence."""
     assert localisation_box(blank(), 0.2) is None
 
 
@@ -121,7 +115,7 @@ def reference_box(norm_map: np.ndarray, threshold: float) -> tuple[int, int, int
     seen = np.zeros_like(mask)
     best: list[tuple[int, int]] = []
     height, width = mask.shape
-    for y, x in zip(*np.nonzero(mask)):
+    for y, x in zip(*np.nonzero(mask), strict=True):
         if seen[y, x]:
             continue
         seen[y, x] = True
@@ -136,7 +130,7 @@ def reference_box(norm_map: np.ndarray, threshold: float) -> tuple[int, int, int
                         queue.append((ny, nx))
         if len(component) > len(best):
             best = component
-    ys, xs = zip(*best)
+    ys, xs = zip(*best, strict=True)
     return (min(xs), min(ys), max(xs) + 1, max(ys) + 1)
 
 
@@ -175,7 +169,7 @@ def test_draw_boxes_changes_the_overlay_only_along_the_box_edge(image_dir, tiny_
     drawn = explain(image_dir, tmp_path / "drawn", tiny_factory, "--boxes", "--draw-boxes")
     assert [r["input"] for r in plain] == [r["input"] for r in drawn]
     band = 3  # the rectangle's black edge is 2 px thicker than its white line
-    for before, after in zip(plain, drawn):
+    for before, after in zip(plain, drawn, strict=True):
         a = np.asarray(Image.open(tmp_path / "plain" / before["overlay"]).convert("RGB")).astype(int)
         b = np.asarray(Image.open(tmp_path / "drawn" / after["overlay"]).convert("RGB")).astype(int)
         assert a.shape == b.shape
