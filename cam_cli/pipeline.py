@@ -134,6 +134,7 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+_PR_SET_PDEATHSIG = 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
@@ -284,6 +285,13 @@ def _ignore_sigint(_: int) -> None:
     # must not kill workers under it, or the loader raises instead of a clean stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # If the main process is killed outright (SIGKILL, OOM killer), a worker can block
+    # for ever on a lock the dead parent held: have the kernel end it with its parent.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
 
 
 # ------------------------------------------------------------------------ the run
