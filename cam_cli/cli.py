@@ -62,7 +62,7 @@ def _shard(_: click.Context, __: click.Parameter, value: str | None) -> tuple[in
 
 
 def _device(_: click.Context, __: click.Parameter, value: str) -> str:
-    head, _, index = value.partition(":")
+    head, _colon, index = value.partition(":")
     if head not in ("auto", "cpu", "cuda", "mps") or (index and (head != "cuda" or not index.isdigit())):
         raise click.BadParameter("use auto, cpu, cuda, cuda:N or mps")
     return value
@@ -81,43 +81,112 @@ def main() -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Output folder (created if missing).")
-@click.option("--files-from", type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
-              help="Read input paths from FILE, one per line ('-' for stdin).")
-@click.option("--method", type=click.Choice(["gradcam", "cam"]), default="gradcam", show_default=True,
-              help="CAM method.")
-@click.option("--model", default="resnet50", show_default=True,
-              help="torchvision model name, efficientnet_lite0, a TorchScript/exported file, or package.module:factory.")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, or a .pth path.")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of a fine-tuned head (inferred from --weights PATH when omitted).")
-@click.option("--labels", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Class names, one per line, for weights that carry none.")
-@click.option("--device", default="auto", show_default=True, callback=_device,
-              help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output folder (created if missing).",
+)
+@click.option(
+    "--files-from",
+    type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
+    help="Read input paths from FILE, one per line ('-' for stdin).",
+)
+@click.option(
+    "--method", type=click.Choice(["gradcam", "cam"]), default="gradcam", show_default=True, help="CAM method."
+)
+@click.option(
+    "--model",
+    default="resnet50",
+    show_default=True,
+    help="torchvision model name, efficientnet_lite0, a TorchScript/exported file, or package.module:factory.",
+)
+@click.option(
+    "--weights",
+    default="DEFAULT",
+    show_default=True,
+    help="DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, "
+    "or a .pth path.",
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    help="Classes of a fine-tuned head (inferred from --weights PATH when omitted).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Class names, one per line, for weights that carry none.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_device,
+    help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoding worker processes [default: CPU count - 1, 1 to 8].")
-@click.option("--layer", default=None, help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure].")
-@click.option("--target", default="top1", show_default=True,
-              help="Class to explain: top1, topK (K maps per image), a class index, or a class name.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay.")
-@click.option("--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True, help="Overlay image format.")
-@click.option("--input-size", type=click.IntRange(min=16), default=None,
-              help="Model input size in pixels [default: from the weights' transforms, else 224].")
-@click.option("--mean", type=float, nargs=3, default=None, help="Normalisation mean (3 floats) for models that carry none.")
-@click.option("--std", type=float, nargs=3, default=None, help="Normalisation std (3 floats) for models that carry none.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoding worker processes [default: CPU count - 1, 1 to 8].",
+)
+@click.option(
+    "--layer",
+    default=None,
+    help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure].",
+)
+@click.option(
+    "--target",
+    default="top1",
+    show_default=True,
+    help="Class to explain: top1, topK (K maps per image), a class index, or a class name.",
+)
+@click.option(
+    "--alpha", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True, help="Overlay image format."
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Model input size in pixels [default: from the weights' transforms, else 224].",
+)
+@click.option(
+    "--mean", type=float, nargs=3, default=None, help="Normalisation mean (3 floats) for models that carry none."
+)
+@click.option(
+    "--std", type=float, nargs=3, default=None, help="Normalisation std (3 floats) for models that carry none."
+)
 @click.option("--output-key", default=None, help="Which output holds the logits, for models returning a dict or tuple.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Autocast precision for the model (maps are always float32).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision for the model (maps are always float32).",
+)
 @click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs are already complete.")
 @click.option("--shard", callback=_shard, default=None, help="Process slice K of N of the sorted inputs (K/N).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-              help="Largest image (width x height) to decode [default: 178956970, Pillow's limit].")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest image (width x height) to decode [default: 178956970, Pillow's limit].",
+)
 @click.option("--boxes", is_flag=True, help="Add the CAM paper's localisation box to each manifest line.")
-@click.option("--box-threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True,
-              help="Box threshold, as a fraction of the map's maximum.")
+@click.option(
+    "--box-threshold",
+    type=click.FloatRange(0, 1),
+    default=0.2,
+    show_default=True,
+    help="Box threshold, as a fraction of the map's maximum.",
+)
 @click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout at the end.")
@@ -136,8 +205,8 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
         find data -name '*.png' | camx explain --files-from - -o ./out --json
     """
     from cam_cli import io
-    from cam_cli.pipeline import ExplainConfig, Explainer
     from cam_cli.distributed import distributed_context
+    from cam_cli.pipeline import ExplainConfig, Explainer
 
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
@@ -158,15 +227,22 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
                 fail(f"cannot read --files-from {files_from}: {exc}")
         with distributed_context(shard, options["device"]) as dist:
             config = ExplainConfig(
-                inputs=list(inputs), out_dir=out_dir, listed=listed,
-                shard=dist.shard, max_pixels=max_pixels or io.DEFAULT_MAX_PIXELS,
+                inputs=list(inputs),
+                out_dir=out_dir,
+                listed=listed,
+                shard=dist.shard,
+                max_pixels=max_pixels or io.DEFAULT_MAX_PIXELS,
                 **{**options, "device": dist.device},
             )
             explainer = Explainer(config)
-            summary = _run_with_progress(explainer, quiet)
-            dist.finish(out_dir, summary)
-    for path, reason in summary.failures if quiet else []:
+            # under torchrun only rank 0 draws a progress bar; every rank names its failures
+            bar_off = quiet or dist.rank not in (None, 0)
+            summary = _run_with_progress(explainer, bar_off)
+            interrupt_code = dist.finish(out_dir, summary, _interrupt_code[0])
+    for path, reason in summary.failures if bar_off else []:
         click.echo(f"camx: failed: {path}: {reason}", err=True)
+    if dist.rank not in (None, 0):
+        return  # under torchrun, rank 0 reports the whole run and gives its exit status
     if not quiet:
         click.echo(
             f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
@@ -174,15 +250,36 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
             f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
             err=True,
         )
+    if summary.interrupted:
+        left = summary.total - summary.done - summary.skipped - summary.failed
+        click.echo(
+            f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
+        )
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     if summary.interrupted:
-        sys.exit(_interrupt_code[0])
+        sys.exit(interrupt_code)
     if summary.failed:
         sys.exit(EXIT_FAILED_INPUTS)
 
 
+#: The exit status of the signal that stopped the run (130 for SIGINT, 143 for SIGTERM).
 _interrupt_code = [EXIT_SIGINT]
+
+
+def _exit_at_once(signum: int, _: Any) -> None:
+    """Quit now: what the journal holds is kept; a re-run finishes the rest."""
+    import multiprocessing
+
+    try:
+        sys.stderr.write(f"camx: {signal.Signals(signum).name} received again: quitting at once\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, RuntimeError):
+        pass
+    # The decoding workers ignore SIGINT/SIGTERM; do not leave them behind.
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
 @contextmanager
@@ -195,7 +292,7 @@ def _graceful_stop(stop: threading.Event, on_first: Callable[[str], None]) -> It
     def handler(signum: int, _: Any) -> None:
         code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         if stop.is_set():
-            os._exit(code)
+            _exit_at_once(signum, None)
         _interrupt_code[0] = code
         stop.set()
         on_first(signal.Signals(signum).name)
@@ -205,7 +302,8 @@ def _graceful_stop(stop: threading.Event, on_first: Callable[[str], None]) -> It
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            # Once stopping, a further signal quits at once, also while reporting and exiting.
+            signal.signal(s, _exit_at_once if stop.is_set() else h)
 
 
 def _run_with_progress(explainer: Any, quiet: bool) -> Any:
@@ -213,8 +311,14 @@ def _run_with_progress(explainer: Any, quiet: bool) -> Any:
 
     todo, skipped = explainer.pending()
     stop = threading.Event()
-    with tqdm(total=len(todo), unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
-              desc=f"camx {explainer.config.method}") as bar:
+    with tqdm(
+        total=len(todo),
+        unit="img",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc=f"camx {explainer.config.method}",
+    ) as bar:
 
         def progress(records: list[dict[str, Any]]) -> None:
             bar.update(len(records))
@@ -231,10 +335,15 @@ def _run_with_progress(explainer: Any, quiet: bool) -> Any:
 
 
 @main.command()
-@click.option("--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table.")
+@click.option(
+    "--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 def models(probe: bool, as_json: bool) -> None:
-    """List the supported models, whether CAM applies, and the default layer.
+    """List the supported models: the methods that apply, the input size and the default layer.
+
+    CAM needs a head of global average pooling then one linear layer; for the
+    other models the head that rules it out is shown.
 
     \b
     Example:
@@ -249,13 +358,19 @@ def models(probe: bool, as_json: bool) -> None:
             click.echo(json.dumps(row))
         else:
             cam = "cam+gradcam" if row["cam"] else "gradcam"
-            click.echo(f"{row['model']:<24} {cam:<12} {row['layer']:<40} {row['input_size']}")
+            why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
+            click.echo(f"{row['model']:<20} {cam:<12} {row['input_size']:>4}  {row['layer']}{why}")
 
 
 @main.command()
 @click.argument("model")
 @click.option("--input-size", type=click.IntRange(min=16), default=None, help="Input size [default: the model's].")
-@click.option("--weights", default="NONE", show_default=True, help="Weights to build the model with (layers do not depend on them).")
+@click.option(
+    "--weights",
+    default="NONE",
+    show_default=True,
+    help="Weights to build the model with (layers do not depend on them).",
+)
 def layers(model: str, input_size: int | None, weights: str) -> None:
     """Print MODEL's candidate target layers with their output shapes.
 

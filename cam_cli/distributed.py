@@ -34,19 +34,41 @@ class DistributedRun:
     def is_torchrun(self) -> bool:
         return self.rank is not None
 
-    def finish(self, out_dir: Path, summary: Any) -> None:
-        """Wait for every rank, then rank 0 joins the manifest parts."""
+    def finish(self, out_dir: Path, summary: Any, interrupt_code: int) -> int:
+        """Wait for every rank; rank 0 then joins the manifest parts into
+        ``manifest.jsonl`` and turns ``summary`` into the whole run's.
+
+        Returns the exit status for an interrupted run (``interrupt_code``, or
+        under torchrun that of the first interrupted rank).
+        """
         if not self.is_torchrun:
-            return
+            return interrupt_code
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier()  # every rank has written its manifest part
         if self.rank == 0:
-            k, n = self.shard
+            n = self.world_size
             parts = [out_dir / f"manifest.shard-{i}-of-{n}.jsonl" for i in range(1, n + 1)]
             io.merge_manifests(out_dir, [p for p in parts if p.exists()], out_dir / "manifest.jsonl")
             summary.manifest = str(out_dir / "manifest.jsonl")
-        dist.barrier()
+        mine = {
+            "total": summary.total,
+            "done": summary.done,
+            "skipped": summary.skipped,
+            "failed": summary.failed,
+            "seconds": summary.seconds,
+            "interrupt_code": interrupt_code if summary.interrupted else None,
+        }
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)  # also waits for rank 0's merge
+        if self.rank == 0:
+            for name in ("total", "done", "skipped", "failed"):
+                setattr(summary, name, sum(part[name] for part in everyone))
+            summary.seconds = max(part["seconds"] for part in everyone)
+            codes = [part["interrupt_code"] for part in everyone if part["interrupt_code"] is not None]
+            summary.interrupted = bool(codes)
+            return codes[0] if codes else interrupt_code
+        return interrupt_code
 
 
 def _torchrun_env() -> tuple[int, int, int] | None:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,8 +132,7 @@ def discover(
     if not by_key:
         names = ", ".join(str(p) for p in [*inputs, *listed][:3])
         raise InputError(
-            f"no images found in {names or 'the inputs'} "
-            f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"no images found in {names or 'the inputs'} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return [by_key[k] for k in sorted(by_key)]
 
@@ -186,10 +186,13 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     Raises ``DecodeError`` with a one-line reason for anything unreadable.
     """
     try:
-        if os.path.isdir(path):
+        status = os.stat(path)
+        if stat.S_ISDIR(status.st_mode):
             os.listdir(path)  # PermissionError for a folder that cannot be read
             raise DecodeError("is a folder, not an image file")
-        if os.path.getsize(path) == 0:
+        if not stat.S_ISREG(status.st_mode):
+            raise DecodeError("not a regular file (a pipe, socket or device)")  # never open a FIFO
+        if status.st_size == 0:
             raise DecodeError("empty file (0 bytes)")
         # Our own limit replaces Pillow's decompression-bomb guard (checked below).
         Image.MAX_IMAGE_PIXELS = None
@@ -199,8 +202,7 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
                 width, height = image.size
                 if width * height > max_pixels:
                     raise DecodeError(
-                        f"image is {width}x{height} = {width * height} pixels, more than "
-                        f"--max-pixels {max_pixels}"
+                        f"image is {width}x{height} = {width * height} pixels, more than --max-pixels {max_pixels}"
                     )
                 image.seek(0)
                 image.load()
@@ -312,16 +314,16 @@ def journal_path(manifest: Path) -> Path:
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file; a torn last line (a killed run) is skipped."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # split on b"\n" only, as written
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(record, dict) and "input" in record:
+                    yield record
     except FileNotFoundError:
         return
-    for line in data.splitlines():
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(record, dict) and "input" in record:
-            yield record
 
 
 def load_manifest(manifest: Path) -> dict[RecordKey, dict[str, Any]]:
@@ -372,7 +374,10 @@ class Journal:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
-        self._handle.close()
+        # A failed append was reported already; closing must not raise it again
+        # and keep the caller from writing the manifest.
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
     def discard(self) -> None:
         self.close()

@@ -1,0 +1,128 @@
+"""SIGINT and SIGTERM: finish or drop the batch in flight, keep the manifest, exit 130/143."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import camx_script
+from test_resume import check_only_complete_files, check_outputs_exactly_once, make_inputs, records_of, slow_factory
+
+from cam_cli import io
+from cam_cli.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def live_members(group: int) -> list[int]:
+    """Processes of a process group that are still running (zombies excluded)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"camx ended ({process.returncode}) or timed out before {what}")
+        time.sleep(0.005)
+
+
+def start(tmp_path: Path, delay: float) -> tuple[subprocess.Popen, Path, Path, list[str], list[str]]:
+    root = tmp_path / "imgs"
+    keys = make_inputs(root, count=30)
+    out = tmp_path / "out"
+    args = [
+        str(root),
+        "-o",
+        str(out),
+        "--model",
+        slow_factory(tmp_path, delay),
+        "--device",
+        "cpu",
+        "--format",
+        "png",
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+    ]
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [camx_script(), "explain", *args, "--json"],
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    journal = io.journal_path(out / "manifest.jsonl")
+    wait_until(lambda: journal.exists() and len(records_of(journal)) >= 2, process, "two journal lines")
+    return process, root, out, keys, args
+
+
+def resume_and_check(tmp_path: Path, root: Path, out: Path, keys: list[str], args: list[str]) -> None:
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["explain", *args[:-2], "--workers", "0", "--batch-size", "30", "-q"])
+    assert result.exit_code == 3, result.output
+    check_outputs_exactly_once(root, out, keys, failed={"empty.png"})
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_stops_cleanly(tmp_path, monkeypatch, signum, status):
+    monkeypatch.chdir(tmp_path)
+    process, root, out, keys, args = start(tmp_path, delay=0.1)
+    os.killpg(process.pid, signum)  # what Ctrl-C in a terminal, SLURM and systemd do: the whole group
+    assert process.wait(timeout=60) == status
+    stderr = (tmp_path / "stderr.txt").read_text()
+    name = signal.Signals(signum).name
+    assert f"camx: {name} received: finishing the batch in flight" in stderr
+    lines = (tmp_path / "stdout.txt").read_text().splitlines()
+    assert len(lines) == 1, lines
+    summary = json.loads(lines[0])
+    assert summary["interrupted"] is True and 2 <= summary["done"] + summary["failed"] < len(keys)
+    left = len(keys) - summary["done"] - summary["failed"]
+    assert f"camx: interrupted with {left} of {len(keys)} images left; run the same command to resume" in stderr
+    # The manifest holds exactly what was finished, and the workers are gone with the run.
+    records = records_of(out / "manifest.jsonl")
+    assert len(records) == summary["done"] + summary["failed"]
+    assert not io.journal_path(out / "manifest.jsonl").exists() and not list(out.rglob("*.camx-tmp"))
+    check_only_complete_files(out)
+    assert live_members(process.pid) == []
+    resume_and_check(tmp_path, root, out, keys, args)
+
+
+def test_a_second_sigint_quits_at_once_and_the_journal_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    process, root, out, keys, args = start(tmp_path, delay=0.6)
+    time.sleep(0.1)  # the journal just grew: the next batch is in the model for another 0.5 s
+    os.killpg(process.pid, signal.SIGINT)
+    wait_until(lambda: "SIGINT received" in (tmp_path / "stderr.txt").read_text(), process, "the first SIGINT")
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "camx: SIGINT received again: quitting at once" in stderr
+    assert "images left" not in stderr and (tmp_path / "stdout.txt").read_text() == ""  # the batch was dropped
+    journal = io.journal_path(out / "manifest.jsonl")
+    assert len(records_of(journal)) >= 2 and not (out / "manifest.jsonl").exists()
+    check_only_complete_files(out)
+    deadline = time.monotonic() + 2  # a worker left to itself would linger for 5 s
+    while live_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_members(process.pid) == []  # no decoding worker left behind
+    resume_and_check(tmp_path, root, out, keys, args)
+    assert not journal.exists()
