@@ -1,42 +1,53 @@
 """Find target layers from a model's own structure, by watching one forward pass.
 
 The probe runs a single random image through the model with a hook on every
-module, and records what each module returns (and what enters each pooling
-module), in the order the modules finish.  From that record:
+module and records what each module returns, what enters each pooling module
+and each convolution, and the order in which the modules finish.  From that
+record:
 
-* the default target is the tensor that enters the *global* pooling module
-  (named after the module that produced it when there is one, e.g.
-  ``layer4``); without such a module, the last spatial feature map; for token
-  models (ViT), the last token sequence whose patch tokens still influence the
-  predicted class;
-* CAM applies when the logits equal ``W @ mean_ij(A) + b`` for the model's
-  final linear layer, checked numerically on the probe's own activations.
+* the default target is the tensor that enters the *global* pooling module,
+  named after the outermost module that produced it (``layer4``, ``features``);
+  when the pooled maps are themselves the logits (SqueezeNet's convolutional
+  classifier), the channels there are class scores, not features, so the
+  target steps back to the tensor entering that classifier convolution;
+* without a global pooling module: for token models (ViT), the last token
+  sequence whose patch tokens still reach the head, read on the patch grid of
+  the last spatial map before it (the patch embedding); else the last spatial
+  feature map;
+* CAM applies when the logits are ``W @ mean_ij(A) + b``: the module that
+  produced the logits behaves as a linear layer and its input equals the
+  spatial mean of the target activation (or of its ReLU, for DenseNet),
+  checked on the probe's own tensors, whatever the weights are.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cam_cli.errors import ModelError
-from cam_cli.methods.base import Layout, TargetLayer, to_feature_map
+from cam_cli.methods.base import ActivationCapture, Layout, TargetLayer, resolve_module
 from cam_cli.models import Classifier
 
 POOLING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
+# Modules whose 4-D outputs are NCHW by construction.
+NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, *POOLING)
 MAX_EXTRA_TOKENS = 8
+HEAD_SHOWN = 8
 
 
 @dataclass
 class Record:
-    """One module output (or pooling input) seen by the probe."""
+    """One module output (or pooling input) of three or more dimensions seen by the probe."""
 
     name: str
-    point: str
+    point: Literal["output", "input"]
     module_type: str
     shape: tuple[int, ...]
     order: int
@@ -44,10 +55,32 @@ class Record:
     is_pooling: bool = False
     is_leaf: bool = True
     calls: int = 1
+    layout: Layout = "nchw"
+    version: int = 0
 
     @property
     def label(self) -> str:
         return self.name if self.point == "output" else f"{self.name}:input"
+
+
+@dataclass
+class Call:
+    """One leaf module call, whatever it returned (for describing heads)."""
+
+    name: str
+    module_type: str
+    order: int
+
+
+@dataclass
+class Head:
+    """The last call of a linear-like module (a 2-D ``weight``) that gave ``(N, C)``."""
+
+    name: str
+    weight: torch.Tensor = field(repr=False)  # (C, K)
+    bias: torch.Tensor | None = field(repr=False)
+    input: torch.Tensor = field(repr=False)  # (N, K)
+    output: torch.Tensor = field(repr=False)  # (N, C)
 
 
 @dataclass
@@ -56,8 +89,12 @@ class Probe:
     logits: torch.Tensor
     input_size: int
     modules: dict[str, nn.Module]
-    #: (position in ``records`` when the call finished, module name) of every leaf module call
-    leaf_calls: list[tuple[int, str]] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    call_counts: dict[str, int] = field(default_factory=dict)
+    conv_inputs: list[tuple[int, int, torch.Tensor, int]] = field(default_factory=list)
+    head: Head | None = None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    input: torch.Tensor | None = field(default=None, repr=False)
 
     def find(self, label: str) -> Record | None:
         for record in reversed(self.records):
@@ -66,51 +103,89 @@ class Probe:
         return None
 
 
-def _layout_of(shape: tuple[int, ...]) -> Layout:
-    # Square inputs: NCHW has h == w at dims 2, 3; channels-last has them at 1, 2.
+def _guess_layout(shape: tuple[int, ...]) -> Layout:
+    # The probe's input is square: NCHW has h == w at dims 2, 3; channels-last at 1, 2.
     if len(shape) == 4 and shape[2] != shape[3] and shape[1] == shape[2]:
         return "nhwc"
     return "nchw"
 
 
-def _spatial(shape: tuple[int, ...]) -> int:
+def _spatial_size(shape: tuple[int, ...], layout: Layout) -> tuple[int, int]:
     if len(shape) != 4:
-        return 0
-    layout = _layout_of(shape)
-    return shape[1] * shape[2] if layout == "nhwc" else shape[2] * shape[3]
+        return (0, 0)
+    return (shape[1], shape[2]) if layout == "nhwc" else (shape[2], shape[3])
+
+
+def _spatial(record: Record) -> int:
+    h, w = _spatial_size(record.shape, record.layout)
+    return h * w
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    weight = module._parameters.get("weight")
+    if weight is None:
+        weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
-    """One forward and backward pass of a seeded random image, on the CPU."""
+    """One forward and backward pass of a seeded random image, on the CPU.
+
+    The backward pass starts from a random projection of the head's input (or
+    from the top logit when the head is not a linear layer), so that which
+    tokens reach the head does not depend on the head's weights (torchvision
+    initialises ViT's head to zero).
+    """
     model = classifier.module
     size = input_size or classifier.input_size
     records: list[Record] = []
-    leaf_calls: list[tuple[int, str]] = []
+    calls: list[Call] = []
     counts: dict[str, int] = {}
+    conv_inputs: list[tuple[int, int, torch.Tensor, int]] = []
+    linears: list[Head] = []
+    nchw_ids: set[int] = set()
     handles = []
     modules = dict(model.named_modules())
 
+    def record(name: str, point: Literal["output", "input"], module: nn.Module, x: torch.Tensor, leaf: bool,
+               calls_so_far: int) -> Record:  # fmt: skip
+        layout: Layout = "nchw" if id(x) in nchw_ids else _guess_layout(tuple(x.shape))
+        return Record(
+            name, point, type(module).__name__, tuple(x.shape), len(records) + len(calls), x,
+            is_pooling=isinstance(module, POOLING), is_leaf=leaf, calls=calls_so_far, layout=layout, version=x._version,
+        )  # fmt: skip
+
     def on_output(name: str, module: nn.Module) -> Callable[..., None]:
-        def hook(_: nn.Module, __: Any, output: Any) -> None:
-            if not any(module.children()):
-                leaf_calls.append((len(records), name))
-            if isinstance(output, torch.Tensor) and output.dim() >= 3:
-                counts[name] = counts.get(name, 0) + 1
+        leaf = not any(module.children())
+        weight = _linear_weight(module)
+
+        def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            counts[name] = counts.get(name, 0) + 1
+            order = len(records) + len(calls)
+            if leaf:
+                calls.append(Call(name, type(module).__name__, order))
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if not isinstance(output, torch.Tensor):
+                return
+            if isinstance(module, NCHW_MODULES):
+                nchw_ids.add(id(output))
+                if isinstance(module, nn.Conv2d) and first is not None and first.dim() == 4:
+                    conv_inputs.append((order, module.out_channels, first, first._version))
+            if weight is not None and first is not None and first.dim() == 2 and output.dim() == 2:
+                bias = module._parameters.get("bias", getattr(module, "bias", None))
+                linears.append(Head(name, weight, bias if isinstance(bias, torch.Tensor) else None, first, output))
+            if output.dim() >= 3:
                 if output.requires_grad and output.dim() == 3:
-                    output.retain_grad()  # token models: which tokens reach the logits
-                records.append(
-                    Record(name, "output", type(module).__name__, tuple(output.shape), len(records),
-                           output, isinstance(module, POOLING), not any(module.children()), counts[name])
-                )
+                    output.retain_grad()  # token models: which tokens reach the head
+                records.append(record(name, "output", module, output, leaf, counts[name]))
+
         return hook
 
     def on_input(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-                records.append(
-                    Record(name, "input", type(module).__name__, tuple(args[0].shape), len(records),
-                           args[0], True, True)
-                )
+                records.append(record(name, "input", module, args[0], True, 1))
+
         return hook
 
     for name, module in modules.items():
@@ -129,7 +204,12 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
             logits = classifier.logits(x)
             if logits.dim() != 2:
                 raise ModelError(f"the model's logits have shape {tuple(logits.shape)}, expected (N, classes)")
-            logits[0, int(logits[0].argmax())].backward()
+            head = _final_linear(linears, logits)
+            if head is not None and head.input.requires_grad:
+                direction = torch.randn(head.input.shape, generator=generator)
+                (head.input * direction).sum().backward()
+            elif logits.requires_grad:
+                logits[0, int(logits[0].argmax())].backward()
     except ModelError:
         raise
     except Exception as exc:
@@ -138,19 +218,30 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     finally:
         for handle in handles:
             handle.remove()
-    return Probe(records, logits.detach(), size, modules, leaf_calls)
+    return Probe(
+        records, logits.detach(), size, modules, calls, counts, conv_inputs, head,
+        forward=classifier.logits, input=x.detach(),
+    )  # fmt: skip
+
+
+def _final_linear(linears: list[Head], logits: torch.Tensor) -> Head | None:
+    """The linear-like call whose output is the logits (the same tensor, or equal to it)."""
+    for head in reversed(linears):
+        if head.output is logits:
+            return head
+    for head in reversed(linears):
+        if head.output.shape == logits.shape and torch.equal(head.output.detach(), logits.detach()):
+            return head
+    return None
 
 
 def _grid_before(probe: Probe, record: Record) -> tuple[int, int] | None:
     """The patch grid of a token record: the last spatial map computed before it."""
-    for earlier in reversed(probe.records[: record.order]):
-        if len(earlier.shape) == 4 and _spatial(earlier.shape) > 1:
-            shape = earlier.shape
-            gh, gw = (shape[1], shape[2]) if _layout_of(shape) == "nhwc" else (shape[2], shape[3])
+    for earlier in reversed(probe.records):
+        if earlier.order < record.order and len(earlier.shape) == 4 and _spatial(earlier) > 1:
+            gh, gw = _spatial_size(earlier.shape, earlier.layout)
             extra = record.shape[1] - gh * gw
-            if 0 <= extra <= MAX_EXTRA_TOKENS:
-                return (gh, gw)
-            return None
+            return (gh, gw) if 0 <= extra <= MAX_EXTRA_TOKENS else None
     return None
 
 
@@ -163,9 +254,9 @@ def target_for(probe: Probe, record: Record) -> TargetLayer:
                 f"layer {record.label} gives {record.shape[1]} tokens that do not form the model's "
                 "patch grid; choose another --layer"
             )
-        return TargetLayer(record.name, record.point, "tokens", grid)  # type: ignore[arg-type]
+        return TargetLayer(record.name, record.point, "tokens", grid)
     if len(record.shape) == 4:
-        return TargetLayer(record.name, record.point, _layout_of(record.shape))  # type: ignore[arg-type]
+        return TargetLayer(record.name, record.point, record.layout)
     raise ModelError(f"layer {record.label} has shape {record.shape}, not a feature map")
 
 
@@ -176,22 +267,74 @@ def _patch_gradient(record: Record, grid: tuple[int, int]) -> float:
     return float(grad[:, grad.shape[1] - grid[0] * grid[1] :].abs().sum())
 
 
-def default_target(probe: Probe) -> TargetLayer:
-    """The last spatial feature map before the pooling head (see module docstring)."""
-    outputs = [r for r in probe.records if r.point == "output"]
-    pools = [
-        r for r in probe.records
-        if r.point == "input" and _spatial(r.shape) > 1 and _pooled_globally(probe, r)
+def _is_ancestor(parent: str, child: str) -> bool:
+    return child.startswith(parent + ".")
+
+
+def _producer(probe: Probe, tensor: torch.Tensor, version: int, before: int) -> Record | None:
+    """The record that names ``tensor`` (as it was at ``version``): the outermost module
+    that returned it, among those whose output already held its final values (so an
+    in-place ReLU counts and an eval-time Dropout that passes it on does not)."""
+    same = [
+        r
+        for r in probe.records
+        if r.point == "output"
+        and r.order < before
+        and r.tensor is tensor
+        and r.version == version
+        and probe.call_counts.get(r.name, 1) == 1
     ]
-    if pools:
-        pool = pools[-1]
-        same = [r for r in outputs if r.tensor is pool.tensor and r.order < pool.order and r.calls == 1]
-        return target_for(probe, same[-1] if same else pool)
-    spatial = [r for r in outputs if _spatial(r.shape) > 1 and not r.is_pooling]
+    if not same:
+        return None
+    first = same[0]
+    outer = [r for r in same if r is first or _is_ancestor(r.name, first.name)]
+    return min(outer, key=lambda r: r.name.count("."))
+
+
+def _global_pool_input(probe: Probe) -> tuple[Record, Record] | None:
+    """The last pooling input that is pooled to 1x1, with the pooling's output."""
+    found = None
+    for i, r in enumerate(probe.records):
+        if r.point != "input" or _spatial(r) <= 1 or probe.call_counts.get(r.name, 1) > 1:
+            continue
+        out = next((o for o in probe.records[i + 1 :] if o.name == r.name and o.point == "output"), None)
+        if out is not None and _spatial(out) <= 1:
+            found = (r, out)
+    return found
+
+
+def _class_map_input(probe: Probe, pool: Record, pooled: Record) -> tuple[torch.Tensor, int, int] | None:
+    """When the pooled maps are the logits, the input of the convolution that made the class maps."""
+    logits = probe.logits
+    flat = pooled.tensor.detach().flatten(1)
+    if flat.shape != logits.shape or not torch.allclose(flat, logits, rtol=1e-5, atol=1e-6):
+        return None
+    convs = [c for c in probe.conv_inputs if c[0] < pool.order and c[1] == logits.shape[1]]
+    if not convs:
+        return None
+    order, _, tensor, version = convs[-1]
+    return tensor, version, order
+
+
+def default_target(probe: Probe) -> TargetLayer:
+    """The last spatial feature map before the pooling head (see the module docstring)."""
+    pooled = _global_pool_input(probe)
+    if pooled is not None:
+        pool, pool_out = pooled
+        source = _class_map_input(probe, pool, pool_out)
+        if source is not None:
+            tensor, version, order = source
+            record = _producer(probe, tensor, version, order)
+            if record is not None and _spatial(record) > 1:
+                return target_for(probe, record)
+        record = _producer(probe, pool.tensor, pool.version, pool.order)
+        return target_for(probe, record or pool)
+    outputs = [r for r in probe.records if r.point == "output" and probe.call_counts.get(r.name, 1) == 1]
+    spatial = [r for r in outputs if _spatial(r) > 1 and not r.is_pooling]
     last_spatial = spatial[-1].order if spatial else -1
     tokens = []
     for r in outputs:
-        if len(r.shape) == 3 and r.order > last_spatial and r.calls == 1:
+        if len(r.shape) == 3 and r.order > last_spatial:
             grid = _grid_before(probe, r)
             if grid is not None and _patch_gradient(r, grid) > 0:
                 tokens.append(r)
@@ -202,28 +345,25 @@ def default_target(probe: Probe) -> TargetLayer:
     raise ModelError("cannot find a spatial feature map in this model; name one with --layer")
 
 
-def _pooled_globally(probe: Probe, pool_input: Record) -> bool:
-    out = [r for r in probe.records if r.name == pool_input.name and r.point == "output" and r.order > pool_input.order]
-    return bool(out) and _spatial(out[0].shape) <= 1
-
-
 def resolve_target(probe: Probe, layer: str | None) -> TargetLayer:
     """``--layer`` (``NAME`` or ``NAME:input``), or the default target."""
     if layer is None:
         return default_target(probe)
     name, _, point = layer.partition(":")
     if name not in probe.modules or not name:
-        import difflib
-
         close = difflib.get_close_matches(name, [n for n in probe.modules if n], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"unknown layer {layer!r}{hint}; `camx layers MODEL` lists the layers")
     if point not in ("", "input", "output"):
         raise ModelError(f"layer {layer!r}: the part after ':' must be 'input' or 'output'")
     point = point or "output"
+    if probe.call_counts.get(name, 1) > 1:
+        raise ModelError(
+            f"layer {name!r} runs {probe.call_counts[name]} times in one forward pass, so its activation is "
+            "ambiguous; choose a layer that runs once (`camx layers MODEL`)"
+        )
     record = probe.find(name if point == "output" else f"{name}:input")
     if record is None and point == "input":
-        # inputs are recorded for pooling modules only; take the producer's output instead
         raise ModelError(f"layer {layer!r}: ':input' is available for pooling modules only")
     if record is None:
         raise ModelError(f"layer {name!r} is not used by the forward pass, or gives no tensor feature map")
@@ -238,13 +378,15 @@ class CamHead:
     pre_activation: Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def _head_description(probe: Probe, target: TargetLayer) -> str:
-    """The leaf modules that run after the target layer, e.g. ``Linear -> Tanh -> Linear``."""
+def head_description(probe: Probe, target: TargetLayer) -> str:
+    """The leaf modules that run after ``target``, e.g. ``AdaptiveAvgPool2d -> Flatten -> Linear``."""
     record = probe.find(target.label)
-    start = record.order if record is not None else 0
-    after = [name for order, name in probe.leaf_calls if order > start]
-    types = [type(probe.modules[n]).__name__ for n in after]
-    return " -> ".join(types[-8:]) if types else "made of functional operations only"
+    start = record.order if record is not None else -1
+    types = [c.module_type for c in probe.calls if c.order > start]
+    if not types:
+        return "no modules (only functional operations)"
+    shown = " -> ".join(types[-HEAD_SHOWN:])
+    return shown if len(types) <= HEAD_SHOWN else f"... -> {shown}"
 
 
 def cam_head(probe: Probe, target: TargetLayer) -> CamHead:
@@ -257,23 +399,30 @@ def cam_head(probe: Probe, target: TargetLayer) -> CamHead:
         f"layer {target.label}, but this model's head is {{}}; use --method gradcam"
     )
     if target.layout == "tokens":
-        raise ModelError(message.format("a token sequence (a transformer)"))
-    features = to_feature_map(record.tensor.detach(), target).float()
-    logits = probe.logits.float()
-    linears = [m for m in probe.modules.values() if isinstance(m, nn.Linear) and m.out_features == logits.shape[1]]
-    candidates: list[tuple[Callable[[torch.Tensor], torch.Tensor] | None, torch.Tensor]] = [
-        (None, features),
-        (torch.relu, torch.relu(features)),
-    ]
-    tolerance = 1e-4 + 1e-3 * float(logits.abs().max())
-    for linear in reversed(linears):
-        if linear.in_features != features.shape[1]:
-            continue
-        for activation, mapped in candidates:
-            predicted = F.linear(mapped.mean(dim=(2, 3)), linear.weight.float(), None if linear.bias is None else linear.bias.float())
-            if float((predicted - logits).abs().max()) <= tolerance:
-                return CamHead(linear.weight.detach().float().clone(), activation)
-    raise ModelError(message.format(_head_description(probe, target)))
+        raise ModelError(message.format(f"a transformer's, on tokens ({head_description(probe, target)})"))
+    head = probe.head
+    if head is not None and probe.forward is not None and probe.input is not None:
+        # Run again with the capture CAM uses: the probe's own records may have been
+        # changed in place after their hook ran (DenseNet's F.relu(features, inplace=True)).
+        seen: list[torch.Tensor] = []
+        model = probe.modules[""]
+        handle = resolve_module(model, head.name).register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+        try:
+            device = next((p.device for p in model.parameters()), probe.input.device)  # the pipeline may have moved it
+            with torch.inference_mode(), ActivationCapture(model, target, False) as capture:
+                logits = probe.forward(probe.input.to(device)).float()
+                features = capture.feature_map().float()
+        finally:
+            handle.remove()
+        z, weight = seen[-1].float(), head.weight.detach().float()
+        bias = None if head.bias is None else head.bias.detach().float()
+        atol = 1e-5 * (float(z.abs().max()) + float(logits.abs().max()))
+        if z.shape[1] == features.shape[1] and torch.allclose(F.linear(z, weight, bias), logits, 1e-4, atol):
+            for activation in (None, torch.relu):
+                mapped = features if activation is None else activation(features)
+                if torch.allclose(mapped.mean(dim=(2, 3)), z, 1e-4, atol):
+                    return CamHead(weight.clone(), activation)
+    raise ModelError(message.format(head_description(probe, target)))
 
 
 @dataclass

