@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with camx, its test and demo extras
 
-test: $(STAMP)  ## run the test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## run the whole test suite (the largest models included)
+	CAMX_SLOW=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check cam_cli tests bench

@@ -101,7 +101,8 @@ def main() -> None:
     "--model",
     default="resnet50",
     show_default=True,
-    help="torchvision model name, efficientnet_lite0, a TorchScript/exported file, or package.module:factory.",
+    help="torchvision model name, efficientnet_lite0, an exported program (.pt2, dynamic batch), "
+    "or package.module:factory.",
 )
 @click.option(
     "--weights",

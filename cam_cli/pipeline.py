@@ -8,6 +8,7 @@ are complete, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -288,10 +289,8 @@ def _ignore_sigint(_: int) -> None:
     # If the main process is killed outright (SIGKILL, OOM killer), a worker can block
     # for ever on a lock the dead parent held: have the kernel end it with its parent.
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
 
 
 # ------------------------------------------------------------------------ the run
