@@ -36,6 +36,7 @@ from cam_cli.models import Classifier, load_classifier
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PENDING_BATCHES = 2
+JPEG_MAX_SIDE = 65500
 
 
 @dataclass
@@ -319,6 +320,11 @@ def output_names(key: str, method: str, fmt: str, count: int) -> list[tuple[str,
 
 def _encode(bgr: np.ndarray, fmt: str) -> bytes:
     """Encode a ``(H, W, 3)`` uint8 BGR overlay as JPEG (quality 95) or PNG."""
+    if fmt == "jpg" and max(bgr.shape[:2]) > JPEG_MAX_SIDE:
+        raise OutputError(
+            f"a {bgr.shape[1]}x{bgr.shape[0]} overlay is too large for JPEG "
+            f"(at most {JPEG_MAX_SIDE} pixels a side); use --format png"
+        )
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ok, buffer = cv2.imencode(f".{fmt}", bgr, params)
     if not ok:
@@ -389,6 +395,7 @@ class Explainer:
             "weights": self.classifier.weights,
             "layer": self.target_layer.label,
             "target": self.target.text,
+            "alpha": self.config.alpha,
         }
 
     def _is_complete(self, record: dict[str, Any] | None) -> bool:
@@ -477,8 +484,9 @@ class Explainer:
                     entry["box"] = list(box) if box is not None else None
                 if config.draw_boxes and box is not None:
                     picture = render.draw_box(picture.copy(), box)
+            encoded = _encode(picture, config.fmt)  # may refuse this image: nothing written yet
             io.write_atomic(config.out_dir / map_rel, io.npy_bytes(norm_np[r]))
-            io.write_atomic(config.out_dir / overlay_rel, _encode(picture, config.fmt))
+            io.write_atomic(config.out_dir / overlay_rel, encoded)
             targets.append(entry)
         self._add_time("postprocess_write", time.perf_counter() - started)
         first = targets[0]
@@ -553,8 +561,11 @@ class Explainer:
                 for image, future in futures:
                     try:
                         ready.append(future.result())
-                    except OSError as exc:
+                    except OSError as exc:  # the disk, not the image: stop, keeping what is done
                         raise OutputError(f"cannot write outputs of {image.path}: {exc.strerror or exc}") from None
+                    except Exception as exc:  # this image's outputs only (e.g. too large for JPEG)
+                        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                        ready.append(self._record(image, status="error", error=f"cannot render outputs: {reason}"))
                 journal.append(ready)
                 for record in ready:
                     new_records[io.record_key(record)] = record

@@ -212,3 +212,32 @@ def test_every_command_has_help_and_is_in_the_readme():
             if param.param_type_name == "option" and not param.hidden:
                 assert param.help, f"{name} {param.name} has no help"
                 assert param.opts[-1] in readme or param.opts[0] in readme, f"README misses {param.opts}"
+
+
+def test_an_image_too_wide_for_jpeg_fails_alone_and_png_works(tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    Image.new("RGB", (66000, 3), (10, 200, 30)).save(folder / "strip.png")
+    write_image(folder / "ok.jpg", 40, 30, 1)
+    out = tmp_path / "out"
+    result = invoke("explain", folder, "-o", out, *FAST, "-q")
+    assert result.exit_code == 3, result.output
+    records = {Path(r["input"]).name: r for r in manifest(out)}
+    assert records["ok.jpg"]["status"] == "ok"
+    assert "too large for JPEG" in records["strip.png"]["error"] and "--format png" in records["strip.png"]["error"]
+    assert not list(out.glob("strip.png.*")), "no half set of outputs for the failed image"
+    result = invoke("explain", folder, "-o", tmp_path / "png", *FAST, "-q", "--format", "png")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "png" / "strip.png.gradcam.npy").shape == (3, 66000)
+
+
+def test_a_new_alpha_redoes_the_overlays_the_same_alpha_skips(image_dir, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("explain", image_dir, "-o", out, *FAST, "-q").exit_code == 0
+    before = (out / "a.jpg.gradcam.jpg").read_bytes()
+    again = invoke("explain", image_dir, "-o", out, *FAST, "--json", "-q")
+    assert json.loads(again.output)["skipped"] == 6
+    changed = invoke("explain", image_dir, "-o", out, *FAST, "--json", "-q", "--alpha", "0.9")
+    assert json.loads(changed.output)["done"] == 6
+    assert (out / "a.jpg.gradcam.jpg").read_bytes() != before
+    assert {r["alpha"] for r in manifest(out)} == {0.9} and len(manifest(out)) == 6
