@@ -370,10 +370,10 @@ class Explainer:
         if config.method == "cam":
             head = cam_head(probe, self.target_layer)
             self.method: CAM | GradCAM = CAM(
-                self.classifier.logits, module, self.target_layer, head.weight.to(self.device), head.pre_activation
+                self._logits, module, self.target_layer, head.weight.to(self.device), head.pre_activation
             )
         elif config.method == "gradcam":
-            self.method = GradCAM(self.classifier.logits, module, self.target_layer)
+            self.method = GradCAM(self._logits, module, self.target_layer)
         else:
             raise CamxError(f"unknown method {config.method!r}")
         del probe
@@ -508,11 +508,19 @@ class Explainer:
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        dtype = PRECISIONS[self.config.precision]
-        if dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=dtype):
-                return self.method.explain(x, self.target.chooser())
         return self.method.explain(x, self.target.chooser())
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward, under autocast for ``--precision fp16/bf16``.
+
+        Only the model runs in reduced precision: the methods compute the maps
+        from its activations and gradients in float32, outside autocast.
+        """
+        dtype = PRECISIONS[self.config.precision]
+        if dtype is None:
+            return self.classifier.logits(x)
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
+            return self.classifier.logits(x)
 
     def run(
         self,

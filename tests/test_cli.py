@@ -241,3 +241,14 @@ def test_a_new_alpha_redoes_the_overlays_the_same_alpha_skips(image_dir, tmp_pat
     assert json.loads(changed.output)["done"] == 6
     assert (out / "a.jpg.gradcam.jpg").read_bytes() != before
     assert {r["alpha"] for r in manifest(out)} == {0.9} and len(manifest(out)) == 6
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_reduced_precision_still_writes_float32_maps(image_dir, tmp_path, method):
+    """Only the model runs under autocast; the maps are computed and stored in float32."""
+    out = tmp_path / "out"
+    result = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--precision", "bf16", "--method", method)
+    assert result.exit_code == 0, result.output
+    for record in manifest(out):
+        cam = np.load(out / record["map"])
+        assert cam.dtype == np.float32 and cam.max() == 1.0 and cam.min() == 0.0
