@@ -68,7 +68,18 @@ def _device(_: click.Context, __: click.Parameter, value: str) -> str:
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class CamxGroup(click.Group):
+    """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("camx: interrupted", err=True)
+            sys.exit(EXIT_SIGINT)
+
+
+@click.group(cls=CamxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="camx")
 def main() -> None:
     """Explain image classifiers with class activation maps (CAM, Grad-CAM).
@@ -86,7 +97,7 @@ def main() -> None:
     "--out",
     "out_dir",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     help="Output folder (created if missing).",
 )
 @click.option(
@@ -220,10 +231,9 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
         if files_from is not None:
             try:
                 if str(files_from) == "-":
-                    listed = io.read_file_list(sys.stdin)
+                    listed = io.read_file_list(sys.stdin.read())
                 else:
-                    with open(files_from, encoding="utf-8") as handle:
-                        listed = io.read_file_list(handle)
+                    listed = io.read_file_list(Path(files_from).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
                 fail(f"cannot read --files-from {files_from}: {exc}")
         with distributed_context(shard, options["device"]) as dist:

@@ -137,11 +137,14 @@ def discover(
     return [by_key[k] for k in sorted(by_key)]
 
 
-def read_file_list(lines: Iterable[str]) -> list[Path]:
-    """Paths from a ``--files-from`` list: one per line; blank lines and ``#`` comments skipped."""
+def read_file_list(text: str) -> list[Path]:
+    """Paths from a ``--files-from`` list: one per line (blank lines and ``#``
+    comments skipped), or NUL-separated as ``find -print0`` writes them."""
+    if "\0" in text:
+        return [Path(item) for item in text.split("\0") if item]
     paths = []
-    for line in lines:
-        line = line.rstrip("\r\n")
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
         if line.strip() and not line.lstrip().startswith("#"):
             paths.append(Path(line))
     return paths

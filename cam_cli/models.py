@@ -69,22 +69,39 @@ class Classifier:
 
 
 def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:
-    """The logits tensor of a model's output: a tensor, the first element of a
-    tuple (Inception's ``InceptionOutputs``), or ``output[key]`` of a dict."""
+    """The logits tensor of a model's output.
+
+    A tensor is the logits (``--output-key`` does not apply to it); a dict
+    needs ``key`` unless it has a ``logits`` entry; an object with a
+    ``.logits`` tensor (Inception's ``InceptionOutputs``) gives that; a tuple or
+    list with one tensor gives it, and with several needs ``key`` as an index.
+    """
     if isinstance(output, torch.Tensor):
+        if key is not None:
+            raise ModelError(f"--output-key {key}: the model returns a single tensor, not a dict or tuple")
         return output
     if isinstance(output, dict):
-        if key is None:
-            key = "logits" if "logits" in output else None
-        if key is None or key not in output:
+        chosen = key if key is not None else ("logits" if "logits" in output else None)
+        if chosen is None or chosen not in output:
             raise ModelError(f"the model returns a dict with keys {sorted(output)}; name the logits with --output-key")
-        return extract_logits(output[key])
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return extract_logits(output[chosen])
+    if key is None and hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
         return output.logits
     if isinstance(output, (tuple, list)) and output:
-        if key is not None:
-            return extract_logits(output[int(key)])
-        return extract_logits(output[0])
+        if key is None:
+            tensors = [item for item in output if isinstance(item, torch.Tensor)]
+            if len(output) == 1 or len(tensors) == 1:
+                return extract_logits(tensors[0] if tensors else output[0])
+            raise ModelError(
+                f"the model returns a {type(output).__name__} of {len(output)} outputs; "
+                f"say which holds the logits with --output-key 0..{len(output) - 1}"
+            )
+        if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
+            raise ModelError(
+                f"--output-key {key}: the model returns a {type(output).__name__} of {len(output)} outputs; "
+                f"use an index 0..{len(output) - 1}"
+            )
+        return extract_logits(output[int(key)])
     raise ModelError(f"the model returns {type(output).__name__}, not logits")
 
 

@@ -28,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from cam_cli import io, render
-from cam_cli.errors import CamxError, DecodeError, DeviceError, ModelError, OutputError
+from cam_cli.errors import CamxError, DecodeError, DeviceError, InputError, ModelError, OutputError
 from cam_cli.layers import cam_head, resolve_target, run_probe
 from cam_cli.methods import CAM, GradCAM
 from cam_cli.methods.base import ClassChooser, TargetLayer
@@ -332,6 +332,25 @@ def _encode(bgr: np.ndarray, fmt: str) -> bytes:
     return buffer.tobytes()
 
 
+def _refuse_writing_over_inputs(config: ExplainConfig, images: Sequence[io.InputImage]) -> None:
+    """OUT may not be an input folder, and no output may land on an input image."""
+    out = os.path.realpath(config.out_dir)
+    for item in config.inputs:
+        if item.is_dir() and os.path.realpath(item) == out:
+            raise InputError(
+                f"the output folder {config.out_dir} is the input folder {item}: outputs would mix with "
+                "the images and be read as inputs next time; choose another -o"
+            )
+    inputs = {os.path.realpath(image.path): image.path for image in images}
+    for image in images:
+        for rel in output_names(image.key, config.method, config.fmt, 1)[0]:
+            target = os.path.join(out, rel)
+            if target in inputs:
+                raise InputError(
+                    f"the output {target} would overwrite the input image {inputs[target]}; choose another -o"
+                )
+
+
 class Explainer:
     """A prepared run: model loaded and probed, inputs found, nothing written yet."""
 
@@ -340,11 +359,13 @@ class Explainer:
         self.timings: dict[str, float] = {}
         self._timings_lock = threading.Lock()
         self._pending: tuple[list[io.InputImage], int] | None = None
+        self._carried: dict[io.RecordKey, dict[str, Any]] = {}
         listed = list(config.listed)
         found = io.discover(config.inputs, listed, exclude=config.out_dir)
         k, n = config.shard
         self.all_images = found
         self.images = io.select_shard(found, k, n) if n > 1 else found
+        _refuse_writing_over_inputs(config, found)
         self.device = resolve_device(config.device)
         if config.precision not in PRECISIONS:
             raise CamxError(f"unknown precision {config.precision!r}")
@@ -389,46 +410,77 @@ class Explainer:
 
     # -- settings that decide whether an earlier record can be reused
     def _settings(self) -> dict[str, Any]:
-        return {
-            "method": self.config.method,
+        """What shaped an input's outputs; recorded in its manifest line and compared on resume."""
+        config = self.config
+        settings: dict[str, Any] = {
+            "method": config.method,
             "model": self.classifier.name,
             "weights": self.classifier.weights,
             "layer": self.target_layer.label,
             "target": self.target.text,
-            "alpha": self.config.alpha,
+            "input_size": self.classifier.input_size,
+            "mean": [round(v, 6) for v in self.classifier.mean],
+            "std": [round(v, 6) for v in self.classifier.std],
+            "precision": config.precision,
+            "alpha": config.alpha,
         }
+        if config.boxes or config.draw_boxes:
+            settings["box_threshold"] = config.box_threshold
+        if config.draw_boxes:
+            settings["draw_boxes"] = True
+        return settings
 
     def _is_complete(self, record: dict[str, Any] | None) -> bool:
         if record is None or record.get("status") != "ok":
             return False
-        if any(record.get(k) != v for k, v in self._settings().items()):
+        settings = self._settings()
+        if any(record.get(k) != v for k, v in settings.items()):
+            return False
+        if record.get("draw_boxes", False) != settings.get("draw_boxes", False):
             return False
         if self.config.boxes and "box" not in record:
             return False
         targets = record.get("targets") or []
-        paths = [t.get(k) for t in targets for k in ("overlay", "map")]
-        if not paths or len(targets) != self.target.count:
+        if not targets or len(targets) != self.target.count:
             return False
+        for target in targets:  # class names follow --labels
+            if target.get("class_name") != self.classifier.class_name(int(target.get("class_index", -1))):
+                return False
+        paths = [t.get(k) for t in targets for k in ("overlay", "map")]
         fmt_suffix = f".{self.config.fmt}"
         return all(isinstance(p, str) and (self.config.out_dir / p).is_file() for p in paths) and all(
             t["overlay"].endswith(fmt_suffix) for t in targets
         )
 
+    def _earlier_records(self) -> dict[io.RecordKey, dict[str, Any]]:
+        """Records of every manifest in OUT (other shards' parts included), this run's own on top."""
+        records: dict[io.RecordKey, dict[str, Any]] = {}
+        others = sorted(self.config.out_dir.glob("manifest.shard-*-of-*.jsonl"))
+        for path in [self.config.out_dir / "manifest.jsonl", *others]:
+            if path != self.manifest:
+                records.update(io.load_manifest(path))
+        records.update(io.load_manifest(self.manifest))
+        return records
+
     def pending(self) -> tuple[list[io.InputImage], int]:
         """Inputs still to do, and how many earlier complete outputs are kept.
 
-        Computed once (it reads the manifest and checks every output file).
+        Computed once (it reads the manifests and checks every output file).
+        Complete records found in another manifest of OUT (a shard part, the
+        merged manifest) are carried into this run's manifest.
         """
         if self._pending is None:
-            if self.config.overwrite:
-                todo = list(self.images)
-            else:
-                records = io.load_manifest(self.manifest)
-                todo = [
-                    image
-                    for image in self.images
-                    if not self._is_complete(records.get((str(image.path), self.config.method)))
-                ]
+            todo = list(self.images)
+            if not self.config.overwrite:
+                records = self._earlier_records()
+                todo = []
+                for image in self.images:
+                    record = records.get((str(image.path), self.config.method))
+                    if self._is_complete(record):
+                        assert record is not None
+                        self._carried[io.record_key(record)] = record
+                    else:
+                        todo.append(image)
             self._pending = (todo, len(self.images) - len(todo))
         return self._pending
 
@@ -543,7 +595,7 @@ class Explainer:
             journal = io.Journal(self.manifest)
         except OSError as exc:
             raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
-        new_records: dict[io.RecordKey, dict[str, Any]] = {}
+        new_records: dict[io.RecordKey, dict[str, Any]] = dict(self._carried)
         workers = default_workers() if config.workers is None else config.workers
         loader = DataLoader(
             ImageDataset(todo, self.classifier.input_size, config.max_pixels),

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EPSILON = 1e-7
+#: a raw map whose range is below this fraction of its magnitude is flat
+FLAT_RTOL = 1e-6
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,7 +33,9 @@ def upsample_normalise(maps: torch.Tensor, height: int, width: int) -> torch.Ten
 
     ``maps``: ``(K, h, w)`` raw maps of one image.  Returns ``(K, height, width)``
     float32, ``(M - min) / (max - min)`` computed at the output size, so the
-    hottest pixel is exactly 1 and the coldest 0; a flat map gives zeros.
+    hottest pixel is exactly 1 and the coldest 0. A flat raw map (a 1x1 layer,
+    a constant) gives zeros: its range is judged before upsampling, whose
+    rounding would otherwise be stretched into stripes.
 
     The reference libraries divide by ``max - min + 1e-7``; that absolute
     epsilon shifts maps of small range (Grad-CAM of random or tiny models,
@@ -41,7 +44,10 @@ def upsample_normalise(maps: torch.Tensor, height: int, width: int) -> torch.Ten
     up = F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     low = up.amin(dim=(1, 2), keepdim=True)
     span = up.amax(dim=(1, 2), keepdim=True) - low
-    span = torch.where(span > 0, span, torch.full_like(span, EPSILON))
+    raw = maps.float()
+    raw_low, raw_high = raw.amin(dim=(1, 2)), raw.amax(dim=(1, 2))
+    flat = (raw_high - raw_low <= FLAT_RTOL * torch.maximum(raw_low.abs(), raw_high.abs())).view(-1, 1, 1)
+    span = torch.where(flat | (span <= 0), torch.full_like(span, float("inf")), span)
     return (up - low).div_(span)
 
 
@@ -94,8 +100,11 @@ def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tup
         )
         low = float(up.min())
         span = float(up.max()) - low
+        raw_low, raw_high = float(maps[k].min()), float(maps[k].max())
+        if span <= 0 or raw_high - raw_low <= FLAT_RTOL * max(abs(raw_low), abs(raw_high)):
+            span = float("inf")  # a flat raw map: zeros, not stretched rounding
         np.subtract(up, low, out=up)
-        np.divide(up, np.float32(span if span > 0 else EPSILON), out=norms[k])
+        np.divide(up, np.float32(span), out=norms[k])
         index = np.multiply(norms[k], 255.0, dtype=np.float32).astype(np.uint8)
         heat = cv2.applyColorMap(index, cv2.COLORMAP_JET)
         cv2.addWeighted(heat, alpha, bgr, 1.0 - alpha, 0.0, dst=overlays[k])

@@ -252,3 +252,65 @@ def test_reduced_precision_still_writes_float32_maps(image_dir, tmp_path, method
     for record in manifest(out):
         cam = np.load(out / record["map"])
         assert cam.dtype == np.float32 and cam.max() == 1.0 and cam.min() == 0.0
+
+
+def test_the_input_folder_as_output_is_refused_and_nothing_is_overwritten(tmp_path):
+    folder = tmp_path / "imgs"
+    write_image(folder / "x.jpg", 40, 30, 1)
+    write_image(folder / "x.jpg.gradcam.jpg", 40, 30, 2)  # a user's image that looks like an output
+    before = (folder / "x.jpg.gradcam.jpg").read_bytes()
+    result = invoke("explain", folder, "-o", folder, *FAST)
+    assert result.exit_code == 1 and "is the input folder" in result.output
+    named = invoke("explain", folder / "x.jpg", folder / "x.jpg.gradcam.jpg", "-o", folder, *FAST)
+    assert named.exit_code == 1 and "would overwrite the input image" in named.output
+    assert (folder / "x.jpg.gradcam.jpg").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["x.jpg", "x.jpg.gradcam.jpg"]
+
+
+def test_a_changed_setting_redoes_the_work_instead_of_reporting_stale_outputs(image_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["explain", image_dir, "-o", out, *FAST, "--json", "-q"]
+    assert json.loads(invoke(*args).output)["done"] == 6
+    assert json.loads(invoke(*args).output)["skipped"] == 6
+    bigger = [*args[:-2], "--input-size", "96", "--json", "-q"]  # the last --input-size wins
+    assert json.loads(invoke(*bigger).output)["done"] == 6
+    assert {r["input_size"] for r in manifest(out)} == {96}
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"name {i}\n" for i in range(1000)))
+    relabelled = invoke(*bigger, "--labels", labels)
+    assert json.loads(relabelled.output)["done"] == 6
+    assert all(r["class_name"] == f"name {r['class_index']}" for r in manifest(out))
+
+
+def test_an_unsharded_rerun_skips_what_the_shards_did_and_lists_every_input(image_dir, tmp_path):
+    out = tmp_path / "out"
+    for k in (1, 2):
+        assert invoke("explain", image_dir, "-o", out, *FAST, "-q", "--shard", f"{k}/2").exit_code == 0
+    summary = json.loads(invoke("explain", image_dir, "-o", out, *FAST, "-q", "--json").output)
+    assert summary["skipped"] == 6 and summary["done"] == 0
+    assert len(manifest(out)) == 6 and {r["status"] for r in manifest(out)} == {"ok"}
+
+
+def test_files_from_accepts_nul_separated_lists(image_dir, tmp_path):
+    listing = tmp_path / "list0"
+    listing.write_bytes(b"\0".join(str(p).encode() for p in sorted(image_dir.rglob("*.jpg"))) + b"\0")
+    result = invoke("explain", "--files-from", listing, "-o", tmp_path / "out", *FAST, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["done"] == 1
+
+
+def test_ctrl_c_while_starting_exits_130(image_dir, tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [camx_script(), "explain", str(image_dir), "-o", str(tmp_path / "out"), *FAST],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # importing torch, building the model
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Aborted!" not in err

@@ -65,9 +65,21 @@ def test_factory_tuple_and_dict_outputs_give_the_plain_models_maps(own_models, i
     expected = maps(tmp_path / "plain")
     assert len(expected) == 6
 
+    # a tuple of several outputs is never guessed: the user names the logits' index
     result = explain(image_dir, tmp_path / "tuple", "--model", "own_models:tuple_model", "--input-size", "32")
+    assert result.exit_code == 1, result.output
+    assert "a tuple of 2 outputs; say which holds the logits with --output-key 0..1" in result.output
+    result = explain(
+        image_dir, tmp_path / "tuple", "--model", "own_models:tuple_model", "--input-size", "32", "--output-key", "2"
+    )
+    assert result.exit_code == 1 and "use an index 0..1" in result.output
+    result = explain(
+        image_dir, tmp_path / "tuple", "--model", "own_models:tuple_model", "--input-size", "32", "--output-key", "0"
+    )
     assert result.exit_code == 0, result.output
     assert {r["layer"] for r in records(tmp_path / "tuple")} == {"net.features"}
+    result = explain(image_dir, tmp_path / "t", "--model", own_models, "--input-size", "32", "--output-key", "0")
+    assert result.exit_code == 1 and "returns a single tensor" in result.output
 
     result = explain(image_dir, tmp_path / "dict", "--model", "own_models:dict_model", "--input-size", "32")
     assert result.exit_code == 1, result.output

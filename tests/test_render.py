@@ -82,3 +82,13 @@ def test_opencv_and_device_paths_agree(height, width):
     # the colour index may differ by one where 255 * map sits on an integer boundary
     assert np.abs(over_cv.astype(int) - over_t.astype(int)).max() <= 3
     assert (over_cv != over_t).any(axis=-1).mean() < 0.01
+
+
+@pytest.mark.parametrize("path", ["opencv", "device"])
+@pytest.mark.parametrize("raw", [[[[0.37]]], [[[2.5, 2.5], [2.5, 2.5]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+def test_a_flat_raw_map_gives_zeros_not_stretched_rounding(path, raw):
+    """A 1x1 layer or a constant map carries no spatial information: no fake peak."""
+    maps = torch.tensor(raw, dtype=torch.float32)
+    norm, overlay = render(path, maps, torch.zeros(50, 80, 3, dtype=torch.uint8), 0.4)
+    assert norm.shape == (1, 50, 80) and float(np.abs(norm).max()) == 0.0
+    assert (overlay == overlay[0, 0, 0]).all()
