@@ -27,18 +27,20 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def fail(message: str, code: int = 1, as_json: bool = False) -> NoReturn:
     click.echo(f"camx: error: {message}", err=True)
+    if as_json:  # scripts reading --json always get one object
+        click.echo(json.dumps({"error": message, "exit_status": code}))
     sys.exit(code)
 
 
 @contextmanager
-def reported_errors() -> Iterator[None]:
+def reported_errors(as_json: bool = False) -> Iterator[None]:
     """Turn library errors into one line on stderr and their exit status."""
     try:
         yield
     except CamxError as exc:
-        fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
         click.echo("camx: interrupted", err=True)
         sys.exit(EXIT_SIGINT)
@@ -46,7 +48,7 @@ def reported_errors() -> Iterator[None]:
         if os.environ.get("CAMX_DEBUG"):
             raise
         message = " ".join(str(exc).split())[:300]
-        fail(f"unexpected {type(exc).__name__}: {message} (set CAMX_DEBUG=1 for a traceback)")
+        fail(f"unexpected {type(exc).__name__}: {message} (set CAMX_DEBUG=1 for a traceback)", 1, as_json)
 
 
 def _shard(_: click.Context, __: click.Parameter, value: str | None) -> tuple[int, int] | None:
@@ -226,7 +228,7 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
     as_json = options.pop("as_json")
     shard = options.pop("shard")
     max_pixels = options.pop("max_pixels")
-    with reported_errors():
+    with reported_errors(as_json):
         listed: list[Path] = []
         if files_from is not None:
             try:
@@ -235,7 +237,7 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
                 else:
                     listed = io.read_file_list(Path(files_from).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
-                fail(f"cannot read --files-from {files_from}: {exc}")
+                fail(f"cannot read --files-from {files_from}: {exc}", 1, as_json)
         with distributed_context(shard, options["device"]) as dist:
             config = ExplainConfig(
                 inputs=list(inputs),

@@ -306,7 +306,13 @@ RecordKey = tuple[str, str]
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    return (str(record.get("input")), str(record.get("method")))
+    """A record's identity: its output key (what names its files) and method.
+
+    Keying by the output key, not the input path as typed, lets ``./imgs`` and
+    ``/abs/imgs`` resume each other's work; records without a key fall back to
+    their input path.
+    """
+    return (str(record.get("key", record.get("input"))), str(record.get("method")))
 
 
 def journal_path(manifest: Path) -> Path:

@@ -475,7 +475,7 @@ class Explainer:
                 records = self._earlier_records()
                 todo = []
                 for image in self.images:
-                    record = records.get((str(image.path), self.config.method))
+                    record = records.get((image.key, self.config.method))
                     if self._is_complete(record):
                         assert record is not None
                         self._carried[io.record_key(record)] = record
@@ -487,6 +487,7 @@ class Explainer:
     def _record(self, image: io.InputImage, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
             "input": str(image.path),
+            "key": image.key,
             "status": "ok",
             "error": None,
             "overlay": None,

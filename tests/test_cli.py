@@ -314,3 +314,24 @@ def test_ctrl_c_while_starting_exits_130(image_dir, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Aborted!" not in err
+
+
+def test_resume_does_not_depend_on_how_the_input_folder_was_spelled(image_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert invoke("explain", image_dir, "-o", out, *FAST, "-q").exit_code == 0
+    monkeypatch.chdir(image_dir.parent)
+    again = invoke("explain", f"./{image_dir.name}", "-o", out, *FAST, "-q", "--json")
+    assert json.loads(again.output)["skipped"] == 6
+    assert len(manifest(out)) == 6 and all(r["key"] for r in manifest(out))
+
+
+def test_json_reports_a_fatal_error_as_one_object_too(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run(
+        [camx_script(), "explain", str(tmp_path / "empty"), "-o", str(tmp_path / "out"), *FAST, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert json.loads(run.stdout) == {"error": run.stderr.strip().removeprefix("camx: error: "), "exit_status": 1}
