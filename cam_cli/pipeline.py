@@ -594,9 +594,12 @@ class Explainer:
         try:
             config.out_dir.mkdir(parents=True, exist_ok=True)
             journal = io.Journal(self.manifest)
+            # Records live in the journal on disk, not in memory: memory stays flat
+            # however many images there are; the manifest is rebuilt from it at the end.
+            if self._carried:
+                journal.append(self._carried.values())
         except OSError as exc:
             raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
-        new_records: dict[io.RecordKey, dict[str, Any]] = dict(self._carried)
         workers = default_workers() if config.workers is None else config.workers
         loader = DataLoader(
             ImageDataset(todo, self.classifier.input_size, config.max_pixels),
@@ -629,7 +632,6 @@ class Explainer:
                         ready.append(self._record(image, status="error", error=f"cannot render outputs: {reason}"))
                 journal.append(ready)
                 for record in ready:
-                    new_records[io.record_key(record)] = record
                     if record["status"] == "ok":
                         summary.done += 1
                     else:
@@ -685,7 +687,7 @@ class Explainer:
             pool.shutdown(wait=True, cancel_futures=True)
             journal.close()
             try:
-                io.finalise_manifest(self.manifest, new_records)
+                io.finalise_manifest(self.manifest, {})
             except OSError as exc:
                 raise OutputError(f"cannot write {self.manifest}: {exc.strerror or exc}") from None
             io.remove_temporaries(  # all of this shard's, also those an interrupted --overwrite left

@@ -269,7 +269,7 @@ def test_a_fatal_error_mid_run_keeps_everything_already_written(tmp_path, tiny_f
         ],
     )
     assert result.exit_code == 1, result.output
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["exit_status"] == 1  # --json: one error object, nothing else
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("camx: error: cannot write outputs of ")
     assert "sub/c.png" in result.stderr
     done = {r["input"]: r for r in records_of(out / "manifest.jsonl")}
