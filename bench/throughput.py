@@ -12,6 +12,11 @@ peak RSS and allocator state), one after another on this machine:
 * pytorch-grad-cam GradCAM and torchcam GradCAM / CAM end to end, when
   installed, writing the same outputs (JPEG overlay + .npy map per image).
 
+Every pipeline runs twice: a warm-up pass, then the measured pass. Each pass
+writes into a folder of its own, so the measured pass creates its files as a
+first run over a data set does (replacing existing files costs more on ext4,
+which flushes replaced files' data at rename or truncate).
+
 Prints images/s, the ratio to the (tuned) floor, peak RSS and where camx's
 time goes. Not a test: nothing here asserts a timing.
 
@@ -24,6 +29,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,9 +155,7 @@ def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
 def child_camx(args: argparse.Namespace, method: str) -> dict:
     from cam_cli.pipeline import ExplainConfig, Explainer
 
-    out = Path(args.out) / method
-
-    def config(overwrite: bool) -> ExplainConfig:
+    def config(out: Path) -> ExplainConfig:
         return ExplainConfig(
             inputs=[Path(args.dir)],
             out_dir=out,
@@ -161,11 +166,10 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
             batch_size=args.batch_size,
             workers=args.workers,
             precision=args.precision,
-            overwrite=overwrite,
         )
 
-    Explainer(config(True)).run()  # warm-up pass, as for the floor
-    explainer = Explainer(config(True))
+    Explainer(config(Path(args.out) / f"{method}-warmup")).run()  # warm-up pass, as for the floor
+    explainer = Explainer(config(Path(args.out) / method))
     summary = explainer.run()
     return {"images": summary.done, "seconds": summary.seconds, "timings": summary.timings}
 
@@ -194,11 +198,10 @@ def child_pgc(args: argparse.Namespace) -> dict:
         p.requires_grad_(True)
     layer = model.get_submodule("layer4") if hasattr(model, "layer4") else model.features
     loader, images = _loader(args, classifier.input_size)
-    out = Path(args.out) / "pgc"
-    out.mkdir(parents=True, exist_ok=True)
     del torchvision
 
-    def run() -> float:
+    def run(out: Path) -> float:
+        out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with GradCAM(model=model, target_layers=[layer]) as cam:
             for batch in loader:
@@ -214,8 +217,8 @@ def child_pgc(args: argparse.Namespace) -> dict:
                     _write_peer_outputs(out, images[index].key, overlay, mask)
         return time.perf_counter() - started
 
-    run()
-    return {"images": len(images), "seconds": run(), "timings": {}}
+    run(Path(args.out) / "pgc-warmup")
+    return {"images": len(images), "seconds": run(Path(args.out) / "pgc"), "timings": {}}
 
 
 def child_torchcam(args: argparse.Namespace, method: str) -> dict:
@@ -234,11 +237,10 @@ def child_torchcam(args: argparse.Namespace, method: str) -> dict:
     for p in model.parameters():
         p.requires_grad_(True)
     loader, images = _loader(args, classifier.input_size)
-    out = Path(args.out) / f"torchcam-{method}"
-    out.mkdir(parents=True, exist_ok=True)
     size = classifier.input_size
 
-    def run() -> float:
+    def run(out: Path) -> float:
+        out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         extractor_cls = CAM if method == "cam" else GradCAM
         with extractor_cls(model, input_shape=(3, size, size)) as extractor:
@@ -262,8 +264,8 @@ def child_torchcam(args: argparse.Namespace, method: str) -> dict:
                     np.save(out / f"{images[index].key}.npy", up.cpu().numpy())
         return time.perf_counter() - started
 
-    run()
-    return {"images": len(images), "seconds": run(), "timings": {}}
+    run(Path(args.out) / f"torchcam-{method}-warmup")
+    return {"images": len(images), "seconds": run(Path(args.out) / f"torchcam-{method}"), "timings": {}}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -297,6 +299,39 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def is_peer(name: str) -> bool:
+    return name.split("-")[0] in ("pgc", "torchcam")
+
+
+def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> dict | None:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--dir",
+        str(images),
+        "--out",
+        str(out),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -305,6 +340,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the floor and camx pipelines, each round one after another; medians are reported "
+        "(peers run in the first round only)",
+    )
     parser.add_argument("--only", nargs="*", choices=PIPELINES, help="run only these pipelines")
     parser.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam and torchcam")
     parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
@@ -315,62 +357,61 @@ def main() -> None:
         child_main(args)
         return
 
-    chosen = args.only or [p for p in PIPELINES if not (args.no_peers and p.split("-")[0] in ("pgc", "torchcam"))]
+    chosen = args.only or [p for p in PIPELINES if not (args.no_peers and is_peer(p))]
+    chosen = [name for name in chosen if available(name) or print(f"  {name}: not installed, skipped")]
+    results: dict[str, list[dict]] = {name: [] for name in chosen}
+    ratios: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
         images = Path(tmp) / "images"
         generate_images(images, args.images)
         print(
             f"camx throughput: {args.model}, {args.images} JPEGs 320x240..640x480, batch {args.batch_size}, "
-            f"device {args.device}, {args.precision}, {os.cpu_count()} CPUs; overlays + .npy written",
+            f"device {args.device}, {args.precision}, {os.cpu_count()} CPUs, {args.rounds} round(s); "
+            "overlays + .npy written",
             flush=True,
         )
-        results: dict[str, dict] = {}
-        for name in chosen:
-            if not available(name):
-                print(f"  {name}: not installed, skipped", flush=True)
-                continue
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                name,
-                "--dir",
-                str(images),
-                "--out",
-                str(Path(tmp) / "out"),
-                "--model",
-                args.model,
-                "--batch-size",
-                str(args.batch_size),
-                "--device",
-                args.device,
-                "--precision",
-                args.precision,
-            ]
-            if args.workers is not None:
-                command += ["--workers", str(args.workers)]
-            run = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            if run.returncode != 0 or not lines:
-                print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            results[name] = json.loads(lines[-1][len("RESULT ") :])
-            r = results[name]
-            print(f"  {name}: {r['images'] / r['seconds']:.2f} img/s", flush=True)
+        for round_ in range(1, args.rounds + 1):
+            this_round: dict[str, float] = {}
+            for name in chosen:
+                if round_ > 1 and is_peer(name):
+                    continue
+                out = Path(tmp) / f"out-{round_}-{name}"
+                r = run_child(name, args, images, out)
+                shutil.rmtree(out, ignore_errors=True)
+                if r is None:
+                    continue
+                r["rate"] = this_round[name] = r["images"] / r["seconds"]
+                results[name].append(r)
+            floor_rate = this_round.get("floor")
+            line = []
+            for name, rate in this_round.items():
+                if floor_rate:  # each ratio against the floor of the same round
+                    ratios[name].append(rate / floor_rate)
+                line.append(f"{name} {rate:.2f}" + (f" ({rate / floor_rate:.2f})" if floor_rate else ""))
+            print(f"  round {round_}: " + ", ".join(line), flush=True)
 
-    floor = results.get("floor")
+    floor_runs = results.get("floor") or []
+    floor_rss = statistics.median(r["peak_rss_mb"] for r in floor_runs) if floor_runs else float("nan")
     print()
-    print("| pipeline | images/s | ratio to floor | peak RSS (MB) | ratio RSS |")
+    print("| pipeline | images/s (median) | ratio to floor (median, range) | peak RSS (MB) | ratio RSS |")
     print("|---|---|---|---|---|")
-    for name, r in results.items():
-        rate = r["images"] / r["seconds"]
-        ratio = rate / (floor["images"] / floor["seconds"]) if floor else float("nan")
-        rss = r["peak_rss_mb"] / floor["peak_rss_mb"] if floor else float("nan")
-        print(f"| {name} | {rate:.2f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} | {rss:.2f} |")
-    for name, r in results.items():
-        if r.get("timings") and name.startswith("camx"):
-            parts = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(r["timings"].items()))
-            print(f"{name} time: total {r['seconds']:.2f}s; {parts}")
+    for name, runs in results.items():
+        if not runs:
+            continue
+        rate = statistics.median(r["rate"] for r in runs)
+        rss = statistics.median(r["peak_rss_mb"] for r in runs)
+        found = ratios[name]
+        if found:
+            spread = f" ({min(found):.2f}..{max(found):.2f})" if len(found) > 1 else ""
+            ratio = f"{statistics.median(found):.2f}{spread}"
+        else:
+            ratio = "n/a"
+        print(f"| {name} | {rate:.2f} | {ratio} | {rss:.0f} | {rss / floor_rss:.2f} |")
+    for name, runs in results.items():
+        if runs and name.startswith("camx"):
+            middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in middle["timings"].items())
+            print(f"{name} time (median run): total {middle['seconds']:.2f}s; {parts}")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ class Summary:
     manifest: str = ""
     interrupted: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)
-    #: seconds spent per stage: wait_for_data, model, wait_for_writes (main thread),
-    #: postprocess_write (summed over the writer threads)
+    #: seconds spent per stage. Main thread: start (reading manifests, opening the
+    #: journal), wait_for_data, model, wait_for_writes (the bounded queue is full),
+    #: final_writes (the last batches' writes), finish (manifest, clean-up).
+    #: Writer threads: postprocess_write (wall time, summed over the threads)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -640,6 +642,7 @@ class Explainer:
                 if progress is not None:
                     progress(ready)
 
+        self._add_time("start", time.perf_counter() - started)
         try:
             batches = iter(loader)
             while True:
@@ -681,8 +684,11 @@ class Explainer:
                 if stop is not None and stop.is_set():
                     summary.interrupted = True
                     break
+            waited = time.perf_counter()
             drain(0)
+            self._add_time("final_writes", time.perf_counter() - waited)
         finally:
+            finishing = time.perf_counter()
             # whatever happened, keep what was completed
             pool.shutdown(wait=True, cancel_futures=True)
             journal.close()
@@ -696,6 +702,7 @@ class Explainer:
                 for pair in output_names(image.key, config.method, config.fmt, self.target.count)
                 for rel in pair
             )
+            self._add_time("finish", time.perf_counter() - finishing)
         summary.seconds = time.perf_counter() - started
         summary.timings = dict(self.timings)
         return summary
