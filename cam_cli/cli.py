@@ -415,6 +415,11 @@ def merge(out_dir: Path) -> None:
     from cam_cli import io
 
     with reported_errors():
-        parts = sorted(out_dir.glob("manifest.shard-*-of-*.jsonl"))
+        parts = io.shard_parts(out_dir)
         count = io.merge_manifests(out_dir, parts, out_dir / "manifest.jsonl")
     click.echo(f"camx: merged {len(parts)} parts into {out_dir / 'manifest.jsonl'} ({count} lines)", err=True)
+    gaps = io.part_warnings(parts)
+    for gap in gaps:
+        click.echo(f"camx: warning: {gap}", err=True)
+    if gaps:
+        sys.exit(EXIT_FAILED_INPUTS)

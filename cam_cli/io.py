@@ -102,7 +102,8 @@ def discover(
 ) -> list[InputImage]:
     """All images named by ``inputs`` (folders or files) and ``listed`` paths.
 
-    Sorted by key, so the order (and any shard of it) is deterministic.
+    Sorted by key, so the order (and any shard of it) is deterministic. A file
+    named more than once (under spellings of the same path) is one input.
     Raises ``InputError`` for a missing input, for two inputs that would write
     the same outputs, or when nothing is found.
     """
@@ -121,7 +122,14 @@ def discover(
     found.extend(InputImage(p, key_for_listed_path(p)) for p in listed)
 
     by_key: dict[str, InputImage] = {}
+    seen: set[str] = set()
     for image in found:
+        # One file named twice (a folder and a list, ./a.jpg and /abs/a.jpg) is one
+        # input, under the key it was first found with.
+        where = os.path.abspath(image.path)
+        if where in seen:
+            continue
+        seen.add(where)
         other = by_key.get(image.key)
         if other is not None and os.path.abspath(other.path) != os.path.abspath(image.path):
             raise InputError(
@@ -404,10 +412,45 @@ def finalise_manifest(manifest: Path, new_records: dict[RecordKey, dict[str, Any
     return len(records)
 
 
+SHARD_PART = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
+
+
+def shard_parts(out_dir: Path) -> list[Path]:
+    """The manifest parts of ``out_dir``, also those of shards killed before they
+    wrote one (whose records are only in the part's journal)."""
+    parts = {p for p in out_dir.glob("manifest.shard-*-of-*.jsonl") if SHARD_PART.fullmatch(p.name)}
+    for journal in out_dir.glob(".manifest.shard-*-of-*.jsonl.journal"):
+        name = journal.name[1 : -len(".journal")]
+        if SHARD_PART.fullmatch(name):
+            parts.add(out_dir / name)
+    return sorted(parts)
+
+
+def part_warnings(parts: Sequence[Path]) -> list[str]:
+    """What a merge of ``parts`` lacks: shards with no part, parts of several shardings."""
+    by_count: dict[int, set[int]] = {}
+    for part in parts:
+        match = SHARD_PART.fullmatch(part.name)
+        if match:
+            by_count.setdefault(int(match[2]), set()).add(int(match[1]))
+    found: list[str] = []
+    if len(by_count) > 1:
+        counts = ", ".join(f"--shard K/{n}" for n in sorted(by_count))
+        found.append(f"parts of {len(by_count)} different shardings ({counts}) in one folder; merged all of them")
+    for count, present in sorted(by_count.items()):
+        missing = [f"{k}/{count}" for k in range(1, count + 1) if k not in present]
+        if missing:
+            found.append(
+                f"no manifest part of shard {', '.join(missing)}: its images are not in the merged manifest "
+                "(run it, then merge again)"
+            )
+    return found
+
+
 def merge_manifests(out_dir: Path, parts: Sequence[Path], target: Path) -> int:
     """Join manifest parts (and their journals) into ``target``; returns the line count."""
     if not parts:
-        raise InputError(f"no manifest parts (manifest.shard-*.jsonl) in {out_dir}")
+        raise InputError(f"no manifest parts (manifest.shard-K-of-N.jsonl) in {out_dir}")
     records: dict[RecordKey, dict[str, Any]] = {}
     for part in parts:
         records.update(load_manifest(part))

@@ -292,6 +292,12 @@ def _load_torchvision(
                     f"{target.name} in {target.parent} or pass --weights PATH"
                 ) from None
             size, mean, std = _transform_params(chosen)
+            fixed = getattr(module, "image_size", None)
+            if isinstance(fixed, int) and input_size is not None and input_size != fixed:
+                raise ModelError(
+                    f"{name} with pretrained weights takes {fixed}x{fixed} inputs only (its position "
+                    f"embeddings are learnt for that size): drop --input-size {input_size}, or use --weights NONE"
+                )
             return module, str(chosen), size, mean, std, list(chosen.meta["categories"])
 
         kwargs: dict[str, Any] = {}

@@ -94,6 +94,30 @@ def test_merge_without_parts_is_a_one_line_error(tmp_path):
     assert result.output.count("\n") == 1
 
 
+def test_merge_names_missing_shards_and_takes_a_killed_shards_journal(tmp_path):
+    def line(key: str) -> str:
+        return json.dumps({"input": f"/in/{key}", "key": key, "method": "cam", "status": "ok"}) + "\n"
+
+    (tmp_path / "manifest.shard-1-of-3.jsonl").write_text(line("a.png"))
+    (tmp_path / ".manifest.shard-3-of-3.jsonl.journal").write_text(line("c.png") + '{"input": "/in/torn')
+    result = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    assert f"merged 2 parts into {tmp_path / 'manifest.jsonl'} (2 lines)" in result.stderr
+    assert "warning: no manifest part of shard 2/3" in result.stderr
+    assert [r["key"] for r in io.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "c.png"]
+
+    (tmp_path / "manifest.shard-2-of-3.jsonl").write_text(line("b.png"))
+    complete = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert complete.exit_code == 0 and "warning" not in complete.stderr, complete.output
+    assert [r["key"] for r in io.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "b.png", "c.png"]
+
+    (tmp_path / "manifest.shard-1-of-2.jsonl").write_text(line("a.png"))
+    mixed = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert mixed.exit_code == 3
+    assert "parts of 2 different shardings (--shard K/2, --shard K/3)" in mixed.stderr
+    assert "no manifest part of shard 2/2" in mixed.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_single_process_outputs(tmp_path, tiny_factory):
     root = tmp_path / "imgs"

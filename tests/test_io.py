@@ -39,6 +39,19 @@ def test_keys_never_leave_out(tmp_path):
         assert not key.startswith("/") and ".." not in Path(key).parts
 
 
+def test_one_file_named_several_ways_is_one_input(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    write_image(root / "a.png", 8, 8)
+    write_image(root / "b.png", 8, 8)
+    monkeypatch.chdir(tmp_path)
+    listed = [Path("imgs/a.png"), Path("./imgs/a.png"), root / "a.png", Path("imgs/../imgs/b.png"), Path("imgs/b.png")]
+    found = io.discover([root], listed)
+    # the folder found them first, so they keep its keys; nothing is explained twice
+    assert [(image.key, image.path) for image in found] == [("a.png", root / "a.png"), ("b.png", root / "b.png")]
+    only_listed = io.discover([], listed)
+    assert [image.key for image in only_listed] == ["imgs/a.png", str(root / "b.png").lstrip("/")]
+
+
 def test_two_inputs_with_the_same_outputs_are_refused_before_anything_runs(tmp_path):
     write_image(tmp_path / "one" / "same.png", 8, 8)
     write_image(tmp_path / "two" / "same.png", 8, 8)

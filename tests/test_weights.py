@@ -100,3 +100,19 @@ def test_state_dict_path_with_another_number_of_classes_is_inferred(tmp_path):
     assert classifier.module.fc.out_features == 7
     assert torch.equal(classifier.module.fc.bias, tuned.fc.bias)
     assert classifier.categories is None
+
+
+@pytest.mark.slow
+def test_a_pretrained_vit_refuses_another_input_size_in_one_line(torch_home, image_dir, tmp_path):
+    weights = torchvision.models.ViT_B_32_Weights.IMAGENET1K_V1
+    target = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
+    target.parent.mkdir(parents=True)
+    torch.save(torchvision.models.vit_b_32(weights=None).state_dict(), target)
+    args = ["explain", str(image_dir), "-o", str(tmp_path / "out"), "--model", "vit_b_32", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--input-size", "256"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "camx: error: vit_b_32 with pretrained weights takes 224x224 inputs only (its position embeddings "
+        "are learnt for that size): drop --input-size 256, or use --weights NONE\n"
+    )
+    assert not (tmp_path / "out").exists()
