@@ -105,6 +105,7 @@ class Summary:
             "images_per_second": round(self.images_per_second, 3),
             "out_dir": self.out_dir,
             "manifest": self.manifest,
+            "timings": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
         }
 
 

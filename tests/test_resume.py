@@ -215,6 +215,9 @@ def test_rerun_skips_what_is_complete_and_redoes_the_rest(tmp_path, tiny_factory
     assert set(summary) >= {"total", "done", "skipped", "failed", "seconds", "images_per_second", "out_dir", "manifest"}
     assert summary["out_dir"] == str(out) and summary["manifest"] == str(out / "manifest.jsonl")
     assert summary["images_per_second"] > 0 and "9 done, 1 failed" in stderr
+    stages = summary["timings"]
+    assert set(stages) >= {"start", "wait_for_data", "model", "final_writes", "finish", "postprocess_write"}
+    assert 0 < stages["model"] <= summary["seconds"]
     first = comparable(check_outputs_exactly_once(root, out, keys, failed={"empty.png"}))
 
     # A lost overlay is redone, a fixed input is retried, and a stray temporary of a complete
