@@ -8,6 +8,7 @@ by SIGINT/SIGTERM (what was finished is kept and recorded).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,19 @@ def reported_errors(as_json: bool = False) -> Iterator[None]:
             raise
         message = " ".join(str(exc).split())[:300]
         fail(f"unexpected {type(exc).__name__}: {message} (set CAMX_DEBUG=1 for a traceback)", 1, as_json)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in an optional range that is also finite: ``nan`` passes every
+    comparison, so ``FloatRange`` alone lets it through."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        result = super().convert(value, param, ctx)
+        if not math.isfinite(result):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return result
 
 
 def _shard(_: click.Context, __: click.Parameter, value: str | None) -> tuple[int, int] | None:
@@ -159,9 +173,7 @@ def main() -> None:
     show_default=True,
     help="Class to explain: top1, topK (K maps per image), a class index, or a class name.",
 )
-@click.option(
-    "--alpha", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay."
-)
+@click.option("--alpha", type=FiniteFloat(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay.")
 @click.option(
     "--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True, help="Overlay image format."
 )
@@ -172,10 +184,18 @@ def main() -> None:
     help="Model input size in pixels [default: from the weights' transforms, else 224].",
 )
 @click.option(
-    "--mean", type=float, nargs=3, default=None, help="Normalisation mean (3 floats) for models that carry none."
+    "--mean",
+    type=FiniteFloat(),
+    nargs=3,
+    default=None,
+    help="Normalisation mean (3 floats) for models that carry none.",
 )
 @click.option(
-    "--std", type=float, nargs=3, default=None, help="Normalisation std (3 floats) for models that carry none."
+    "--std",
+    type=FiniteFloat(min=0, min_open=True),
+    nargs=3,
+    default=None,
+    help="Normalisation std (3 positive floats) for models that carry none.",
 )
 @click.option("--output-key", default=None, help="Which output holds the logits, for models returning a dict or tuple.")
 @click.option(
@@ -196,7 +216,7 @@ def main() -> None:
 @click.option("--boxes", is_flag=True, help="Add the CAM paper's localisation box to each manifest line.")
 @click.option(
     "--box-threshold",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloat(0, 1),
     default=0.2,
     show_default=True,
     help="Box threshold, as a fraction of the map's maximum.",

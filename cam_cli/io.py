@@ -362,17 +362,46 @@ def write_manifest(manifest: Path, records: dict[RecordKey, dict[str, Any]]) -> 
     write_atomic(manifest, text.encode("utf-8"), durable=True)
 
 
+def _lock(handle: Any) -> bool:
+    """Take an exclusive advisory lock on an open file, without waiting.
+
+    False when another process holds it. The kernel drops the lock when its
+    holder exits, however it exits. True where locks are not available (no
+    ``fcntl`` on Windows, file systems without locks).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks (some NFS setups): run unguarded
+        return True
+    return True
+
+
 class Journal:
     """Append-only record log of the run in progress, flushed after every batch.
 
+    The open journal is locked: a second run into the same manifest (two
+    unsharded runs into one OUT at once) is refused instead of losing records.
     A journal left by a killed run is appended to (``finalise_manifest`` folds
     it in at the end); its torn last line, if any, is closed off first so that
-    it cannot swallow the next record.
+    it cannot swallow the next record. Close it only after the manifest is
+    final, so that no other run takes the journal before it is folded in.
     """
 
     def __init__(self, manifest: Path) -> None:
         self.path = journal_path(manifest)
         self._handle = open(self.path, "a+b")  # noqa: SIM115 (open for the whole run)
+        if not _lock(self._handle):
+            self._handle.close()
+            raise OutputError(
+                f"another camx run is writing {manifest} right now; let it finish, "
+                "or give this run another -o (or --shard K/N to split the work)"
+            )
         if self._handle.tell() > 0:
             self._handle.seek(-1, os.SEEK_END)
             if self._handle.read(1) != b"\n":

@@ -204,6 +204,11 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
             logits = classifier.logits(x)
             if logits.dim() != 2:
                 raise ModelError(f"the model's logits have shape {tuple(logits.shape)}, expected (N, classes)")
+            if not bool(torch.isfinite(logits).all()):
+                raise ModelError(
+                    f"{classifier.name} gives non-finite logits (NaN or inf) on a random {size}x{size} input; "
+                    "check --weights"
+                )
             head = _final_linear(linears, logits)
             if head is not None and head.input.requires_grad:
                 direction = torch.randn(head.input.shape, generator=generator)

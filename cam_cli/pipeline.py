@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -37,6 +38,10 @@ from cam_cli.models import Classifier, load_classifier
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PENDING_BATCHES = 2
 JPEG_MAX_SIDE = 65500
+
+
+class ImageFailed(Exception):
+    """This image cannot be explained (its reason is the message); the run goes on."""
 
 
 @dataclass
@@ -211,12 +216,12 @@ def parse_target(text: str, classifier: Classifier, num_classes: int) -> TargetS
         index = int(value)
         if not 0 <= index < num_classes:
             raise ModelError(f"--target {text}: class index out of range 0..{num_classes - 1}")
-        return TargetSpec(value, index=index)
+        return TargetSpec(str(index), index=index)  # 007 and 7 are one target
     names = classifier.categories or []
     for exact in (True, False):
         for i, name in enumerate(names):
             if (name == value) if exact else (name.lower() == lowered):
-                return TargetSpec(value, index=i)
+                return TargetSpec(str(i), index=i)  # recorded by index, however named
     if not names:
         raise ModelError(f"--target {text!r}: this model has no class names; give an index or --labels FILE")
     import difflib
@@ -441,7 +446,7 @@ class Explainer:
             return False
         if record.get("draw_boxes", False) != settings.get("draw_boxes", False):
             return False
-        if self.config.boxes and "box" not in record:
+        if (self.config.boxes or self.config.draw_boxes) and "box" not in record:
             return False
         targets = record.get("targets") or []
         if not targets or len(targets) != self.target.count:
@@ -516,6 +521,10 @@ class Explainer:
         """Upsample, normalise, colour and write one image's maps; returns its record."""
         config = self.config
         started = time.perf_counter()
+        if not (all(math.isfinite(s) for s in scores) and bool(torch.isfinite(maps).all())):
+            raise ImageFailed(
+                "the model gave non-finite values (NaN or inf) for this image; check --weights, --mean and --std"
+            )
         height, width = int(original.shape[0]), int(original.shape[1])
         if maps.device.type == "cpu":
             norm_np, overlay_np = render.render_with_opencv(maps.numpy(), original.numpy(), config.alpha)
@@ -534,10 +543,9 @@ class Explainer:
                 "map": map_rel,
             }
             picture = overlay_np[r]
-            if config.boxes or config.draw_boxes:
+            if config.boxes or config.draw_boxes:  # a drawn box is recorded too
                 box = render.localisation_box(norm_np[r], config.box_threshold)
-                if config.boxes:
-                    entry["box"] = list(box) if box is not None else None
+                entry["box"] = list(box) if box is not None else None
                 if config.draw_boxes and box is not None:
                     picture = render.draw_box(picture.copy(), box)
             encoded = _encode(picture, config.fmt)  # may refuse this image: nothing written yet
@@ -546,7 +554,7 @@ class Explainer:
             targets.append(entry)
         self._add_time("postprocess_write", time.perf_counter() - started)
         first = targets[0]
-        extra = {"box": first["box"]} if config.boxes else {}
+        extra = {"box": first["box"]} if config.boxes or config.draw_boxes else {}
         return self._record(
             image,
             overlay=first["overlay"],
@@ -628,6 +636,8 @@ class Explainer:
                 for image, future in futures:
                     try:
                         ready.append(future.result())
+                    except ImageFailed as exc:
+                        ready.append(self._record(image, status="error", error=str(exc)))
                     except OSError as exc:  # the disk, not the image: stop, keeping what is done
                         raise OutputError(f"cannot write outputs of {image.path}: {exc.strerror or exc}") from None
                     except Exception as exc:  # this image's outputs only (e.g. too large for JPEG)
@@ -692,11 +702,12 @@ class Explainer:
             finishing = time.perf_counter()
             # whatever happened, keep what was completed
             pool.shutdown(wait=True, cancel_futures=True)
-            journal.close()
             try:
                 io.finalise_manifest(self.manifest, {})
             except OSError as exc:
                 raise OutputError(f"cannot write {self.manifest}: {exc.strerror or exc}") from None
+            finally:
+                journal.close()  # the lock goes with it, once the journal is folded in
             io.remove_temporaries(  # all of this shard's, also those an interrupted --overwrite left
                 config.out_dir / rel
                 for image in self.images

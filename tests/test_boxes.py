@@ -186,3 +186,15 @@ def test_draw_boxes_changes_the_overlay_only_along_the_box_edge(image_dir, tiny_
         # the outline itself is white
         assert (b[y0:y1, x0] == 255).all() and (b[y0:y1, x1 - 1] == 255).all(), after["input"]
         assert (b[y0, x0:x1] == 255).all() and (b[y1 - 1, x0:x1] == 255).all(), after["input"]
+
+
+def test_draw_boxes_alone_records_the_box_it_draws_and_resumes_with_boxes(image_dir, tiny_factory, tmp_path):
+    out = tmp_path / "out"
+    drawn = explain(image_dir, out, tiny_factory, "--draw-boxes")
+    with_boxes = explain(image_dir, tmp_path / "both", tiny_factory, "--boxes", "--draw-boxes")
+    assert [(r["input"], r["box"]) for r in drawn] == [(r["input"], r["box"]) for r in with_boxes]
+    assert all(r["targets"][0]["box"] == r["box"] for r in drawn)
+    # the same boxes, drawn and recorded: adding --boxes finds every input complete
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, *TINY, "--boxes", "--draw-boxes"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["skipped"] == len(drawn), result.output

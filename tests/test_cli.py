@@ -129,6 +129,10 @@ def test_target_by_class_name_from_a_labels_file(image_dir, tmp_path):
     result = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--labels", labels, "--target", "class 7")
     assert result.exit_code == 0, result.output
     assert {(r["class_index"], r["class_name"]) for r in manifest(out)} == {(7, "class 7")}
+    # the same class by index, however it is written, finds the work complete
+    again = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--labels", labels, "--target", "007", "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 6, again.output
+    assert {r["target"] for r in manifest(out)} == {"7"}
 
 
 @pytest.mark.parametrize(

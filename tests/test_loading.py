@@ -187,3 +187,52 @@ def test_top_k_writes_k_maps_per_image_named_by_rank(tiny_factory, image_dir, tm
             assert (out / target["overlay"]).is_file()
     written = sorted(p.name for p in out.rglob("*.npy"))
     assert len(written) == 18
+
+
+def test_a_model_that_gives_nan_is_refused_or_fails_its_images_and_the_manifest_stays_json(
+    tiny_factory, image_dir, tmp_path
+):
+    broken = make_tiny()
+    broken.fc.bias[2] = float("nan")  # NaN on every input: refused before anything is written
+    torch.save(broken.state_dict(), tmp_path / "broken.pth")
+    for method in ("gradcam", "cam"):
+        result = explain(image_dir, tmp_path / "refused", "--model", tiny_factory, "--weights",
+                         tmp_path / "broken.pth", "--input-size", "32", "--method", method)  # fmt: skip
+        assert result.exit_code == 1
+        assert result.output == (
+            f"camx: error: {tiny_factory} gives non-finite logits (NaN or inf) on a random 32x32 input; "
+            "check --weights\n"
+        )
+        assert not (tmp_path / "refused").exists()
+
+    # NaN only for some inputs (here: large ones, as a wrong --std makes them): those images fail
+    (tmp_path / "nan_models.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import torch\n"
+        "from conftest import make_tiny\n"
+        "class NanOnLarge(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.net = make_tiny()\n"
+        "    def forward(self, x):\n"
+        "        large = x.flatten(1).abs().amax(1, keepdim=True) > 100\n"
+        "        return self.net(x).masked_fill(large, float('nan'))\n"
+        "def build():\n"
+        "    return NanOnLarge()\n"
+    )
+    for method in ("gradcam", "cam"):
+        out = tmp_path / method
+        result = explain(image_dir, out, "--model", "nan_models:build", "--input-size", "32", "--method", method,
+                         "--mean", "0", "0", "0", "--std", "0.001", "0.001", "0.001")  # fmt: skip
+        assert result.exit_code == 3, result.output
+        lines = (out / "manifest.jsonl").read_text().splitlines()
+        assert len(lines) == 6
+
+        def refuse(constant: str) -> None:
+            raise AssertionError(f"{constant} in the manifest is not JSON")
+
+        for line in lines:
+            record = json.loads(line, parse_constant=refuse)
+            assert record["status"] == "error" and "non-finite values (NaN or inf)" in record["error"]
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]

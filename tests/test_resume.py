@@ -284,3 +284,38 @@ def test_a_fatal_error_mid_run_keeps_everything_already_written(tmp_path, tiny_f
     code, summary, _ = _run(root, out, tiny_factory)
     assert code == 0 and (summary["skipped"], summary["done"]) == (2, 3)
     check_outputs_exactly_once(root, out, ["a.png", "b.png", "sub/c.png", "sub/d.png", "z.png"], failed=set())
+
+
+@pytest.mark.slow
+def test_a_second_unsharded_run_into_a_busy_out_is_refused_and_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = tmp_path / "imgs"
+    keys = make_inputs(root, count=12)
+    out = tmp_path / "out"
+    model = slow_factory(tmp_path, delay=1.0)  # 6 batches: the second run starts well within them
+    first = subprocess.Popen(
+        [camx_script(), "explain", str(root), "-o", str(out), "--model", model, *ARGS, "--method", "cam",
+         "--batch-size", "2", "--workers", "0", "-q"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not records_of(io.journal_path(out / "manifest.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second could start"
+        result = CliRunner().invoke(main, ["explain", str(root), "-o", str(out), "--model", model, *ARGS, "-q"])
+        assert result.exit_code == 1
+        assert result.output == (
+            f"camx: error: another camx run is writing {out / 'manifest.jsonl'} right now; let it finish, "
+            "or give this run another -o (or --shard K/N to split the work)\n"
+        )
+    finally:
+        _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 3, first_err  # empty.png fails
+    assert not list(out.glob("*.gradcam.*")) and not list(out.rglob("*.gradcam.*"))
+    # once the first is done, the second runs, and the manifest holds both methods' records
+    code, summary, stderr = _run(root, out, model)
+    assert code == 3 and summary["done"] == len(keys) - 1, stderr
+    methods = sorted((r["key"], r["method"]) for r in records_of(out / "manifest.jsonl"))
+    assert methods == sorted((k, m) for k in keys for m in ("cam", "gradcam"))
