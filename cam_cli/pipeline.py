@@ -521,13 +521,16 @@ class Explainer:
         """Upsample, normalise, colour and write one image's maps; returns its record."""
         config = self.config
         started = time.perf_counter()
-        if not (all(math.isfinite(s) for s in scores) and bool(torch.isfinite(maps).all())):
+        height, width = int(original.shape[0]), int(original.shape[1])
+        on_cpu = maps.device.type == "cpu"
+        raw = maps.numpy() if on_cpu else None  # numpy: no torch dispatch in writer threads on the CPU
+        finite = bool(np.isfinite(raw).all()) if raw is not None else bool(torch.isfinite(maps).all())
+        if not (finite and all(math.isfinite(s) for s in scores)):
             raise ImageFailed(
                 "the model gave non-finite values (NaN or inf) for this image; check --weights, --mean and --std"
             )
-        height, width = int(original.shape[0]), int(original.shape[1])
-        if maps.device.type == "cpu":
-            norm_np, overlay_np = render.render_with_opencv(maps.numpy(), original.numpy(), config.alpha)
+        if raw is not None:
+            norm_np, overlay_np = render.render_with_opencv(raw, original.numpy(), config.alpha)
         else:
             with torch.inference_mode():
                 norm_np, overlay_np = render.render_on_device(maps, original, config.alpha)
