@@ -38,6 +38,7 @@ from cam_cli.models import Classifier, load_classifier
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PENDING_BATCHES = 2
 JPEG_MAX_SIDE = 65500
+DEVICE_RENDER_MAX_PIXELS = 1 << 24
 
 
 class ImageFailed(Exception):
@@ -174,6 +175,21 @@ def tune_allocator() -> bool:
 
 
 _allocator_tuned: bool | None = None
+
+
+def use_ieee_fp32() -> None:
+    """Make float32 mean IEEE float32 on CUDA.
+
+    cuDNN runs float32 convolutions in TF32 by default on Ampere and later
+    GPUs (about 1e-3 relative error), which would make ``--precision fp32``
+    maps differ from the CPU's by far more than float32 rounding. Matrix
+    products already default to full float32.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "ieee"
+    else:  # torch before 2.9
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def default_workers() -> int:
@@ -377,6 +393,10 @@ class Explainer:
         self.device = resolve_device(config.device)
         if config.precision not in PRECISIONS:
             raise CamxError(f"unknown precision {config.precision!r}")
+        if self.device.type == "cuda":
+            use_ieee_fp32()
+            if self.device.index is not None:  # or the loader's pinning thread opens a context on GPU 0
+                torch.cuda.set_device(self.device)
         self.classifier = load_classifier(
             config.model,
             config.weights,
@@ -522,8 +542,10 @@ class Explainer:
         config = self.config
         started = time.perf_counter()
         height, width = int(original.shape[0]), int(original.shape[1])
-        on_cpu = maps.device.type == "cpu"
-        raw = maps.numpy() if on_cpu else None  # numpy: no torch dispatch in writer threads on the CPU
+        # On the GPU a render needs ~40 bytes a pixel of device memory per writer: very large
+        # images go through OpenCV on the CPU instead. On the CPU, numpy: no torch calls in writers.
+        on_cpu = maps.device.type == "cpu" or height * width > DEVICE_RENDER_MAX_PIXELS
+        raw = (maps.numpy() if maps.device.type == "cpu" else maps.cpu().numpy()) if on_cpu else None
         finite = bool(np.isfinite(raw).all()) if raw is not None else bool(torch.isfinite(maps).all())
         if not (finite and all(math.isfinite(s) for s in scores)):
             raise ImageFailed(
@@ -596,7 +618,9 @@ class Explainer:
     ) -> Summary:
         """Explain every pending input; safe to interrupt through ``stop``."""
         config = self.config
-        tune_allocator()
+        on_cpu = self.device.type == "cpu"
+        if on_cpu:  # the model's activations live in host memory only on the CPU
+            tune_allocator()
         started = time.perf_counter()
         todo, skipped = self.pending()
         summary = Summary(
@@ -629,7 +653,8 @@ class Explainer:
         pool = ThreadPoolExecutor(
             max_workers=max(2, min(8, os.cpu_count() or 2)),
             thread_name_prefix="camx-writer",
-            initializer=_yield_to_the_model if os.environ.get("CAMX_WRITER_NICE", "1") != "0" else None,
+            # On a GPU there are no intra-op threads to keep from stalling: writers run at normal priority.
+            initializer=_yield_to_the_model if on_cpu and os.environ.get("CAMX_WRITER_NICE", "1") != "0" else None,
         )
         in_flight: deque[tuple[list[dict[str, Any]], list[tuple[io.InputImage, Future[dict[str, Any]]]]]] = deque()
 

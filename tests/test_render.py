@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cam_cli.pipeline import _encode
+from cam_cli.pipeline import _encode, use_ieee_fp32
 from cam_cli.render import blend, colorize, jet_lut, render_on_device, render_with_opencv
 
 
@@ -69,13 +69,17 @@ def test_colour_index_truncates_like_uint8_of_255_times_map():
         assert heat[j].tolist() == lut[int(255 * value)].tolist()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("height", "width"), [(37, 53), (224, 224), (5, 3), (1, 1), (480, 641)])
-def test_opencv_and_device_paths_agree(height, width):
+def test_opencv_and_device_paths_agree(height, width, device):
     generator = torch.Generator().manual_seed(height * width)
     maps = torch.randn(2, 7, 7, generator=generator)
     image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
     norm_cv, over_cv = render_with_opencv(maps.numpy(), image.numpy(), 0.4)
-    norm_t, over_t = render_on_device(maps, image, 0.4)
+    norm_t, over_t = render_on_device(maps.to(device), image, 0.4)
     assert norm_cv.shape == norm_t.shape == (2, height, width) and norm_cv.dtype == np.float32
     assert over_cv.shape == over_t.shape == (2, height, width, 3) and over_cv.dtype == np.uint8
     np.testing.assert_allclose(norm_cv, norm_t, atol=1e-6)
@@ -92,3 +96,20 @@ def test_a_flat_raw_map_gives_zeros_not_stretched_rounding(path, raw):
     norm, overlay = render(path, maps, torch.zeros(50, 80, 3, dtype=torch.uint8), 0.4)
     assert norm.shape == (1, 50, 80) and float(np.abs(norm).max()) == 0.0
     assert (overlay == overlay[0, 0, 0]).all()
+
+
+def test_fp32_on_cuda_means_ieee_fp32_not_tf32():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = conv is not None and hasattr(conv, "fp32_precision")
+    before = conv.fp32_precision if new_api else torch.backends.cudnn.allow_tf32
+    try:
+        use_ieee_fp32()
+        if new_api:
+            assert conv.fp32_precision == "ieee"
+        else:
+            assert torch.backends.cudnn.allow_tf32 is False
+    finally:
+        if new_api:
+            conv.fp32_precision = before
+        else:
+            torch.backends.cudnn.allow_tf32 = before
