@@ -446,6 +446,7 @@ def list_layers(probe: Probe) -> list[LayerRow]:
         default = ""
     rows: dict[str, LayerRow] = {}
     for r in probe.records:
-        if len(r.shape) in (3, 4):
+        # a module run more than once per forward (a shared ReLU) is ambiguous: --layer refuses it
+        if len(r.shape) in (3, 4) and probe.call_counts.get(r.name, 1) == 1:
             rows[r.label] = LayerRow(r.label, r.module_type, r.shape, r.label == default)
     return sorted(rows.values(), key=lambda row: probe.find(row.label).order)  # type: ignore[union-attr]

@@ -153,6 +153,20 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "central directory" in text or "zip archive" in text:
+        return "not a complete PyTorch checkpoint (truncated or damaged)"
+    if isinstance(exc, (KeyError, IndexError, TypeError, AttributeError)) or not text:
+        return "not a PyTorch checkpoint"
+    first = text.split(". ")[0]
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from ``path``, read with ``weights_only=True``.
 
@@ -170,9 +184,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: it holds objects other than tensors, and loading it could run "
             "code (torch.load with weights_only=True rejected it)"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        message = " ".join(str(exc).split())[:200]
-        raise WeightsError(f"cannot read weights {path}: {message}") from None
+    except Exception as exc:  # torch.load fails in many ways on files that are not checkpoints
+        raise WeightsError(f"cannot read weights {path}: {_unreadable(path, exc)}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -274,7 +287,8 @@ def _load_torchvision(
                 )
             target = checkpoint_dir() / os.path.basename(chosen.url)
             try:
-                with _weights_only_loading():
+                # torch.hub announces a download on stdout, which belongs to --json: send it to stderr
+                with _weights_only_loading(), contextlib.redirect_stdout(sys.stderr):
                     module = torchvision.models.get_model(name, weights=chosen, progress=False)
             except pickle.UnpicklingError as exc:
                 if "unsupported global" not in str(exc).lower():
@@ -283,10 +297,9 @@ def _load_torchvision(
                     f"refusing to load {target}: it holds objects other than tensors, and loading it could "
                     "run code (torch.load with weights_only=True rejected it)"
                 ) from None
-            except (OSError, RuntimeError, ValueError) as exc:
+            except Exception as exc:
                 if target.exists():
-                    message = " ".join(str(exc).split())[:200]
-                    raise WeightsError(f"cannot read cached weights {target}: {message}") from None
+                    raise WeightsError(f"cannot read cached weights {target}: {_unreadable(target, exc)}") from None
                 raise WeightsError(
                     f"cannot download weights {chosen} for {name} (offline?): put "
                     f"{target.name} in {target.parent} or pass --weights PATH"
@@ -443,6 +456,11 @@ def load_classifier(
             _apply_state_dict(module, load_state_dict(Path(weights)), weights)
             weights_label = weights
     elif Path(model).is_file():
+        if weights.strip().upper() not in ("DEFAULT", "NONE") or num_classes is not None:
+            raise ModelError(
+                f"--weights and --num-classes do not apply to {model}: an exported program carries its own "
+                "weights and head; export the model again with the weights you want"
+            )
         module, file_size = _load_file(Path(model))
         size = file_size or size
         weights_label = "in file"

@@ -423,6 +423,9 @@ class Explainer:
             )
         elif config.method == "gradcam":
             self.method = GradCAM(self._logits, module, self.target_layer)
+            # once on the probe's input, so that a layer the output does not depend on fails now, not mid-run
+            if probe.input is not None:
+                self.method.explain(probe.input.to(self.device), self.target.chooser())
         else:
             raise CamxError(f"unknown method {config.method!r}")
         del probe

@@ -189,6 +189,10 @@ def test_default_weights_offline_say_where_to_put_the_file(image_dir, tmp_path, 
     assert result.exit_code == 1, result.output
     expected = torch_home / "hub" / "checkpoints"
     assert f"put resnet18-f37072fd.pth in {expected}" in result.output and "--weights PATH" in result.output
+    # with --json, stdout holds the error object alone (torch.hub's "Downloading:" line goes to stderr)
+    as_json = invoke("explain", image_dir, "-o", tmp_path / "out", "--model", "resnet18", "--device", "cpu", "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["exit_status"] == 1 and len(as_json.stdout.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -211,3 +211,19 @@ def test_file_modes_of_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "x.jpg").stat().st_mode) == 0o644
+
+
+def test_files_that_are_not_checkpoints_get_a_short_reason(tmp_path):
+    torch = pytest.importorskip("torch")
+    whole = tmp_path / "whole.pth"
+    torch.save({"w": torch.zeros(1000, 100)}, whole)
+    cases = {
+        "junk.pth": (b"hello world", "not a PyTorch checkpoint"),
+        "empty.pth": (b"", "empty file (0 bytes)"),
+        "cut.pth": (whole.read_bytes()[:100_000], "not a complete PyTorch checkpoint (truncated or damaged)"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError) as caught:
+            load_state_dict(tmp_path / name)
+        assert str(caught.value) == f"cannot read weights {tmp_path / name}: {reason}"

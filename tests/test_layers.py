@@ -10,7 +10,7 @@ from torchvision.models import VisionTransformer
 
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
-from cam_cli.layers import default_target, resolve_target, run_probe
+from cam_cli.layers import default_target, list_layers, resolve_target, run_probe
 from cam_cli.methods import GradCAM, TargetLayer
 from cam_cli.methods.base import ActivationCapture
 from cam_cli.models import Classifier, load_classifier
@@ -131,6 +131,15 @@ def test_camx_layers_prints_shapes_and_marks_the_default() -> None:
     assert rows["layer1"].split()[1:] == ["Sequential", "64x16x16"]
     assert rows["avgpool:input"].split()[1:3] == ["AdaptiveAvgPool2d", "512x2x2"]
     assert sum("(default)" in line for line in rows.values()) == 1
+
+
+def test_every_layer_camx_layers_lists_is_accepted_by_layer() -> None:
+    probe = run_probe(load_classifier("resnet18", "NONE", input_size=64))
+    rows = list_layers(probe)
+    labels = [row.label for row in rows]
+    assert "layer4" in labels and "layer1.0.relu" not in labels  # a block's ReLU runs twice per forward
+    for label in labels:
+        resolve_target(probe, label)  # raises ModelError for a layer --layer would refuse
 
 
 def test_camx_layers_on_a_vit_at_a_small_size() -> None:

@@ -114,6 +114,35 @@ def test_exported_program_keeps_layer_names_and_matches_the_eager_model(tiny_fac
             np.testing.assert_allclose(exported[key], eager[key], atol=1e-5)
 
 
+def test_an_exported_program_refuses_weights_and_num_classes_it_cannot_take(image_dir, tmp_path):
+    path = tmp_path / "tiny.pt2"
+    program = torch.export.export(
+        make_tiny(), (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    )
+    torch.export.save(program, path)
+    torch.save(make_tiny(seed=1).state_dict(), tmp_path / "other.pth")
+    for extra in (["--weights", tmp_path / "other.pth"], ["--num-classes", "7"]):
+        result = explain(image_dir, tmp_path / "out", "--model", path, *extra)
+        assert result.exit_code == 1, result.output
+        assert result.output == (
+            f"camx: error: --weights and --num-classes do not apply to {path}: an exported program carries its own "
+            "weights and head; export the model again with the weights you want\n"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_gradcam_on_an_output_that_does_not_depend_on_the_layer_is_refused_before_the_run(own_models, image_dir,
+                                                                                           tmp_path):  # fmt: skip
+    out = tmp_path / "out"
+    result = explain(image_dir, out, "--model", "own_models:tuple_model", "--input-size", "32", "--output-key", "1")
+    assert result.exit_code == 1
+    assert result.output == (
+        "camx: error: the model's output does not depend on layer net.features, so Grad-CAM has no gradient to "
+        "follow; choose another --layer (or --output-key)\n"
+    )
+    assert not out.exists()
+
+
 def test_exported_program_with_a_fixed_batch_is_refused_with_the_fix(image_dir, tmp_path):
     path = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(make_tiny(), (torch.randn(1, 3, 32, 32),)), path)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from cam_cli.errors import ModelError
 from cam_cli.methods.base import (
     ActivationCapture,
     ClassChooser,
@@ -47,6 +48,11 @@ class GradCAM:
             if activation is None:
                 capture.feature_map()  # raises: the layer was not reached
             assert activation is not None
+            if not logits.requires_grad:
+                raise ModelError(
+                    f"the model's output does not depend on layer {self.target.label}, so Grad-CAM has no "
+                    "gradient to follow; choose another --layer (or --output-key)"
+                )
             classes = choose(logits.detach())
             features = to_feature_map(activation.detach(), self.target).float()
             rounds = classes.shape[1]
