@@ -238,6 +238,22 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
         camx explain ./imgs --method cam --model resnet18 --device cuda -o ./out
         find data -name '*.png' | camx explain --files-from - -o ./out --json
     """
+    handlers = _current_handlers()
+    try:
+        _explain(inputs, out_dir, files_from, options)
+    finally:
+        for signum, handler in handlers.items():  # for callers in this process (tests, scripts)
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+
+
+def _current_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, options: dict[str, Any]) -> None:
     from cam_cli import io
     from cam_cli.distributed import distributed_context
     from cam_cli.pipeline import ExplainConfig, Explainer
@@ -315,6 +331,13 @@ def _exit_at_once(signum: int, _: Any) -> None:
     os._exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
+def _after_the_run(_: int, __: Any) -> None:
+    """A first SIGINT/SIGTERM once every input is done: nothing is left to stop, and
+    the exit status stays the run's (as its summary says); a second quits at once."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _exit_at_once)
+
+
 @contextmanager
 def _graceful_stop(stop: threading.Event, on_first: Callable[[str], None]) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the batch in flight and stop; second: exit at once."""
@@ -334,9 +357,10 @@ def _graceful_stop(stop: threading.Event, on_first: Callable[[str], None]) -> It
     try:
         yield
     finally:
-        for s, h in previous.items():
-            # Once stopping, a further signal quits at once, also while reporting and exiting.
-            signal.signal(s, _exit_at_once if stop.is_set() else h)
+        for s in previous:
+            # Once stopping, a further signal quits at once, also while reporting and exiting;
+            # a first one after a complete run changes nothing (`explain` restores the handlers).
+            signal.signal(s, _exit_at_once if stop.is_set() else _after_the_run)
 
 
 def _run_with_progress(explainer: Any, quiet: bool) -> Any:

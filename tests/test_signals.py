@@ -126,3 +126,41 @@ def test_a_second_sigint_quits_at_once_and_the_journal_resumes(tmp_path, monkeyp
     assert live_members(process.pid) == []  # no decoding worker left behind
     resume_and_check(tmp_path, root, out, keys, args)
     assert not journal.exists()
+
+
+def test_a_first_signal_after_a_complete_run_leaves_its_exit_status(image_dir, tiny_factory, tmp_path):
+    import threading
+
+    from cam_cli import cli
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = threading.Event()
+    try:
+        with cli._graceful_stop(stop, lambda name: None):
+            pass  # the run finished without a signal
+        assert signal.getsignal(signal.SIGINT) is cli._after_the_run
+        os.kill(os.getpid(), signal.SIGINT)  # while the finished run reports: no KeyboardInterrupt, no 130
+        time.sleep(0.05)
+        assert not stop.is_set() and signal.getsignal(signal.SIGTERM) is cli._exit_at_once  # a second quits
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    # `camx explain` in this process hands back the handlers it found
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(image_dir),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            tiny_factory,
+            "--workers",
+            "0",
+            "-q",
+            "--input-size",
+            "32",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert {s: signal.getsignal(s) for s in saved} == saved
