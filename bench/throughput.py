@@ -76,7 +76,7 @@ def _loader(args: argparse.Namespace, size: int):
     from torch.utils.data import DataLoader
 
     from cam_cli import io
-    from cam_cli.pipeline import ImageDataset, collate, default_workers
+    from cam_cli.data import ImageDataset, collate, default_workers
 
     images = io.discover([Path(args.dir)])
     workers = default_workers() if args.workers is None else args.workers
@@ -123,7 +123,7 @@ def _sync(device: str) -> None:
 def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
     import torch
 
-    from cam_cli.pipeline import PRECISIONS, tune_allocator, use_ieee_fp32
+    from cam_cli.device import PRECISIONS, tune_allocator, use_ieee_fp32
 
     cuda = args.device.startswith("cuda")
     if tuned and not cuda:  # as camx does: the allocator matters where activations live in host memory

@@ -9,7 +9,6 @@ are complete, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import sys
@@ -25,17 +24,17 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
 
 from cam_cli import io, render
-from cam_cli.errors import CamxError, DecodeError, DeviceError, InputError, ModelError, OutputError
+from cam_cli.data import default_workers, make_loader
+from cam_cli.device import PRECISIONS, resolve_device, tune_allocator, use_ieee_fp32
+from cam_cli.errors import CamxError, InputError, ModelError, OutputError
 from cam_cli.layers import cam_head, resolve_target, run_probe
 from cam_cli.methods import CAM, GradCAM
-from cam_cli.methods.base import ClassChooser, TargetLayer
-from cam_cli.models import Classifier, load_classifier
+from cam_cli.methods.base import TargetLayer
+from cam_cli.models import load_classifier
+from cam_cli.targets import parse_target
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PENDING_BATCHES = 2
 JPEG_MAX_SIDE = 65500
 DEVICE_RENDER_MAX_PIXELS = 1 << 24
@@ -113,223 +112,6 @@ class Summary:
             "manifest": self.manifest,
             "timings": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
         }
-
-
-# ----------------------------------------------------------------------- devices
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an absent device is an error."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise DeviceError(f"device {spec} requested but MPS is not available on this machine")
-    elif device.type != "cpu":
-        raise DeviceError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-_PR_SET_PDEATHSIG = 1
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-
-
-def tune_allocator() -> bool:
-    """Keep glibc malloc from mapping and unmapping every large activation.
-
-    Batch activations are above glibc's mmap threshold, so by default every
-    layer maps fresh zeroed pages and returns them afterwards (hundreds of
-    thousands of page faults per batch). Serving them from the heap and not
-    trimming it (the effect of ``MALLOC_MMAP_MAX_=0`` and a high
-    ``MALLOC_TRIM_THRESHOLD_``) makes CPU inference markedly faster. Applies to
-    this process and to DataLoader workers forked after it; a no-op off glibc.
-    Returns whether the settings were applied.
-    """
-    global _allocator_tuned
-    if _allocator_tuned is not None:
-        return _allocator_tuned
-    _allocator_tuned = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-        except (OSError, AttributeError):
-            _allocator_tuned = False
-    return _allocator_tuned
-
-
-_allocator_tuned: bool | None = None
-
-
-def use_ieee_fp32() -> None:
-    """Make float32 mean IEEE float32 on CUDA.
-
-    cuDNN runs float32 convolutions in TF32 by default on Ampere and later
-    GPUs (about 1e-3 relative error), which would make ``--precision fp32``
-    maps differ from the CPU's by far more than float32 rounding. Matrix
-    products already default to full float32.
-    """
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        conv.fp32_precision = "ieee"
-    else:  # torch before 2.9
-        torch.backends.cudnn.allow_tf32 = False
-
-
-def default_workers() -> int:
-    """Decoding workers: the cores the model leaves over, at least one, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-# ------------------------------------------------------------------------ targets
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """``--target`` resolved against the model: top-K classes or one fixed class."""
-
-    text: str
-    top: int = 1
-    index: int | None = None
-
-    @property
-    def count(self) -> int:
-        return 1 if self.index is not None else self.top
-
-    def chooser(self) -> ClassChooser:
-        if self.index is not None:
-            index = self.index
-            return lambda logits: torch.full((logits.shape[0], 1), index, dtype=torch.long, device=logits.device)
-        top = self.top
-        return lambda logits: logits.topk(top, dim=1).indices
-
-
-def parse_target(text: str, classifier: Classifier, num_classes: int) -> TargetSpec:
-    value = text.strip()
-    lowered = value.lower()
-    if lowered.startswith("top") and lowered[3:].isdigit():
-        k = int(lowered[3:])
-        if not 1 <= k <= num_classes:
-            raise ModelError(f"--target {text}: K must be between 1 and {num_classes}")
-        return TargetSpec(lowered, top=k)
-    if value.lstrip("-").isdigit():
-        index = int(value)
-        if not 0 <= index < num_classes:
-            raise ModelError(f"--target {text}: class index out of range 0..{num_classes - 1}")
-        return TargetSpec(str(index), index=index)  # 007 and 7 are one target
-    names = classifier.categories or []
-    for exact in (True, False):
-        for i, name in enumerate(names):
-            if (name == value) if exact else (name.lower() == lowered):
-                return TargetSpec(str(i), index=i)  # recorded by index, however named
-    if not names:
-        raise ModelError(f"--target {text!r}: this model has no class names; give an index or --labels FILE")
-    import difflib
-
-    close = difflib.get_close_matches(value, names, n=3)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise ModelError(f"--target {text!r} is not a class of this model{hint}")
-
-
-# ------------------------------------------------------------------------ loading
-
-
-@dataclass
-class Item:
-    index: int
-    image: torch.Tensor | None  # (3, S, S) uint8, resized for the model
-    original: torch.Tensor | None  # (H, W, 3) uint8, as the viewer shows it
-    error: str | None
-
-
-class ImageDataset(Dataset[Item]):
-    """Decodes and resizes one image per item; failures become ``Item.error``."""
-
-    def __init__(self, images: Sequence[io.InputImage], size: int, max_pixels: int) -> None:
-        self.images = images
-        self.size = size
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> Item:
-        try:
-            array = io.decode_image(self.images[index].path, self.max_pixels)
-        except DecodeError as exc:
-            return Item(index, None, None, str(exc))
-        original = torch.from_numpy(array)
-        chw = original.permute(2, 0, 1)
-        # The whole image, no centre crop, so the map covers all of it.
-        resized = TF.resize(chw, [self.size, self.size], antialias=True)
-        return Item(index, resized.contiguous(), original, None)
-
-
-@dataclass
-class Batch:
-    indices: list[int]  # dataset indices of the decoded images, in batch order
-    images: torch.Tensor | None  # (B, 3, S, S) uint8
-    originals: list[torch.Tensor]
-    errors: list[tuple[int, str]]
-
-    def pin_memory(self) -> Batch:
-        if self.images is not None:
-            self.images = self.images.pin_memory()
-        return self
-
-
-def collate(items: list[Item]) -> Batch:
-    good = [item for item in items if item.error is None]
-    return Batch(
-        indices=[item.index for item in good],
-        images=torch.stack([item.image for item in good]) if good else None,  # type: ignore[misc]
-        originals=[item.original for item in good],  # type: ignore[misc]
-        errors=[(item.index, item.error) for item in items if item.error is not None],
-    )
-
-
-def _ignore_sigint(_: int) -> None:
-    import signal
-
-    # The main process stops the run; SIGTERM to the process group (SLURM, systemd)
-    # must not kill workers under it, or the loader raises instead of a clean stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # If the main process is killed outright (SIGKILL, OOM killer), a worker can block
-    # for ever on a lock the dead parent held: have the kernel end it with its parent.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _yield_to_the_model() -> None:
-    """Lowest CPU priority for a writer thread (Linux: a thread's own nice value).
-
-    The model's intra-op threads synchronise at every operator, so a writer that
-    pre-empts one of them stalls all of them. At nice 19 writers mostly run in
-    the gaps the model leaves (data waits, serial sections); when they fall
-    behind, the bounded queue of pending batches makes the main thread wait,
-    and they catch up.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 # ------------------------------------------------------------------------ the run
@@ -642,16 +424,8 @@ class Explainer:
         except OSError as exc:
             raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
         workers = default_workers() if config.workers is None else config.workers
-        loader = DataLoader(
-            ImageDataset(todo, self.classifier.input_size, config.max_pixels),
-            batch_size=config.batch_size,
-            shuffle=False,
-            num_workers=workers if todo else 0,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_sigint if workers else None,
-            prefetch_factor=2 if workers and todo else None,
-            persistent_workers=False,
+        loader = make_loader(
+            todo, self.classifier.input_size, config.max_pixels, config.batch_size, workers, self.device.type == "cuda"
         )
         pool = ThreadPoolExecutor(
             max_workers=max(2, min(8, os.cpu_count() or 2)),

@@ -1,11 +1,20 @@
 """What every CAM method shares: the target layer, the hook that captures it,
-and turning its activation into a ``(N, K, h, w)`` feature map."""
+turning its activation into a ``(N, K, h, w)`` feature map, and the method
+contract (:class:`Method`) with the per-batch capture it reads (:class:`Capture`).
+
+The contract: a method declares its registry entry (name, family, what it
+needs), checks in ``prepare`` that it can apply to the model (raising
+``ModelError`` with the reason before anything runs), and turns one batch's
+capture into raw maps ``(N, R, h, w)``. The capture holds one forward pass;
+gradients are computed on first request and cached, so every method that only
+needs the activation ``A`` and its gradient ``g`` shares one backward pass.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -135,3 +144,137 @@ class Explanation:
     def scores(self) -> torch.Tensor:
         """Softmax probability of each explained class, ``(N, R)``."""
         return self.logits.float().softmax(dim=1).gather(1, self.classes)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options that shape some methods' maps (recorded in the manifest where they apply)."""
+
+    seed: int = 0
+    finer_gamma: float = 1.0
+    eigen_smooth: bool = False
+
+
+@dataclass
+class Setup:
+    """What ``Method.prepare`` may inspect: the probe pass and the model on its device."""
+
+    probe: Any  # cam_cli.layers.Probe
+    target: TargetLayer | None
+    module: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+
+
+@dataclass
+class Capture:
+    """One forward pass of a batch through the model, hooked at the target layer.
+
+    ``features``: the activation as ``(N, K, h, w)`` float32; ``logits``: ``(N, C)``
+    float32; ``classes``: ``(N, R)`` the explained classes; ``top1``: ``(N, 1)``.
+    ``gradient(r)`` is ``dy/dA`` for the classes of rank ``r`` as ``(N, K, h, w)``
+    float32, computed once and shared by every method that asks.
+    """
+
+    target: TargetLayer
+    features: torch.Tensor
+    logits: torch.Tensor
+    classes: torch.Tensor
+    top1: torch.Tensor
+    activation: torch.Tensor | None = None  # the hooked leaf (raw layout), when gradients are needed
+    graph_logits: torch.Tensor | None = None
+    create_graph: bool = False
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def classes_for(self, class_specific: bool) -> torch.Tensor:
+        return self.classes if class_specific else self.top1
+
+    def score_gradient(self, columns: torch.Tensor) -> torch.Tensor:
+        """``d (sum_n y[n, columns[n]]) / dA`` in the activation's raw layout (graph kept when asked)."""
+        if self.activation is None or self.graph_logits is None:
+            raise ModelError("this method needs gradients, but the pass was run without them")
+        score = self.graph_logits.gather(1, columns.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(score, self.activation, retain_graph=True, create_graph=self.create_graph)
+        return grad
+
+    def raw_gradient(self, r: int) -> torch.Tensor:
+        key = ("raw", r)
+        if key not in self._cache:
+            self._cache[key] = self.score_gradient(self.classes[:, r])
+        return self._cache[key]
+
+    def gradient(self, r: int) -> torch.Tensor:
+        key = ("grad", r)
+        if key not in self._cache:
+            self._cache[key] = to_feature_map(self.raw_gradient(r).detach(), self.target).float()
+        return self._cache[key]
+
+
+class Method:
+    """A CAM method. Subclasses set ``name`` (a registry entry) and supply
+    ``weights`` (channel weights ``(N, K)``) or ``weighted`` (element-wise
+    weighted activations ``(N, K, h, w)``), or override ``maps``."""
+
+    name: ClassVar[str]
+    relu: ClassVar[bool] = True
+    needs_gradient: ClassVar[bool] = False
+    needs_second_order: ClassVar[bool] = False
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        from cam_cli.methods.registry import info
+
+        self.options = options or MethodOptions()
+        self.info = info(self.name)
+
+    def prepare(self, setup: Setup) -> None:
+        """Raise ``ModelError`` when this method cannot apply to the model or layer."""
+
+    def settings(self) -> dict[str, Any]:
+        """What, beyond the run's settings, shaped this method's maps (for the manifest)."""
+        return {"eigen_smooth": True} if self.options.eigen_smooth else {}
+
+    def weights(self, capture: Capture, r: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weighted(self, capture: Capture, r: int) -> torch.Tensor:
+        return self.weights(capture, r)[:, :, None, None] * capture.features
+
+    def maps(self, capture: Capture) -> torch.Tensor:
+        """Raw maps ``(N, R, h, w)``: ``sum_k`` of the weighted activations (or their first
+        principal component with ``eigen_smooth``), then ReLU where the method has one."""
+        ranks = capture.classes.shape[1] if self.info.class_specific else 1
+        out = []
+        for r in range(ranks):
+            if self.options.eigen_smooth:
+                cam = first_component(self.weighted(capture, r))
+            elif type(self).weighted is Method.weighted:
+                cam = torch.einsum("nk,nkhw->nhw", self.weights(capture, r), capture.features)
+            else:
+                cam = self.weighted(capture, r).sum(dim=1)
+            out.append(torch.relu(cam) if self.relu else cam)
+        return torch.stack(out, dim=1)
+
+
+def first_component(weighted: torch.Tensor) -> torch.Tensor:
+    """Eigen-CAM's projection with Seg-Eigen-CAM's sign correction, per image.
+
+    ``weighted``: ``(N, K, h, w)``. Each image's activations, as ``(h*w, K)`` with
+    every channel centred over the positions, are projected on their first right
+    singular vector ``v``; the projection is flipped where its most negative
+    value outweighs its largest (Chung & Ying 2025, eq. 13). NaNs count as 0.
+    Returns ``(N, h, w)`` float32. Computed through the smaller Gram matrix in
+    float64: ``X v_1 = sigma_1 u_1`` with ``u_1`` the top eigenvector of ``X X^T``.
+    """
+    n, k, h, w = weighted.shape
+    x = torch.nan_to_num(weighted.double(), nan=0.0).reshape(n, k, h * w).transpose(1, 2)  # (N, P, K)
+    x = x - x.mean(dim=1, keepdim=True)
+    if h * w <= k:
+        values, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # (N, P, P), ascending
+        projection = vectors[:, :, -1] * values[:, -1:].clamp(min=0).sqrt()
+    else:
+        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (N, K, K)
+        projection = (x @ vectors[:, :, -1:]).squeeze(-1)
+    low = projection.amin(dim=1, keepdim=True)
+    high = projection.amax(dim=1, keepdim=True)
+    projection = torch.where(low.abs() > high.abs(), -projection, projection)
+    return projection.reshape(n, h, w).float()

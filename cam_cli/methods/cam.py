@@ -5,7 +5,7 @@ For a head that is global average pooling then one linear layer,
 
     M_c = sum_k W[c, k] * A_k        (no bias, no ReLU)
 
-No backward pass is needed: the forward runs in inference mode.
+No backward pass is needed: alone, the forward runs in inference mode.
 """
 
 from __future__ import annotations
@@ -14,36 +14,49 @@ from collections.abc import Callable
 
 import torch
 
-from cam_cli.methods.base import ActivationCapture, ClassChooser, Explanation, TargetLayer
+from cam_cli.errors import ModelError
+from cam_cli.methods.base import Capture, Method, Setup
 
 
-class CAM:
+class CAM(Method):
     name = "cam"
+    relu = False
 
-    def __init__(
-        self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        model: torch.nn.Module,
-        target: TargetLayer,
-        fc_weight: torch.Tensor,
-        pre_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fc_weight: torch.Tensor  # (C, K)
+    pre_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def prepare(self, setup: Setup) -> None:
+        from cam_cli.layers import cam_head
+
+        if setup.target is None:
+            raise ModelError("cam needs a target layer")
+        try:
+            head = cam_head(setup.probe, setup.target)
+        except ModelError as exc:
+            raise ModelError(f"cam: {exc}") from None
+        self.use_head(head.weight.to(setup.device), head.pre_activation)
+
+    def use_head(
+        self, fc_weight: torch.Tensor, pre_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> None:
         """``fc_weight``: ``(C, K)`` weight of the linear layer after the pooling;
         ``pre_activation``: an element-wise function the model applies
         functionally between the target layer and the pooling (DenseNet's ReLU)."""
-        self.forward = forward
-        self.model = model
-        self.target = target
         self.fc_weight = fc_weight.detach().float()
         self.pre_activation = pre_activation
 
-    def explain(self, x: torch.Tensor, choose: ClassChooser) -> Explanation:
-        with torch.inference_mode(), ActivationCapture(self.model, self.target, False) as capture:
-            logits = self.forward(x)
-            features = capture.feature_map().float()
-        if self.pre_activation is not None:
-            features = self.pre_activation(features)
-        classes = choose(logits)
-        weights = self.fc_weight.to(features.device)[classes]  # (N, R, K)
-        maps = torch.einsum("nrk,nkhw->nrhw", weights, features)
-        return Explanation(logits.float(), classes, maps)
+    def _features(self, capture: Capture) -> torch.Tensor:
+        features = capture.features
+        return self.pre_activation(features) if self.pre_activation is not None else features
+
+    def weights(self, capture: Capture, r: int) -> torch.Tensor:
+        return self.fc_weight.to(capture.features.device)[capture.classes[:, r]]
+
+    def weighted(self, capture: Capture, r: int) -> torch.Tensor:
+        return self.weights(capture, r)[:, :, None, None] * self._features(capture)
+
+    def maps(self, capture: Capture) -> torch.Tensor:
+        if self.options.eigen_smooth:
+            return super().maps(capture)
+        weights = self.fc_weight.to(capture.features.device)[capture.classes]  # (N, R, K)
+        return torch.einsum("nrk,nkhw->nrhw", weights, self._features(capture))

@@ -1,0 +1,52 @@
+"""The activation family: maps from the target activation ``A`` ``(N, K, h, w)``
+alone, no backward pass. Not class-specific: one map per image, recorded
+against the top-1 class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cam_cli.methods.base import Capture, Method, first_component
+
+SPATIAL = (2, 3)
+
+
+class EigenCAM(Method):
+    """Muhammad & Yeasin 2020: the first principal component of ``A`` (sign-corrected), then ReLU."""
+
+    name = "eigencam"
+
+    def maps(self, capture: Capture) -> torch.Tensor:
+        return torch.relu(first_component(capture.features))[:, None]
+
+
+class FEM(Method):
+    """Fuad et al. 2020: ``w_k`` = the share of positions where ``A_k`` exceeds its
+    mean plus two (population) standard deviations."""
+
+    name = "fem"
+
+    def weights(self, capture: Capture, r: int) -> torch.Tensor:
+        a = capture.features
+        threshold = a.mean(dim=SPATIAL, keepdim=True) + 2 * a.std(dim=SPATIAL, correction=0, keepdim=True)
+        return (a > threshold).float().mean(dim=SPATIAL)
+
+
+class RandomCAM(Method):
+    """A control: channel weights uniform in ``[-1, 1]``, drawn once per run from
+    ``--seed`` (the same for every image, so a batch does not change them)."""
+
+    name = "random"
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "seed": self.options.seed}
+
+    def weights(self, capture: Capture, r: int) -> torch.Tensor:
+        n, k = capture.features.shape[:2]
+        key = ("random", k)
+        if key not in self.__dict__:
+            generator = torch.Generator().manual_seed(self.options.seed)
+            self.__dict__[key] = torch.rand(k, generator=generator, dtype=torch.float64).mul_(2).sub_(1).float()
+        return self.__dict__[key].to(capture.features.device).expand(n, k)

@@ -1,0 +1,148 @@
+"""Several methods from one pass: one forward, at most one shared backward.
+
+``BatchExplainer.explain(x, choose)`` runs the model once on a batch with the
+target layer hooked, and asks each method for its maps from that capture;
+gradients are computed on the first method's request and shared (see
+``Capture``). Methods without a target layer (FullGrad) run their own pass.
+With ``aug_smooth`` the batch goes through six augmented passes (horizontal
+flip x scaling the normalised input by 0.9, 1, 1.1, as pytorch-grad-cam's
+``aug_smooth``), each finished at the input size (ReLU where the method has
+one, bilinear resize, min-max), flipped back and averaged; the explained
+classes are those of the plain pass in all six.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cam_cli.errors import ModelError
+from cam_cli.methods.base import ActivationCapture, Capture, ClassChooser, Method, TargetLayer, to_feature_map
+
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+
+
+@dataclass
+class MultiExplanation:
+    """One batch explained by several methods.
+
+    ``logits``: ``(N, C)`` float32; ``classes``: ``(N, R)`` the explained classes;
+    ``top1``: ``(N, 1)``; ``maps[name]``: ``(N, R_m, h, w)`` raw float32 maps, with
+    ``R_m = R`` for class-specific methods and 1 (the top-1 class) for the others.
+    """
+
+    logits: torch.Tensor
+    classes: torch.Tensor
+    top1: torch.Tensor
+    maps: dict[str, torch.Tensor]
+
+    def classes_of(self, method: Method) -> torch.Tensor:
+        return self.classes if method.info.class_specific else self.top1
+
+    def scores(self, classes: torch.Tensor) -> torch.Tensor:
+        """Softmax probability of ``classes`` ``(N, R)``."""
+        return self.logits.softmax(dim=1).gather(1, classes)
+
+
+def finish_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, R, h, w)`` -> bilinear to ``size`` then exact min-max per map (flat: zeros)."""
+    up = maps if tuple(maps.shape[-2:]) == size else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    low = up.amin(dim=(2, 3), keepdim=True)
+    span = up.amax(dim=(2, 3), keepdim=True) - low
+    return (up - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+class BatchExplainer:
+    """Runs ``methods`` (already prepared) over batches of normalised images ``(N, 3, S, S)``."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        module: nn.Module,
+        target: TargetLayer | None,
+        methods: Sequence[Method],
+        aug_smooth: bool = False,
+    ) -> None:
+        self.forward = forward
+        self.module = module
+        self.target = target
+        self.methods = list(methods)
+        self.aug_smooth = aug_smooth
+        self.layer_methods = [m for m in self.methods if m.info.uses_layer]
+        self.own_pass = [m for m in self.methods if not m.info.uses_layer]
+        if self.layer_methods and target is None:
+            raise ModelError(f"{self.layer_methods[0].name} needs a target layer")
+
+    def explain(self, x: torch.Tensor, choose: ClassChooser) -> MultiExplanation:
+        plain = self._pass(x, choose, None)
+        if not self.aug_smooth:
+            return plain
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        total = {name: finish_at(maps, size) for name, maps in plain.maps.items()}
+        for flip, factor in AUGMENTATIONS:
+            if not flip and factor == 1.0:
+                continue  # the plain pass
+            augmented = (x.flip(-1) if flip else x) * factor
+            run = self._pass(augmented, choose, plain.classes)
+            for name, maps in run.maps.items():
+                finished = finish_at(maps, size)
+                total[name] += finished.flip(-1) if flip else finished
+        plain.maps = {name: maps / len(AUGMENTATIONS) for name, maps in total.items()}
+        return plain
+
+    def _pass(self, x: torch.Tensor, choose: ClassChooser, classes: torch.Tensor | None) -> MultiExplanation:
+        maps: dict[str, torch.Tensor] = {}
+        logits = chosen = None
+        if self.layer_methods:
+            logits, chosen = self._layer_pass(x, choose, classes, maps)
+        for method in self.own_pass:
+            own_logits, own_classes, own_maps = method.run(self.forward, x, chosen if chosen is not None else classes,
+                                                           choose)  # fmt: skip
+            if logits is None:
+                logits, chosen = own_logits, own_classes
+            maps[method.name] = own_maps
+        assert logits is not None and chosen is not None
+        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps)
+
+    def _layer_pass(
+        self, x: torch.Tensor, choose: ClassChooser, classes: torch.Tensor | None, maps: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.target is not None
+        grad = any(m.needs_gradient for m in self.layer_methods)
+        second = any(m.needs_second_order for m in self.layer_methods)
+        mode = torch.enable_grad() if grad else torch.inference_mode()
+        # A Hessian-vector product differentiates the backward pass; the fused attention
+        # kernels have no second derivative, the reference implementation does.
+        kernels = sdpa_kernel([SDPBackend.MATH]) if second else contextlib.nullcontext()
+        with mode, kernels, ActivationCapture(self.module, self.target, grad) as hooked:
+            out = self.forward(x)
+            activation = hooked.activation
+            if activation is None:
+                hooked.feature_map()  # raises: the layer was not reached
+            assert activation is not None
+            if grad and not out.requires_grad:
+                raise ModelError(
+                    f"the model's output does not depend on layer {self.target.label}, so there is no gradient "
+                    "to follow; choose another --layer (or --output-key)"
+                )
+            logits = out.detach().float()
+            chosen = classes if classes is not None else choose(logits)
+            capture = Capture(
+                self.target,
+                to_feature_map(activation.detach(), self.target).float(),
+                logits,
+                chosen,
+                logits.argmax(dim=1, keepdim=True),
+                activation if grad else None,
+                out if grad else None,
+                create_graph=second,
+            )
+            for method in self.layer_methods:
+                maps[method.name] = method.maps(capture).detach()
+        return logits, chosen

@@ -1,0 +1,174 @@
+"""Every CAM method camx offers, by the name typed after ``--method``.
+
+This module is torch-free: ``camx methods`` and ``camx --help`` read it without
+importing any implementation. Each entry names the class that implements it
+(``module:Class``), imported on first use by :func:`load`, the way timm's
+registry and llm's plugins find their implementations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Family = Literal["gradient", "activation", "perturbation"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method is and what it costs, before anything is imported.
+
+    ``forwards`` and ``backwards`` are the passes one image needs when the
+    method runs alone; methods of one run share the forward pass, and the
+    gradient methods that only read the activation and its gradient share one
+    backward pass (``shares_backward``).
+    """
+
+    name: str
+    family: Family
+    implementation: str
+    class_specific: bool
+    paper: str
+    formula: str
+    forwards: int = 1
+    backwards: int = 0
+    uses_layer: bool = True
+    shares_backward: bool = False
+    eigen_smooth: bool = True
+    aug_smooth: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "forwards": self.forwards,
+            "backwards": self.backwards,
+            "class_specific": self.class_specific,
+            "uses_layer": self.uses_layer,
+            "eigen_smooth": self.eigen_smooth,
+            "aug_smooth": self.aug_smooth,
+            "formula": self.formula,
+            "paper": self.paper,
+        }
+
+
+_GRAD = "cam_cli.methods.gradient"
+_ACT = "cam_cli.methods.activation"
+
+_ENTRIES = (
+    MethodInfo(
+        "cam", "activation", "cam_cli.methods.cam:CAM", True,
+        "Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016",
+        "sum_k W[c,k] A_k (no ReLU; needs a GAP + linear head)",
+    ),
+    MethodInfo(
+        "gradcam", "gradient", f"{_GRAD}:GradCAM", True,
+        "Selvaraju et al., Grad-CAM, ICCV 2017",
+        "w_k = mean_ij g; ReLU(sum_k w_k A_k)", backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "gradcam++", "gradient", f"{_GRAD}:GradCAMPlusPlus", True,
+        "Chattopadhyay et al., Grad-CAM++, WACV 2018",
+        "a = g^2 / (2g^2 + sum_ij(A) g^3 + 1e-6); w_k = sum_ij ReLU(g) a; ReLU(sum_k w_k A_k)",
+        backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "xgradcam", "gradient", f"{_GRAD}:XGradCAM", True,
+        "Fu et al., Axiom-based Grad-CAM, BMVC 2020",
+        "w_k = sum_ij g A / (sum_ij A + 1e-7); ReLU(sum_k w_k A_k)", backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "layercam", "gradient", f"{_GRAD}:LayerCAM", True,
+        "Jiang et al., LayerCAM, IEEE TIP 2021",
+        "ReLU(sum_k ReLU(g_k) * A_k)", backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "hirescam", "gradient", f"{_GRAD}:HiResCAM", True,
+        "Draelos & Carin, HiResCAM, 2020 (arXiv:2011.08891)",
+        "ReLU(sum_k g_k * A_k)", backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "gradcam-elementwise", "gradient", f"{_GRAD}:GradCAMElementWise", True,
+        "pytorch-grad-cam's element-wise Grad-CAM (Gildenblat et al.)",
+        "ReLU(sum_k ReLU(g_k * A_k))", backwards=1, shares_backward=True,
+    ),
+    MethodInfo(
+        "eigengradcam", "gradient", f"{_GRAD}:EigenGradCAM", True,
+        "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020 (on g * A)",
+        "ReLU(first principal component of g * A, sign-corrected)", backwards=1, shares_backward=True,
+        eigen_smooth=False,
+    ),
+    MethodInfo(
+        "shapleycam", "gradient", f"{_GRAD}:ShapleyCAM", True,
+        "Cai et al., ShapleyCAM, 2025 (arXiv:2501.06261)",
+        "w_k = mean_ij (g - Hv/2), Hv = (d g / d A) A; ReLU(sum_k w_k A_k)", backwards=2,
+    ),
+    MethodInfo(
+        "finercam", "gradient", f"{_GRAD}:FinerCAM", True,
+        "Zhang et al., Finer-CAM, CVPR 2025",
+        "Grad-CAM of y_c - gamma * y_r, r the nearest other class by logit", backwards=1, aug_smooth=False,
+    ),
+    MethodInfo(
+        "fullgrad", "gradient", "cam_cli.methods.fullgrad:FullGrad", True,
+        "Srinivas & Fleuret, Full-Gradient Representation, NeurIPS 2019",
+        "|x * dy/dx| + sum over Conv2d/BatchNorm2d biases of |b * dy/db|, each min-max'ed and resized",
+        backwards=1, uses_layer=False, eigen_smooth=False,
+    ),
+    MethodInfo(
+        "eigencam", "activation", f"{_ACT}:EigenCAM", False,
+        "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020",
+        "ReLU(first principal component of A, sign-corrected)", eigen_smooth=False,
+    ),
+    MethodInfo(
+        "fem", "activation", f"{_ACT}:FEM", False,
+        "Fuad et al., Features Understanding in 3D CNNs (FEM), IPTA 2020",
+        "w_k = share of positions with A_k > mean_ij A_k + 2 std_ij A_k; ReLU(sum_k w_k A_k)", eigen_smooth=False,
+    ),
+    MethodInfo(
+        "random", "activation", f"{_ACT}:RandomCAM", False,
+        "a control: channel weights uniform in [-1, 1] from --seed",
+        "w_k ~ U(-1, 1) seeded; ReLU(sum_k w_k A_k)",
+    ),
+)  # fmt: skip
+
+METHODS: dict[str, MethodInfo] = {entry.name: entry for entry in _ENTRIES}
+
+
+def method_names() -> list[str]:
+    """Every method name, in the order ``camx methods`` lists them."""
+    return list(METHODS)
+
+
+def info(name: str) -> MethodInfo:
+    """The entry for ``name``; an unknown name raises ``ValueError`` with suggestions."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(METHODS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; `camx methods` lists them") from None
+
+
+def load(name: str) -> Any:
+    """The class implementing ``name``, imported now."""
+    module, _, attribute = info(name).implementation.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def parse_methods(values: tuple[str, ...] | list[str] | str) -> list[str]:
+    """``--method a,b --method c`` as an ordered list without repeats; ``ValueError`` for unknown names."""
+    items = [values] if isinstance(values, str) else list(values)
+    names: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            name = part.strip().lower()
+            if not name:
+                continue
+            info(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("--method: give at least one method (`camx methods` lists them)")
+    return names

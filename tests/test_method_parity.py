@@ -1,0 +1,331 @@
+"""Every method in the registry against its reference (pytorch-grad-cam 1.5.7), on two
+small CNNs and a small ViT, at batch sizes 1 and 4, after camx's usual finish
+(bilinear upsampling, min-max). New methods in the registry are picked up here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import make_tiny
+from torch import nn
+
+from cam_cli.errors import ModelError
+from cam_cli.layers import default_target, run_probe
+from cam_cli.methods import BatchExplainer, MethodOptions, Setup, create, info, method_names
+from cam_cli.methods.base import TargetLayer, to_feature_map
+from cam_cli.models import Classifier
+from cam_cli.render import upsample_normalise
+
+SIZE = 32
+GAMMA = 0.7
+
+
+class BNNet(nn.Module):
+    """Conv-BN-ReLU(in place) x2, then GAP -> Linear -> GELU -> Linear: a non-linear head
+    (so ShapleyCAM's Hessian term is not zero and CAM does not apply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def make_bnnet() -> nn.Module:
+    torch.manual_seed(3)
+    model = BNNet()
+    with torch.no_grad():  # running statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def make_vit() -> nn.Module:
+    torch.manual_seed(5)
+    model = torchvision.models.VisionTransformer(
+        image_size=SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
+    with torch.no_grad():  # torchvision starts the head at zero
+        model.heads.head.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+MODELS = {"tiny": lambda: make_tiny(), "bnnet": make_bnnet, "vit": make_vit}
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def target_of(model: nn.Module) -> TargetLayer:
+    return default_target(run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE)))
+
+
+def batch(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(name: str, model: nn.Module, x: torch.Tensor, **kwargs: object) -> tuple[np.ndarray, torch.Tensor]:
+    """camx's finished maps ``(N, SIZE, SIZE)`` and the explained classes."""
+    aug = bool(kwargs.pop("aug_smooth", False))
+    method = create(name, MethodOptions(finer_gamma=GAMMA, **kwargs))  # type: ignore[arg-type]
+    target = None if not info(name).uses_layer else target_of(model)
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    method.prepare(Setup(probe, target, model, model, torch.device("cpu")))
+    result = BatchExplainer(model, model, target, [method], aug_smooth=aug).explain(
+        x, lambda logits: logits.argmax(1, keepdim=True)
+    )
+    maps = result.maps[name]
+    finished = np.stack([upsample_normalise(maps[i], SIZE, SIZE)[0].numpy() for i in range(len(x))])
+    return finished, result.classes_of(method)[:, 0]
+
+
+def minmax(a: np.ndarray) -> np.ndarray:
+    a = a - a.min()
+    return a / a.max() if a.max() > 0 else a
+
+
+def reshape_for(model_key: str, target: TargetLayer):  # noqa: ANN201
+    if model_key != "vit":
+        return None
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        return to_feature_map(t, target)
+
+    return reshape
+
+
+@contextlib.contextmanager
+def sign_corrected_projection() -> Iterator[None]:
+    """pytorch-grad-cam's eigen_smooth and Eigen-CAM with Seg-Eigen-CAM's sign correction (METHODS.md)."""
+    import importlib
+
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction as fixed
+
+    names = ("base_cam", "eigen_cam", "eigen_grad_cam", "layer_cam", "hirescam", "grad_cam_elementwise")
+    modules = [importlib.import_module(f"pytorch_grad_cam.{name}") for name in names]
+    saved = [(m, m.get_2d_projection) for m in modules]
+    for m, _ in saved:
+        m.get_2d_projection = fixed
+    try:
+        yield
+    finally:
+        for m, original in saved:
+            m.get_2d_projection = original
+
+
+def reference(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor, **kwargs: object) -> np.ndarray:
+    """The reference library's maps ``(N, SIZE, SIZE)`` for the same classes."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.base_cam import BaseCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = MODELS[model_key]().requires_grad_(True)
+    target = target_of(frozen(MODELS[model_key]()))
+    layer = model.get_submodule(target.name) if target is not None else None
+    aug = bool(kwargs.get("aug_smooth", False))
+    eigen = bool(kwargs.get("eigen_smooth", False))
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    reshape = reshape_for(model_key, target) if name != "fullgrad" else None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), sign_corrected_projection():
+        if name == "finercam":
+            with pgc.FinerCAM(model, [layer], reshape_transform=reshape) as cam:
+                return cam(x, alpha=GAMMA, comparison_categories=[1], eigen_smooth=eigen)
+        if name == "shapleycam" and model_key == "vit":
+            if not aug:
+                return shapley_by_hand(model, layer, target, x, classes, eigen)
+            runs = []
+            for flip in (False, True):
+                for factor in (0.9, 1.0, 1.1):
+                    xa = (x.flip(-1) if flip else x) * factor
+                    run = shapley_by_hand(model, layer, target, xa, classes, eigen)
+                    runs.append(run[:, :, ::-1] if flip else run)
+            return np.mean(np.float32(runs), axis=0)
+        if name == "random":
+            seed = int(kwargs.get("seed", 0))  # type: ignore[call-overload]
+
+            class SeededRandom(BaseCAM):
+                def get_cam_weights(self, input_tensor, target_layer, target_category, activations, grads):  # noqa: ANN001, ANN201
+                    generator = torch.Generator().manual_seed(seed)
+                    w = torch.rand(activations.shape[1], generator=generator, dtype=torch.float64)
+                    return np.tile((w * 2 - 1).float().numpy(), (activations.shape[0], 1))
+
+            cls = SeededRandom
+        else:
+            cls = {
+                "gradcam": pgc.GradCAM,
+                "gradcam++": pgc.GradCAMPlusPlus,
+                "xgradcam": pgc.XGradCAM,
+                "layercam": pgc.LayerCAM,
+                "hirescam": pgc.HiResCAM,
+                "gradcam-elementwise": pgc.GradCAMElementWise,
+                "eigengradcam": pgc.EigenGradCAM,
+                "shapleycam": pgc.ShapleyCAM,
+                "fullgrad": pgc.FullGrad,
+                "eigencam": pgc.EigenCAM,
+                "fem": pgc.FEM,
+            }[name]
+        layers = [] if name == "fullgrad" else [layer]
+        with cls(model=model, target_layers=layers, reshape_transform=reshape) as cam:
+            return cam(input_tensor=x, targets=targets, aug_smooth=aug, eigen_smooth=eigen)
+
+
+def shapley_by_hand(
+    model: nn.Module, layer: nn.Module, target: TargetLayer, x: torch.Tensor, classes: torch.Tensor, eigen: bool
+) -> np.ndarray:
+    """pytorch-grad-cam's ShapleyCAM formula, for a token model (its class reads the
+    activation before the reshape and fails there): w = mean(g - Hv / 2), ReLU(sum w A)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    kept: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: kept.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (activation,) = kept
+    loss = logits.gather(1, classes.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(loss, activation, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, activation, grad_outputs=activation)
+    a = to_feature_map(activation.detach(), target).numpy()
+    weights = to_feature_map((grad - 0.5 * hvp).detach(), target).mean(dim=(2, 3)).numpy()
+    weighted = weights[:, :, None, None] * a
+    cam = get_2d_projection_with_sign_correction(weighted) if eigen else weighted.sum(axis=1)
+    return scale_cam_image(scale_cam_image(np.maximum(cam, 0), (SIZE, SIZE)))
+
+
+PGC_METHODS = [m for m in method_names() if m != "cam"]  # CAM's reference is torchcam (test_methods.py)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("name", PGC_METHODS)
+def test_every_method_equals_its_reference(name: str, model_key: str, n: int) -> None:
+    x = batch(n, seed=n)
+    mine, classes = ours(name, frozen(MODELS[model_key]()), x)
+    theirs = reference(name, model_key, x, classes)
+    assert np.isfinite(mine).all()
+    for i in range(n):
+        np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4, err_msg=f"{name} {model_key} image {i}")
+
+
+SMOOTHED = [m for m in PGC_METHODS if info(m).aug_smooth]
+
+
+@pytest.mark.parametrize("model_key", ["bnnet", "vit"])
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_aug_smooth_equals_the_reference(name: str, model_key: str) -> None:
+    x = batch(2, seed=7)
+    mine, classes = ours(name, frozen(MODELS[model_key]()), x, aug_smooth=True)
+    theirs = reference(name, model_key, x, classes, aug_smooth=True)
+    for i in range(2):
+        np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4, err_msg=f"{name} {model_key} image {i}")
+
+
+EIGEN = [m for m in PGC_METHODS if info(m).eigen_smooth]
+
+
+@pytest.mark.parametrize("model_key", ["tiny", "vit"])
+@pytest.mark.parametrize("name", EIGEN)
+def test_eigen_smooth_equals_the_sign_corrected_reference(name: str, model_key: str) -> None:
+    x = batch(2, seed=9)
+    mine, classes = ours(name, frozen(MODELS[model_key]()), x, eigen_smooth=True)
+    theirs = reference(name, model_key, x, classes, eigen_smooth=True)
+    for i in range(2):
+        np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4, err_msg=f"{name} {model_key} image {i}")
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_batch_size_does_not_change_any_method(name: str) -> None:
+    model = frozen(make_bnnet() if name != "cam" else make_tiny())
+    x = batch(5, seed=11)
+    together, _ = ours(name, model, x)
+    alone = np.concatenate([ours(name, model, x[i : i + 1])[0] for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_several_methods_in_one_pass_equal_each_alone() -> None:
+    model = frozen(make_bnnet())
+    x = batch(3, seed=13)
+    names = [m for m in method_names() if m != "cam"]
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    target = default_target(probe)
+    methods = [create(m, MethodOptions(finer_gamma=GAMMA)) for m in names]
+    for m in methods:
+        m.prepare(Setup(probe, target, model, model, torch.device("cpu")))
+    calls = []
+    counting = lambda t: (calls.append(1), model(t))[1]  # noqa: E731
+    result = BatchExplainer(counting, model, target, methods).explain(x, lambda lg: lg.argmax(1, keepdim=True))
+    assert len(calls) == 2, "one forward for every layer method, one for FullGrad's own pass"
+    for name in names:
+        alone, _ = ours(name, model, x)
+        together = np.stack([upsample_normalise(result.maps[name][i], SIZE, SIZE)[0].numpy() for i in range(3)])
+        np.testing.assert_allclose(together, alone, atol=1e-5, err_msg=name)
+
+
+def test_shapleycam_differs_from_gradcam_where_the_head_is_not_linear() -> None:
+    model = frozen(make_bnnet())
+    x = batch(2, seed=3)
+    shapley, _ = ours("shapleycam", model, x)
+    grad, _ = ours("gradcam", model, x)
+    assert np.abs(shapley - grad).max() > 1e-3
+
+
+def test_class_agnostic_methods_give_one_map_whatever_the_target() -> None:
+    model = frozen(make_bnnet())
+    x = batch(2)
+    target = target_of(model)
+    for name in ("eigencam", "fem", "random"):
+        result = BatchExplainer(model, model, target, [create(name)]).explain(x, lambda lg: lg.topk(3, dim=1).indices)
+        assert result.maps[name].shape[1] == 1
+        assert torch.equal(result.classes_of(create(name)), model(x).argmax(1, keepdim=True))
+
+
+def test_random_is_reproducible_and_follows_the_seed() -> None:
+    model = frozen(make_bnnet())
+    x = batch(2)
+    a, _ = ours("random", model, x, seed=0)
+    b, _ = ours("random", model, x, seed=0)
+    c, _ = ours("random", model, x, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_random_equals_the_reference_formula_with_another_seed() -> None:
+    model = frozen(make_tiny())
+    x = batch(2)
+    mine, classes = ours("random", model, x, seed=42)
+    theirs = reference("random", "tiny", x, classes, seed=42)
+    for i in range(2):
+        np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4)
+
+
+def test_cam_is_refused_in_prepare_with_the_method_named() -> None:
+    model = frozen(make_bnnet())
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    with pytest.raises(ModelError, match=r"^cam: .*Linear -> GELU -> Linear"):
+        create("cam").prepare(Setup(probe, default_target(probe), model, model, torch.device("cpu")))
