@@ -77,6 +77,15 @@ def _shard(_: click.Context, __: click.Parameter, value: str | None) -> tuple[in
     return (k, n)
 
 
+def _methods(_: click.Context, __: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    from cam_cli.methods.registry import parse_methods
+
+    try:
+        return parse_methods(value or ("gradcam",))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _device(_: click.Context, __: click.Parameter, value: str) -> str:
     head, _colon, index = value.partition(":")
     if head not in ("auto", "cpu", "cuda", "mps") or (index and (head != "cuda" or not index.isdigit())):
@@ -122,7 +131,13 @@ def main() -> None:
     help="Read input paths from FILE, one per line ('-' for stdin).",
 )
 @click.option(
-    "--method", type=click.Choice(["gradcam", "cam"]), default="gradcam", show_default=True, help="CAM method."
+    "--method",
+    "method",
+    multiple=True,
+    callback=_methods,
+    metavar="NAME[,NAME...]",
+    help="CAM method(s): a comma list, or repeat the option; all from one pass [default: gradcam]. "
+    "`camx methods` lists them.",
 )
 @click.option(
     "--model",
@@ -222,6 +237,22 @@ def main() -> None:
     help="Box threshold, as a fraction of the map's maximum.",
 )
 @click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random method's channel weights."
+)
+@click.option(
+    "--finer-gamma",
+    type=FiniteFloat(min=0),
+    default=1.0,
+    show_default=True,
+    help="finercam: weight of the nearest other class's score.",
+)
+@click.option(
+    "--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes)."
+)
+@click.option(
+    "--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout at the end.")
 def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
@@ -229,12 +260,15 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
 
     Folders are searched recursively. For an input with key KEY (its path
     relative to the folder given, or its file name) the outputs are
-    OUT/KEY.METHOD.jpg and OUT/KEY.METHOD.npy, and one line in
-    OUT/manifest.jsonl. Re-running the same command resumes.
+    OUT/KEY.METHOD.jpg and OUT/KEY.METHOD.npy for each method, and one line
+    per input and method in OUT/manifest.jsonl. Re-running the same command
+    resumes; adding a method computes only the new one. `camx methods` lists
+    the methods.
 
     \b
     Examples:
         camx explain ./imgs -o ./out
+        camx explain ./imgs --method gradcam,gradcam++,layercam,eigencam -o ./out
         camx explain ./imgs --method cam --model resnet18 --device cuda -o ./out
         find data -name '*.png' | camx explain --files-from - -o ./out --json
     """
@@ -374,15 +408,17 @@ def _run_with_progress(explainer: Any, quiet: bool) -> Any:
         disable=quiet,
         file=sys.stderr,
         dynamic_ncols=True,
-        desc=f"camx {explainer.config.method}",
+        desc=f"camx {','.join(explainer.method_names)}",
     ) as bar:
 
         def progress(records: list[dict[str, Any]]) -> None:
-            bar.update(len(records))
+            bar.update(len({record["key"] for record in records}))
             if not quiet:
                 for record in records:
                     if record["status"] != "ok":
-                        bar.write(f"camx: failed: {record['input']}: {record['error']}", file=sys.stderr)
+                        where = f"{record['input']} ({record['method']})" if len(explainer.method_names) > 1 else \
+                            record["input"]  # fmt: skip
+                        bar.write(f"camx: failed: {where}: {record['error']}", file=sys.stderr)
 
         def on_first(name: str) -> None:
             bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
@@ -396,23 +432,43 @@ def _run_with_progress(explainer: Any, quiet: bool) -> Any:
     "--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
-def models(probe: bool, as_json: bool) -> None:
+@click.option(
+    "--source",
+    type=click.Choice(["torchvision", "timm"]),
+    default="torchvision",
+    show_default=True,
+    help="Which models: torchvision's (and the demo model), or timm's (camx[timm]; use them as timm:NAME).",
+)
+@click.argument("pattern", required=False)
+def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None:
     """List the supported models: the methods that apply, the input size and the default layer.
 
     CAM needs a head of global average pooling then one linear layer; for the
-    other models the head that rules it out is shown.
+    other models the head that rules it out is shown. PATTERN (e.g. 'vit_*')
+    keeps the names it matches. timm's models are listed with their input
+    size; --probe builds and inspects them (slow: give a PATTERN).
 
     \b
     Example:
         camx models | grep resnet
+        camx models --source timm 'convnext_*'
     """
-    from cam_cli.catalog import describe_models
+    import fnmatch
+
+    from cam_cli.catalog import describe_models, describe_timm_models
 
     with reported_errors():
-        rows = describe_models(live=probe)
+        if source == "timm":
+            rows = describe_timm_models(pattern, live=probe)
+        else:
+            rows = [r for r in describe_models(live=probe) if pattern is None or fnmatch.fnmatch(r["model"], pattern)]
+    if not as_json:
+        click.echo(f"{'model':<20} {'methods':<12} {'size':>4}  default layer")
     for row in rows:
         if as_json:
             click.echo(json.dumps(row))
+        elif row["cam"] is None:
+            click.echo(f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})")
         else:
             cam = "cam+gradcam" if row["cam"] else "gradcam"
             why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
@@ -431,9 +487,12 @@ def models(probe: bool, as_json: bool) -> None:
 def layers(model: str, input_size: int | None, weights: str) -> None:
     """Print MODEL's candidate target layers with their output shapes.
 
+    MODEL is anything --model takes: resnet50, timm:NAME, hf:PATH, a factory or a file.
+
     \b
     Example:
         camx layers resnet50 --input-size 320
+        camx layers timm:vit_small_patch16_224
     """
     from cam_cli.layers import list_layers, run_probe
     from cam_cli.models import load_classifier
@@ -441,10 +500,42 @@ def layers(model: str, input_size: int | None, weights: str) -> None:
     with reported_errors():
         classifier = load_classifier(model, weights, input_size=input_size)
         rows = list_layers(run_probe(classifier))
+    click.echo(f"{'layer':<48} {'type':<24} shape")
     for row in rows:
         marker = "  (default)" if row.is_default else ""
         shape = "x".join(str(s) for s in row.shape[1:])
         click.echo(f"{row.label:<48} {row.module_type:<24} {shape}{marker}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per method.")
+def methods(as_json: bool) -> None:
+    """List every CAM method: family, passes per image, class-specific or not, paper.
+
+    Methods of one run share the forward pass; the gradient methods marked
+    "shared" also share one backward pass. `camx explain --method a,b,c` runs
+    several at once.
+
+    \b
+    Example:
+        camx methods --json | jq -r .name
+    """
+    from cam_cli.methods.registry import METHODS
+
+    if as_json:
+        for entry in METHODS.values():
+            click.echo(json.dumps(entry.as_dict()))
+        return
+    click.echo(f"{'method':<20} {'family':<11} {'fwd':>3} {'bwd':>3}  {'class':<8} {'smoothing':<12} paper")
+    for entry in METHODS.values():
+        backwards = f"{entry.backwards}" + ("*" if entry.shares_backward else "")
+        smooth = "/".join(s for s, ok in (("aug", entry.aug_smooth), ("eigen", entry.eigen_smooth)) if ok) or "-"
+        specific = "specific" if entry.class_specific else "agnostic"
+        click.echo(
+            f"{entry.name:<20} {entry.family:<11} {entry.forwards:>3} {backwards:>3}  {specific:<8} {smooth:<12} "
+            f"{entry.paper}"
+        )
+    click.echo("* one backward pass shared by every method so marked; fwd/bwd are per image, the method alone")
 
 
 @main.command()

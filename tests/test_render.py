@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cam_cli.device import use_ieee_fp32
-from cam_cli.pipeline import _encode
+from cam_cli.writer import encode as _encode
 from cam_cli.render import blend, colorize, jet_lut, render_on_device, render_with_opencv
 
 

@@ -14,7 +14,7 @@ classes are those of the plain pass in all six.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +79,13 @@ class BatchExplainer:
         if self.layer_methods and target is None:
             raise ModelError(f"{self.layer_methods[0].name} needs a target layer")
 
-    def explain(self, x: torch.Tensor, choose: ClassChooser) -> MultiExplanation:
-        plain = self._pass(x, choose, None)
+    def explain(
+        self, x: torch.Tensor, choose: ClassChooser, names: Collection[str] | None = None
+    ) -> MultiExplanation:
+        """Every method's maps of batch ``x`` (only those in ``names``, when given)."""
+        layer_methods = [m for m in self.layer_methods if names is None or m.name in names]
+        own_pass = [m for m in self.own_pass if names is None or m.name in names]
+        plain = self._pass(x, choose, None, layer_methods, own_pass)
         if not self.aug_smooth:
             return plain
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -89,19 +94,26 @@ class BatchExplainer:
             if not flip and factor == 1.0:
                 continue  # the plain pass
             augmented = (x.flip(-1) if flip else x) * factor
-            run = self._pass(augmented, choose, plain.classes)
+            run = self._pass(augmented, choose, plain.classes, layer_methods, own_pass)
             for name, maps in run.maps.items():
                 finished = finish_at(maps, size)
                 total[name] += finished.flip(-1) if flip else finished
         plain.maps = {name: maps / len(AUGMENTATIONS) for name, maps in total.items()}
         return plain
 
-    def _pass(self, x: torch.Tensor, choose: ClassChooser, classes: torch.Tensor | None) -> MultiExplanation:
+    def _pass(
+        self,
+        x: torch.Tensor,
+        choose: ClassChooser,
+        classes: torch.Tensor | None,
+        layer_methods: list[Method],
+        own_pass: list[Method],
+    ) -> MultiExplanation:
         maps: dict[str, torch.Tensor] = {}
         logits = chosen = None
-        if self.layer_methods:
-            logits, chosen = self._layer_pass(x, choose, classes, maps)
-        for method in self.own_pass:
+        if layer_methods:
+            logits, chosen = self._layer_pass(x, choose, classes, maps, layer_methods)
+        for method in own_pass:
             own_logits, own_classes, own_maps = method.run(self.forward, x, chosen if chosen is not None else classes,
                                                            choose)  # fmt: skip
             if logits is None:
@@ -111,11 +123,16 @@ class BatchExplainer:
         return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps)
 
     def _layer_pass(
-        self, x: torch.Tensor, choose: ClassChooser, classes: torch.Tensor | None, maps: dict[str, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        choose: ClassChooser,
+        classes: torch.Tensor | None,
+        maps: dict[str, torch.Tensor],
+        methods: list[Method],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.target is not None
-        grad = any(m.needs_gradient for m in self.layer_methods)
-        second = any(m.needs_second_order for m in self.layer_methods)
+        grad = any(m.needs_gradient for m in methods)
+        second = any(m.needs_second_order for m in methods)
         mode = torch.enable_grad() if grad else torch.inference_mode()
         # A Hessian-vector product differentiates the backward pass; the fused attention
         # kernels have no second derivative, the reference implementation does.
@@ -143,6 +160,6 @@ class BatchExplainer:
                 out if grad else None,
                 create_graph=second,
             )
-            for method in self.layer_methods:
+            for method in methods:
                 maps[method.name] = method.maps(capture).detach()
         return logits, chosen

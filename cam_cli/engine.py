@@ -1,0 +1,189 @@
+"""The run engine: stream batches from the loader through the model and into the
+writer threads, with a bounded queue of pending batches (memory stays flat in
+the number of images), timings per stage, and a clean stop.
+
+Records reach the manifest journal once an image's files are complete, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cam_cli import io
+from cam_cli.data import Batch
+from cam_cli.methods import BatchExplainer
+from cam_cli.plan import Plan
+from cam_cli.targets import TargetSpec
+from cam_cli.writer import MethodResult, Writer, writer_pool
+
+MAX_PENDING_BATCHES = 2
+
+Progress = Callable[[list[dict[str, Any]]], None]
+
+
+@dataclass
+class Summary:
+    """What a run did, counted in inputs; ``as_dict`` is the ``--json`` output."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    out_dir: str = ""
+    manifest: str = ""
+    interrupted: bool = False
+    methods: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    #: seconds spent per stage. Main thread: start (reading manifests, opening the
+    #: journal), wait_for_data, model, wait_for_writes (the bounded queue is full),
+    #: final_writes (the last batches' writes), finish (manifest, clean-up).
+    #: Writer threads: postprocess_write (wall time, summed over the threads)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, records: list[dict[str, Any]]) -> None:
+        """Count one input's records of this run: done when every method is ``ok``."""
+        errors = [r for r in records if r["status"] != "ok"]
+        if errors:
+            self.failed += 1
+            self.failures.append((errors[0]["input"], f"{errors[0]['method']}: {errors[0]['error']}"
+                                  if len(self.methods) > 1 else errors[0]["error"]))  # fmt: skip
+        else:
+            self.done += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "interrupted": self.interrupted,
+            "methods": self.methods,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+            "out_dir": self.out_dir,
+            "manifest": self.manifest,
+            "timings": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
+        }
+
+
+class Timings:
+    """Seconds per stage, added from the main thread and the writer threads."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+@dataclass
+class Engine:
+    """Everything a run loop needs; ``run`` streams ``todo`` through it."""
+
+    explainer: BatchExplainer
+    target: TargetSpec
+    plan: Plan
+    writer: Writer
+    device: torch.device
+    mean: torch.Tensor  # (1, 3, 1, 1) on the device, in 0..255 units
+    std: torch.Tensor
+    timings: Timings
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def explain_batch(self, todo: list[io.InputImage], batch: Batch) -> list[tuple[io.InputImage, torch.Tensor,
+                                                                               list[MethodResult]]]:  # fmt: skip
+        """The model's part of one batch: every method the batch's inputs still need."""
+        assert batch.images is not None
+        keys = [todo[i].key for i in batch.indices]
+        wanted = {m for key in keys for m in self.plan.missing[key]}
+        result = self.explainer.explain(self.normalise(batch.images), self.target.chooser(), wanted)
+        per_method = {}
+        for method in self.explainer.methods:
+            if method.name not in wanted:
+                continue
+            classes = result.classes_of(method)
+            per_method[method.name] = (
+                result.maps[method.name].detach(),
+                classes.cpu().tolist(),
+                result.scores(classes).cpu().tolist(),
+            )
+        jobs = []
+        for j, index in enumerate(batch.indices):
+            image = todo[index]
+            results = [
+                MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j], {})
+                for name in self.plan.missing[image.key]
+            ]
+            jobs.append((image, batch.originals[j], results))
+        return jobs
+
+    def run(
+        self, todo: list[io.InputImage], loader: Any, journal: io.Journal, summary: Summary, on_cpu: bool,
+        progress: Progress | None, stop: threading.Event | None,
+    ) -> None:  # fmt: skip
+        pool = writer_pool(on_cpu)
+        add = self.timings.add
+        in_flight: deque[tuple[list[list[dict[str, Any]]], list[Future[list[dict[str, Any]]]]]] = deque()
+
+        def drain(limit: int) -> None:
+            while len(in_flight) > limit:
+                ready, futures = in_flight.popleft()
+                for future in futures:
+                    ready.append(future.result())
+                journal.append(record for records in ready for record in records)
+                for records in ready:
+                    summary.count(records)
+                if progress is not None:
+                    progress([record for records in ready for record in records])
+
+        try:
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                add("wait_for_data", time.perf_counter() - waited)
+                if batch is None:
+                    break
+                ready = [
+                    [self.plan.record(todo[i], m, status="error", error=message) for m in self.plan.missing[todo[i].key]]
+                    for i, message in batch.errors
+                ]
+                futures: list[Future[list[dict[str, Any]]]] = []
+                if batch.images is not None:
+                    computed = time.perf_counter()
+                    jobs = self.explain_batch(todo, batch)
+                    add("model", time.perf_counter() - computed)
+                    futures = [pool.submit(self.writer.write_image, *job) for job in jobs]
+                in_flight.append((ready, futures))
+                waited = time.perf_counter()
+                drain(MAX_PENDING_BATCHES)
+                add("wait_for_writes", time.perf_counter() - waited)
+                if stop is not None and stop.is_set():
+                    summary.interrupted = True
+                    break
+            waited = time.perf_counter()
+            drain(0)
+            add("final_writes", time.perf_counter() - waited)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,136 @@
+"""Opening a run: find the inputs, load the model, probe it, resolve the layer,
+the target and the methods, and check that every method applies, before
+anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cam_cli import io
+from cam_cli.device import PRECISIONS, resolve_device, use_ieee_fp32
+from cam_cli.errors import CamxError, ModelError
+from cam_cli.layers import resolve_target, run_probe
+from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
+from cam_cli.methods.base import TargetLayer
+from cam_cli.models import Classifier, load_classifier
+from cam_cli.targets import TargetSpec, parse_target
+
+
+def parse_method_list(method: Any) -> list[str]:
+    try:
+        return parse_methods(method)
+    except ValueError as exc:
+        raise CamxError(str(exc)) from None
+
+
+def check_smoothing(names: list[str], aug_smooth: bool, eigen_smooth: bool) -> None:
+    """``--aug-smooth`` / ``--eigen-smooth`` name the methods they do not apply to."""
+    for flag, wanted, attribute in (("--aug-smooth", aug_smooth, "aug_smooth"), ("--eigen-smooth", eigen_smooth,
+                                                                                   "eigen_smooth")):  # fmt: skip
+        refused = [n for n in names if wanted and not getattr(info(n), attribute)]
+        if refused:
+            raise CamxError(f"{flag} does not apply to {', '.join(refused)}; run those without it (`camx methods`)")
+
+
+@dataclass
+class Session:
+    """A prepared run: model loaded and probed, methods checked, nothing written yet."""
+
+    classifier: Classifier
+    device: torch.device
+    module: torch.nn.Module
+    target_layer: TargetLayer | None
+    target: TargetSpec
+    methods: list[Method]
+    explainer: BatchExplainer
+    num_classes: int
+
+
+def open_session(config: Any) -> Session:
+    """Load, probe and prepare everything ``config`` (an ``ExplainConfig``) asks for."""
+    names = parse_method_list(config.method)
+    check_smoothing(names, config.aug_smooth, config.eigen_smooth)
+    uses_layer = [n for n in names if info(n).uses_layer]
+    if config.layer is not None and not uses_layer:
+        raise CamxError(f"--layer does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+    device = resolve_device(config.device)
+    if config.precision not in PRECISIONS:
+        raise CamxError(f"unknown precision {config.precision!r}")
+    if device.type == "cuda":
+        use_ieee_fp32()
+        if device.index is not None:  # or the loader's pinning thread opens a context on GPU 0
+            torch.cuda.set_device(device)
+    classifier = load_classifier(
+        config.model,
+        config.weights,
+        config.num_classes,
+        config.labels,
+        config.input_size,
+        config.mean,
+        config.std,
+        config.output_key,
+    )
+    probe = run_probe(classifier)
+    num_classes = int(probe.logits.shape[1])
+    if classifier.categories is not None and len(classifier.categories) != num_classes:
+        raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
+    target_layer = resolve_target(probe, config.layer) if uses_layer else None
+    target = parse_target(config.target, classifier, num_classes)
+    module = classifier.module.to(device)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    forward = logits_function(classifier, device, config.precision)
+    options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)
+    methods = [create(name, options) for name in names]
+    setup = Setup(probe, target_layer, module, forward, device)
+    for method in methods:
+        method.prepare(setup)
+    explainer = BatchExplainer(forward, module, target_layer, methods, aug_smooth=config.aug_smooth)
+    if probe.input is not None:  # once on the probe's input: a method that cannot run fails now, not mid-run
+        dry_run(explainer, probe.input.to(device), target)
+    return Session(classifier, device, module, target_layer, target, methods, explainer, num_classes)
+
+
+def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> None:
+    """Every method once on one image; a failure names the method that failed."""
+    try:
+        explainer.explain(x, target.chooser())
+        return
+    except Exception:
+        pass
+    for method in explainer.methods:
+        try:
+            explainer.explain(x, target.chooser(), names={method.name})
+        except ModelError as exc:
+            raise ModelError(f"{method.name}: {exc}") from None
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:240]
+            raise ModelError(f"{method.name} cannot run on this model: {message}") from None
+    explainer.explain(x, target.chooser())  # together only: let it raise as it is
+
+
+def logits_function(classifier: Classifier, device: torch.device, precision: str) -> Any:
+    """The model's forward, under autocast for ``--precision fp16/bf16``.
+
+    Only the model runs in reduced precision: the methods compute the maps
+    from its activations and gradients in float32, outside autocast.
+    """
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return classifier.logits
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return classifier.logits(x)
+
+    return forward
+
+
+def select_images(config: Any) -> tuple[list[io.InputImage], list[io.InputImage]]:
+    """All inputs found, and this shard's slice of them."""
+    found = io.discover(config.inputs, list(config.listed), exclude=config.out_dir)
+    k, n = config.shard
+    return found, (io.select_shard(found, k, n) if n > 1 else found)
