@@ -1,0 +1,247 @@
+"""``camx evaluate OUT``: faithfulness metrics over a finished ``camx explain`` run.
+
+Registered in the main group with ``main.add_command(evaluate)``. Exit statuses
+as ``explain``'s: 0 all done, 1 fatal error (nothing written), 2 bad usage, 3
+some lines failed (a missing or unreadable map), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cam_cli.cli import EXIT_FAILED_INPUTS, FiniteFloat, _device, reported_errors
+from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics
+from cam_cli.metrics.options import BASELINES
+
+
+def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
+    try:
+        return parse_metrics(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--metrics",
+    callback=_metrics,
+    default=",".join(DEFAULT_METRICS),
+    show_default=True,
+    help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Intervals of the deletion and insertion curves.",
+)
+@click.option(
+    "--baseline",
+    type=click.Choice(list(BASELINES)),
+    default="zero",
+    show_default=True,
+    help="What deletion puts in and insertion starts from: zeros of the normalised input, or the image blurred.",
+)
+@click.option(
+    "--road-noise",
+    type=FiniteFloat(min=0),
+    default=0.01,
+    show_default=True,
+    help="Standard deviation of the noise ROAD's imputer adds (normalised input units).",
+)
+@click.option(
+    "--boxes-from",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Ground-truth boxes (CSV key,x0,y0,x1,y1[,class] or COCO-style JSON); adds pointing and iou.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
+)
+@click.option("--model", default=None, help="Rebuild this model instead of the one the manifest records.")
+@click.option("--weights", default=None, help="Weights for the rebuilt model [default: the manifest's].")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classes of a fine-tuned head.")
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Class names, one per line (matched against the classes of --boxes-from).",
+)
+@click.option(
+    "--input-size", type=click.IntRange(min=16), default=None, help="Model input size [default: the manifest's]."
+)
+@click.option("--mean", type=FiniteFloat(), nargs=3, default=None, help="Normalisation mean [default: the manifest's].")
+@click.option(
+    "--std",
+    type=FiniteFloat(min=0, min_open=True),
+    nargs=3,
+    default=None,
+    help="Normalisation std [default: the manifest's].",
+)
+@click.option("--output-key", default=None, help="Which output holds the logits [default: the manifest's].")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_device,
+    help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Perturbed images per forward pass (of several images, steps and metrics).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoding worker processes [default: CPU count - 1, 1 to 8].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision for the model.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings or status line (the table still prints).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (the run and its summary) instead of the table."
+)
+def evaluate(out_dir: Path, **options: Any) -> None:
+    """Measure how faithful the maps of a camx explain run in OUT are.
+
+    Every ok line of OUT's manifest (its rank-1 map) is scored with the model
+    the manifest records, rebuilt: deletion and insertion AUC (RISE), Average
+    Drop and Increase in Confidence (Grad-CAM++), optionally ROAD and, with
+    --boxes-from, the pointing game and box IoU. One line per (input, method)
+    goes to OUT/metrics.jsonl; the summary per method (means with 95% bootstrap
+    intervals, ranks, the gap to the random control) to OUT/metrics-summary.json
+    and stdout. Re-running resumes and skips what is done.
+
+    \b
+    Examples:
+        camx explain ./imgs --method gradcam,cam,random -o ./out
+        camx evaluate ./out
+        camx evaluate ./out --metrics all --boxes-from boxes.csv --device cuda --json
+    """
+    from cam_cli.evaluate import EvaluateConfig, Evaluator
+
+    quiet = options.pop("quiet")
+    as_json = options.pop("as_json")
+    names = list(options.pop("metrics"))
+    if options["boxes_from"] is not None:
+        names += [n for n in ("pointing", "iou") if n not in names]
+    elif any(METRICS[n].family == "localisation" for n in names):
+        raise click.UsageError("the metrics pointing and iou need ground-truth boxes: pass --boxes-from FILE")
+    with reported_errors(as_json):
+        config = EvaluateConfig(out_dir=out_dir, metrics=names, **options)
+        evaluator = Evaluator(config)
+        result = _run_with_progress(evaluator, quiet)
+    for warning in result.warnings if not quiet else []:
+        click.echo(f"camx: warning: {warning}", err=True)
+    if quiet:
+        for where, reason in result.failures:
+            click.echo(f"camx: failed: {where}: {reason}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(format_summary(result.summary))
+    if not quiet:
+        click.echo(
+            f"camx: {result.total} lines: {result.done} evaluated, {result.failed} failed, {result.skipped} skipped "
+            f"(already evaluated) in {result.seconds:.1f} s ({result.passes} forward passes, "
+            f"{result.passes_per_second:.1f}/s); {result.metrics_file}, {result.summary_file}",
+            err=True,
+        )
+    if result.failed:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+def _run_with_progress(evaluator: Any, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    todo, _ = evaluator.pending()
+    started = time.perf_counter()
+    passes = [0]
+    with tqdm(
+        total=len(todo), unit="pair", disable=quiet, file=sys.stderr, dynamic_ncols=True, desc="camx evaluate"
+    ) as bar:
+
+        def progress(lines: list[dict[str, Any]], done_passes: int) -> None:
+            passes[0] += done_passes
+            bar.update(len(lines))
+            elapsed = time.perf_counter() - started
+            if elapsed > 0:
+                bar.set_postfix_str(f"{passes[0] / elapsed:.1f} passes/s", refresh=False)
+            if not quiet:
+                for line in lines:
+                    if line["status"] != "ok":
+                        bar.write(f"camx: failed: {line['key']} ({line['method']}): {line['error']}", file=sys.stderr)
+
+        return evaluator.run(progress)
+
+
+def _cell(stat: dict[str, Any] | None, digits: int) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
+
+
+TITLES = {
+    "deletion_auc": ("deletion AUC", 3),
+    "insertion_auc": ("insertion AUC", 3),
+    "average_drop_pct": ("Avg Drop %", 1),
+    "increase_in_confidence_pct": ("Incr. Conf. %", 1),
+    "road_morf": ("ROAD MoRF", 3),
+    "road_lerf": ("ROAD LeRF", 3),
+    "road_combined": ("ROAD combined", 3),
+    "pointing_pct": ("pointing %", 1),
+    "iou": ("box IoU", 3),
+}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as Markdown tables: methods by rank, then each method's gap to ``random``."""
+    methods = summary.get("methods", {})
+    if not methods:
+        return "camx evaluate: no evaluated lines"
+    stats = list(next(iter(methods.values()))["metrics"])
+    arrows = {"lower": "↓", "higher": "↑"}
+    first = next(iter(methods.values()))["metrics"]
+    header = [f"{TITLES[s][0]} {arrows[first[s]['better']]}" for s in stats]
+    options = summary.get("options", {})
+    lines = [
+        f"camx evaluate: {', '.join(summary.get('models', []))}, {options.get('steps')} steps, "
+        f"{options.get('baseline')} baseline; mean [95% bootstrap interval]",
+        "",
+        "| rank | method | n | " + " | ".join(header) + " |",
+        "|---|---|---|" + "---|" * len(stats),
+    ]
+    for method in summary.get("ranking", []):
+        entry = methods[method]
+        cells = [_cell(entry["metrics"][s], TITLES[s][1]) for s in stats]
+        lines.append(f"| {entry.get('rank', '')} | {method} | {entry['n']} | " + " | ".join(cells) + " |")
+    gaps = [m for m in summary.get("ranking", []) if "gap_to_random" in methods[m]]
+    if gaps:
+        lines += ["", "Gap to random (method − random, paired by image):", ""]
+        lines += ["| method | n | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(stats)]
+        for method in gaps:
+            gap = methods[method]["gap_to_random"]
+            n = max((g["n"] for g in gap.values()), default=0)
+            cells = [_cell(gap[s], TITLES[s][1]) for s in stats]
+            lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "format_summary"]

@@ -1,0 +1,19 @@
+"""The options that shape metric values (recorded with every value they shaped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BASELINES = ("zero", "blur")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """``steps`` and ``baseline`` shape deletion/insertion; ``road_noise`` and
+    ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU."""
+
+    steps: int = 20
+    baseline: str = "zero"
+    road_noise: float = 0.01
+    seed: int = 0
+    box_threshold: float = 0.2
