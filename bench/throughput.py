@@ -40,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PIPELINES = [
+#: the gradient methods that share one backward pass (``camx-seven`` runs them together)
+SEVEN = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam"]
+DEFAULT = [
     "floor-default-malloc",
     "floor",
     "camx-cam",
@@ -48,6 +50,15 @@ PIPELINES = [
     "pgc-gradcam",
     "torchcam-gradcam",
     "torchcam-cam",
+]
+PIPELINES = [
+    *DEFAULT,
+    "floor-channels-last",
+    *(f"camx-{m}" for m in SEVEN[1:]),
+    "camx-shapleycam",
+    "camx-finercam",
+    "camx-eigencam",
+    "camx-seven",
 ]
 
 
@@ -120,7 +131,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
+def child_floor(args: argparse.Namespace, tuned: bool, channels_last: bool = False) -> dict:
     import torch
 
     from cam_cli.device import PRECISIONS, tune_allocator, use_ieee_fp32
@@ -131,7 +142,8 @@ def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
     if cuda:
         use_ieee_fp32()  # as camx does: fp32 means fp32, not TF32
     classifier, module = _model(args)
-    if cuda:
+    channels_last = channels_last or cuda
+    if channels_last:
         module = module.to(memory_format=torch.channels_last)
     dtype = PRECISIONS[args.precision]
     loader, images = _loader(args, classifier.input_size)
@@ -151,7 +163,7 @@ def child_floor(args: argparse.Namespace, tuned: bool) -> dict:
                 torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None),
             ):
                 x = _normalise(batch.images, classifier, args.device)
-                if args.device.startswith("cuda"):
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 logits = module(x)
                 logits.float().softmax(1).max(1).indices.cpu()
@@ -170,7 +182,7 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
         return ExplainConfig(
             inputs=[Path(args.dir)],
             out_dir=out,
-            method=method,
+            method=",".join(SEVEN) if method == "seven" else method,
             model=args.model,
             weights="NONE",
             device=args.device,
@@ -288,6 +300,8 @@ def child_main(args: argparse.Namespace) -> None:
         result = child_floor(args, tuned=False)
     elif name == "floor":
         result = child_floor(args, tuned=True)
+    elif name == "floor-channels-last":
+        result = child_floor(args, tuned=True, channels_last=True)
     elif name.startswith("camx-"):
         result = child_camx(args, name.split("-", 1)[1])
     elif name == "pgc-gradcam":
@@ -358,7 +372,13 @@ def main() -> None:
         help="rounds of the floor and camx pipelines, each round one after another; medians are reported "
         "(peers run in the first round only)",
     )
-    parser.add_argument("--only", nargs="*", choices=PIPELINES, help="run only these pipelines")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=PIPELINES,
+        help="run only these pipelines (default: floors, camx CAM and Grad-CAM, the peers; also: "
+        "floor-channels-last, camx-METHOD for each gradient method, camx-seven = the seven one-backward methods)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam and torchcam")
     parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -368,7 +388,7 @@ def main() -> None:
         child_main(args)
         return
 
-    chosen = args.only or [p for p in PIPELINES if not (args.no_peers and is_peer(p))]
+    chosen = args.only or [p for p in DEFAULT if not (args.no_peers and is_peer(p))]
     chosen = [name for name in chosen if available(name) or print(f"  {name}: not installed, skipped")]
     results: dict[str, list[dict]] = {name: [] for name in chosen}
     ratios: dict[str, list[float]] = {name: [] for name in chosen}

@@ -56,7 +56,15 @@ class FiniteFloat(click.FloatRange):
     """A float in an optional range that is also finite: ``nan`` passes every
     comparison, so ``FloatRange`` alone lets it through."""
 
-    name = "finite float"
+    name = "number"
+
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:
+            return ""  # click would print "x<=None"
+        return super()._describe_range()
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "NUMBER"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         result = super().convert(value, param, ctx)
@@ -94,7 +102,18 @@ def _device(_: click.Context, __: click.Parameter, value: str) -> str:
 
 
 class CamxGroup(click.Group):
-    """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130."""
+    """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130,
+    and each command's first sentence shown whole in ``camx --help``."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -107,7 +126,7 @@ class CamxGroup(click.Group):
 @click.group(cls=CamxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="camx")
 def main() -> None:
-    """Explain image classifiers with class activation maps (CAM, Grad-CAM).
+    """Explain image classifiers with class activation maps: CAM, Grad-CAM and 12 more methods.
 
     \b
     Example:
@@ -237,9 +256,7 @@ def main() -> None:
     help="Box threshold, as a fraction of the map's maximum.",
 )
 @click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the random method's channel weights."
-)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random method's channel weights.")
 @click.option(
     "--finer-gamma",
     type=FiniteFloat(min=0),
@@ -247,12 +264,8 @@ def main() -> None:
     show_default=True,
     help="finercam: weight of the nearest other class's score.",
 )
-@click.option(
-    "--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes)."
-)
-@click.option(
-    "--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations."
-)
+@click.option("--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes).")
+@click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout at the end.")
 def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
@@ -331,6 +344,12 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
             f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
             f"{summary.skipped} skipped (already complete) in {summary.seconds:.1f} s "
             f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
+            err=True,
+        )
+    if summary.flat:
+        click.echo(
+            f"camx: warning: {summary.flat} map(s) are flat (constant before normalisation, so all zero): "
+            'the model does not depend on the layer there, or its weights are untrained; see "flat" in the manifest',
             err=True,
         )
     if summary.interrupted:
@@ -558,3 +577,15 @@ def merge(out_dir: Path) -> None:
         click.echo(f"camx: warning: {gap}", err=True)
     if gaps:
         sys.exit(EXIT_FAILED_INPUTS)
+
+
+def _register_commands() -> None:
+    """Commands defined in modules of their own (each imports its work lazily)."""
+    from cam_cli.cli_evaluate import evaluate
+    from cam_cli.cli_report import report
+
+    main.add_command(evaluate)
+    main.add_command(report)
+
+
+_register_commands()

@@ -56,13 +56,14 @@ class DistributedRun:
             "done": summary.done,
             "skipped": summary.skipped,
             "failed": summary.failed,
+            "flat": summary.flat,
             "seconds": summary.seconds,
             "interrupt_code": interrupt_code if summary.interrupted else None,
         }
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)  # also waits for rank 0's merge
         if self.rank == 0:
-            for name in ("total", "done", "skipped", "failed"):
+            for name in ("total", "done", "skipped", "failed", "flat"):
                 setattr(summary, name, sum(part[name] for part in everyone))
             summary.seconds = max(part["seconds"] for part in everyone)
             codes = [part["interrupt_code"] for part in everyone if part["interrupt_code"] is not None]

@@ -42,6 +42,8 @@ class Summary:
     out_dir: str = ""
     manifest: str = ""
     interrupted: bool = False
+    #: (input, method) maps that came out constant, hence all zero after min-max
+    flat: int = 0
     methods: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     #: seconds spent per stage. Main thread: start (reading manifests, opening the
@@ -56,6 +58,7 @@ class Summary:
 
     def count(self, records: list[dict[str, Any]]) -> None:
         """Count one input's records of this run: done when every method is ``ok``."""
+        self.flat += sum(1 for r in records if r.get("flat"))
         errors = [r for r in records if r["status"] != "ok"]
         if errors:
             self.failed += 1
@@ -70,6 +73,7 @@ class Summary:
             "done": self.done,
             "skipped": self.skipped,
             "failed": self.failed,
+            "flat": self.flat,
             "interrupted": self.interrupted,
             "methods": self.methods,
             "seconds": round(self.seconds, 3),
@@ -166,7 +170,10 @@ class Engine:
                 if batch is None:
                     break
                 ready = [
-                    [self.plan.record(todo[i], m, status="error", error=message) for m in self.plan.missing[todo[i].key]]
+                    [
+                        self.plan.record(todo[i], m, status="error", error=message)
+                        for m in self.plan.missing[todo[i].key]
+                    ]
                     for i, message in batch.errors
                 ]
                 futures: list[Future[list[dict[str, Any]]]] = []

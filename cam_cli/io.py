@@ -314,13 +314,16 @@ RecordKey = tuple[str, str]
 
 
 def record_key(record: dict[str, Any]) -> RecordKey:
-    """A record's identity: its output key (what names its files) and method.
+    """A record's identity: its output key (what names its files) and method, with the
+    fixed class of ``--target`` when there is one (``gradcam.class281``).
 
     Keying by the output key, not the input path as typed, lets ``./imgs`` and
     ``/abs/imgs`` resume each other's work; records without a key fall back to
     their input path.
     """
-    return (str(record.get("key", record.get("input"))), str(record.get("method")))
+    method = str(record.get("method"))
+    variant = record.get("variant")  # a fixed --target class: outputs of their own
+    return (str(record.get("key", record.get("input"))), f"{method}.{variant}" if variant else method)
 
 
 def journal_path(manifest: Path) -> Path:

@@ -119,6 +119,8 @@ class Explainer:
         }
         if agnostic:
             settings["class_agnostic"] = True
+        elif self.target.index is not None:  # a fixed class: outputs and manifest lines of its own
+            settings["variant"] = f"class{self.target.index}"
         if config.aug_smooth:
             settings["aug_smooth"] = True
         if config.boxes or config.draw_boxes:

@@ -22,8 +22,11 @@ from cam_cli.errors import InputError
 FLAGS = ("aug_smooth", "eigen_smooth", "draw_boxes")
 
 
-def output_names(key: str, method: str, fmt: str, count: int) -> list[tuple[str, str]]:
-    """(overlay, map) paths relative to OUT for each of ``count`` targets."""
+def output_names(key: str, method: str, fmt: str, count: int, variant: str | None = None) -> list[tuple[str, str]]:
+    """(overlay, map) paths relative to OUT for each of ``count`` targets; a fixed
+    ``--target`` class has names of its own (``KEY.METHOD.class281.jpg``)."""
+    if variant:
+        return [(f"{key}.{method}.{variant}.{fmt}", f"{key}.{method}.{variant}.npy")]
     if count == 1:
         return [(f"{key}.{method}.{fmt}", f"{key}.{method}.npy")]
     return [(f"{key}.{method}.top{r}.{fmt}", f"{key}.{method}.top{r}.npy") for r in range(1, count + 1)]
@@ -49,11 +52,16 @@ class Plan:
     _pending: tuple[list[io.InputImage], int] | None = None
 
     def names(self, key: str, method: str) -> list[tuple[str, str]]:
-        return output_names(key, method, self.fmt, self.counts[method])
+        return output_names(key, method, self.fmt, self.counts[method], self.settings[method].get("variant"))
+
+    def record_key(self, key: str, method: str) -> io.RecordKey:
+        variant = self.settings[method].get("variant")
+        return (key, f"{method}.{variant}" if variant else method)
 
     def all_outputs(self) -> list[Path]:
         """Every output path this run may write (for clearing stale temporaries)."""
-        return [self.out_dir / rel for im in self.images for m in self.methods for p in self.names(im.key, m) for rel in p]
+        names = (pair for image in self.images for method in self.methods for pair in self.names(image.key, method))
+        return [self.out_dir / rel for pair in names for rel in pair]
 
     def record(self, image: io.InputImage, method: str, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -118,7 +126,7 @@ class Plan:
             for image in self.images:
                 needed = []
                 for method in self.methods:
-                    record = records.get((image.key, method))
+                    record = records.get(self.record_key(image.key, method))
                     if self.is_complete(record, method):
                         assert record is not None
                         self.carried[io.record_key(record)] = record

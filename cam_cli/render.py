@@ -17,6 +17,13 @@ import torch.nn.functional as F
 FLAT_RTOL = 1e-6
 
 
+def is_flat(raw: np.ndarray) -> bool:
+    """Whether a raw map ``(h, w)`` is constant (its range below ``FLAT_RTOL`` of its magnitude):
+    it then normalises to zeros and explains nothing."""
+    low, high = float(raw.min()), float(raw.max())
+    return high - low <= FLAT_RTOL * max(abs(low), abs(high))
+
+
 @functools.lru_cache(maxsize=8)
 def jet_lut(device: torch.device) -> torch.Tensor:
     """OpenCV's ``COLORMAP_JET`` as a ``(256, 3)`` uint8 RGB table on ``device``.

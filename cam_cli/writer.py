@@ -127,6 +127,7 @@ class Writer:
         else:
             with torch.inference_mode():
                 norm_np, overlay_np = render.render_on_device(maps, original, self.alpha)
+        flat_maps = (raw if raw is not None else maps.detach().cpu().numpy()) if len(maps) else None
         targets = []
         pictures = []
         for r, (overlay_rel, map_rel) in enumerate(self.plan.names(image.key, result.method)):
@@ -138,6 +139,8 @@ class Writer:
                 "overlay": overlay_rel,
                 "map": map_rel,
             }
+            if flat_maps is not None and render.is_flat(flat_maps[r]):
+                entry["flat"] = True
             picture = overlay_np[r]
             if self.boxes or self.draw_boxes:  # a drawn box is recorded too
                 box = render.localisation_box(norm_np[r], self.box_threshold)
@@ -151,6 +154,8 @@ class Writer:
             io.write_atomic(self.out_dir / entry["overlay"], pictures[r])
         first = targets[0]
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}
+        if any(t.get("flat") for t in targets):
+            extra["flat"] = True  # constant before min-max: an all-zero map that explains nothing
         return self.plan.record(
             image,
             result.method,

@@ -134,10 +134,11 @@ def test_a_changed_method_option_redoes_only_that_method(image_dir, tiny_factory
 
 
 def test_unknown_method_is_bad_usage_with_a_suggestion(image_dir, tiny_factory, tmp_path):
-    result = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(tmp_path / "o"), "--method", "gradcam,gradcampp"])
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(out), "--method", "gradcam,gradcampp"])
     assert result.exit_code == 2, result.output
     assert "gradcam++" in result.output and "camx methods" in result.output
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -202,3 +203,57 @@ def test_methods_lists_every_registered_method():
     assert by_name["gradcam"]["backwards"] == 1 and by_name["eigencam"]["backwards"] == 0
     assert by_name["fem"]["class_specific"] is False and by_name["fullgrad"]["uses_layer"] is False
     assert "camx methods" in CliRunner().invoke(main, ["explain", "--help"]).output
+
+
+ZERO_HEAD = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from conftest import make_tiny
+
+def build():
+    model = make_tiny()
+    with torch.no_grad():
+        model.fc.weight.zero_()  # as torchvision starts ViT's head: every score is the bias
+    return model
+"""
+
+
+def test_flat_maps_are_flagged_warned_and_counted(image_dir, tmp_path, monkeypatch):
+    (tmp_path / "zero_module.py").write_text(ZERO_HEAD.format(tests=str(Path(__file__).parent)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(out), "--model", "zero_module:build",
+                                       "--weights", "NONE", "--device", "cpu", "--workers", "0", "--json",
+                                       "--method", "gradcam,eigencam"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["flat"] == 6, "Grad-CAM of a zero head is flat for every image; Eigen-CAM is not"
+    assert "warning: 6 map(s) are flat" in result.stderr
+    records = manifest(out)
+    assert all(records[(k, "gradcam")]["flat"] is True for k, _ in records if _ == "gradcam")
+    assert not any(r.get("flat") for (k, m), r in records.items() if m == "eigencam")
+    assert float(np.load(out / "a.jpg.gradcam.npy").max()) == 0.0
+
+
+def test_a_fixed_target_keeps_the_top1_outputs_and_has_its_own(image_dir, tiny_factory, tmp_path):
+    out = tmp_path / "out"
+    code, _, output = run(image_dir, out, tiny_factory, "--method", "gradcam")
+    assert code == 0, output
+    top1 = {str(p): p.stat().st_mtime_ns for p in out.rglob("*.gradcam.*")}
+    code, summary, output = run(image_dir, out, tiny_factory, "--method", "gradcam", "--target", "3")
+    assert code == 0, output
+    assert summary["done"] == 6 and summary["skipped"] == 0
+    assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*.gradcam.jpg") if ".class" not in p.name} | {
+        str(p): p.stat().st_mtime_ns for p in out.rglob("*.gradcam.npy") if ".class" not in p.name
+    } == top1
+    records = manifest(out)
+    assert records[("a.jpg", "gradcam")]["target"] == "top1"
+    fixed = records[("a.jpg", "gradcam.class3")]
+    assert fixed["class_index"] == 3 and fixed["overlay"] == "a.jpg.gradcam.class3.jpg"
+    assert (out / "a.jpg.gradcam.class3.npy").is_file()
+    # both are complete now: the same commands skip everything
+    for extra in ([], ["--target", "3"]):
+        code, summary, output = run(image_dir, out, tiny_factory, "--method", "gradcam", *extra)
+        assert code == 0 and summary["skipped"] == 6, output

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cam_cli.methods.base import Capture, Method, first_component
+from cam_cli.methods.base import Capture, Method, MethodOptions, first_component
 
 SPATIAL = (2, 3)
 
@@ -39,14 +39,19 @@ class RandomCAM(Method):
     ``--seed`` (the same for every image, so a batch does not change them)."""
 
     name = "random"
+    _drawn: dict[int, torch.Tensor]
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        super().__init__(options)
+        self._drawn = {}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "seed": self.options.seed}
 
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         n, k = capture.features.shape[:2]
-        key = ("random", k)
-        if key not in self.__dict__:
+        drawn = self._drawn.get(k)
+        if drawn is None:
             generator = torch.Generator().manual_seed(self.options.seed)
-            self.__dict__[key] = torch.rand(k, generator=generator, dtype=torch.float64).mul_(2).sub_(1).float()
-        return self.__dict__[key].to(capture.features.device).expand(n, k)
+            drawn = self._drawn[k] = torch.rand(k, generator=generator, dtype=torch.float64).mul_(2).sub_(1).float()
+        return drawn.to(capture.features.device).expand(n, k)

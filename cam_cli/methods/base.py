@@ -236,6 +236,13 @@ class Method:
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def run(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, classes: torch.Tensor | None,
+        choose: ClassChooser,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A pass of the method's own (methods without a target layer): ``(logits, classes, maps)``."""
+        raise NotImplementedError
+
     def weighted(self, capture: Capture, r: int) -> torch.Tensor:
         return self.weights(capture, r)[:, :, None, None] * capture.features
 

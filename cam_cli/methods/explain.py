@@ -52,7 +52,9 @@ class MultiExplanation:
 
 def finish_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(N, R, h, w)`` -> bilinear to ``size`` then exact min-max per map (flat: zeros)."""
-    up = maps if tuple(maps.shape[-2:]) == size else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    up = (
+        maps if tuple(maps.shape[-2:]) == size else F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    )
     low = up.amin(dim=(2, 3), keepdim=True)
     span = up.amax(dim=(2, 3), keepdim=True) - low
     return (up - low) / torch.where(span > 0, span, torch.ones_like(span))
@@ -79,9 +81,7 @@ class BatchExplainer:
         if self.layer_methods and target is None:
             raise ModelError(f"{self.layer_methods[0].name} needs a target layer")
 
-    def explain(
-        self, x: torch.Tensor, choose: ClassChooser, names: Collection[str] | None = None
-    ) -> MultiExplanation:
+    def explain(self, x: torch.Tensor, choose: ClassChooser, names: Collection[str] | None = None) -> MultiExplanation:
         """Every method's maps of batch ``x`` (only those in ``names``, when given)."""
         layer_methods = [m for m in self.layer_methods if names is None or m.name in names]
         own_pass = [m for m in self.own_pass if names is None or m.name in names]

@@ -102,7 +102,7 @@ class FullGrad(Method):
                     inputs = [xg, *(o for o, _ in outputs)]
                     grads = torch.autograd.grad(score, inputs, retain_graph=r < ranks - 1, allow_unused=True)
                     total = _normalise((xg.detach() * grads[0]).abs().float()).sum(dim=1)
-                    for (_, bias), grad in zip(outputs, grads[1:]):
+                    for (_, bias), grad in zip(outputs, grads[1:], strict=True):
                         if grad is None:
                             continue
                         part = _normalise((bias.to(grad.device)[None, :, None, None] * grad.float()).abs()).sum(dim=1)
