@@ -39,11 +39,14 @@ def explain(*args: object) -> None:
     assert result.exit_code == 0, result.output
 
 
-def real_run(image_dir: Path, tiny_factory: str, out: Path) -> Path:
-    """A real camx run with two methods into one OUT (gradcam, then cam)."""
+def real_run(image_dir: Path, tiny_factory: str, out: Path, one_pass: bool = True) -> Path:
+    """A real camx run with two methods into one OUT: ``--method gradcam,cam``, or one run per method."""
     common = ["-o", out, "--model", tiny_factory, "--weights", "NONE", "--input-size", "32", "--workers", "0", "-q"]
-    explain(image_dir, *common, "--method", "gradcam")
-    explain(image_dir, *common, "--method", "cam")
+    if one_pass:
+        explain(image_dir, *common, "--method", "gradcam,cam")
+    else:
+        explain(image_dir, *common, "--method", "gradcam")
+        explain(image_dir, *common, "--method", "cam")
     return out
 
 
@@ -153,7 +156,8 @@ def test_report_of_a_real_two_method_run(image_dir, tiny_factory, tmp_path):
         assert len(item["m"]) == 2
         for entry in item["m"]:
             line = by_line[(item["k"], data["methods"][entry["i"]])]
-            assert entry["c"] == line["class_name"] and entry["s"] == pytest.approx(line["score"])
+            assert entry["c"] == (line["class_name"] or f"class {line['class_index']}")
+            assert entry["s"] == pytest.approx(line["score"])
             # the link opens the full-resolution overlay in OUT
             target = (report_dir / unquote(entry["h"])).resolve()
             assert target == (out / line["overlay"]).resolve() and target.is_file()
@@ -165,7 +169,7 @@ def test_report_of_a_real_two_method_run(image_dir, tiny_factory, tmp_path):
 
 
 def test_build_report_into_another_folder_links_back_to_the_run(image_dir, tiny_factory, tmp_path):
-    out = real_run(image_dir, tiny_factory, tmp_path / "out")
+    out = real_run(image_dir, tiny_factory, tmp_path / "out", one_pass=False)
     dest = tmp_path / "pages" / "run one"
     index = build_report(out, dest)
     assert index == dest / "index.html" and index.is_file()
@@ -175,6 +179,25 @@ def test_build_report_into_another_folder_links_back_to_the_run(image_dir, tiny_
         for entry in item["m"]:
             assert entry["h"].startswith("../../out/")
             assert (dest / unquote(entry["h"])).is_file()
+
+
+def test_metrics_of_a_real_evaluate_run(image_dir, tiny_factory, tmp_path):
+    from cam_cli.cli_evaluate import evaluate
+
+    out = real_run(image_dir, tiny_factory, tmp_path / "out")
+    args = ["--model", tiny_factory, "--weights", "NONE", "--steps", "4", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(evaluate, [str(out), *args])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    data = page_data(build_report(out))
+    rows = {row["method"]: row for row in data["metrics"]["rows"]}
+    assert set(rows) == {"cam", "gradcam"} and {"deletion_auc", "insertion_auc"} <= set(data["metrics"]["names"])
+    for method, row in rows.items():
+        mine = [line for line in lines if line["method"] == method and line["status"] == "ok"]
+        assert row["n"] == len(mine) == 6
+        for name in ("deletion_auc", "insertion_auc", "drop"):
+            assert row["mean"][name] == pytest.approx(sum(line[name] for line in mine) / len(mine), abs=1e-6)
+    assert all("steps" not in entry.get("x", {}) for item in data["items"] for entry in item["m"])
 
 
 def test_the_report_does_not_import_torch(tmp_path):

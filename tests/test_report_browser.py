@@ -185,6 +185,13 @@ def test_paging_filters_and_sorting_over_two_pages(browser, tmp_path):
         per_key[key] = {"status": "error", "error": f"cannot decode: {key} is truncated"}
     out = hand_run(tmp_path, keys, methods=("gradcam",), per_key=per_key)
     failed = keys[::50]
+    # camx evaluate's lines: deletion AUC falls with the index, so sorting by it (lower first) reverses the names
+    metrics = [
+        {"key": k, "method": "gradcam", "status": "ok", "deletion_auc": 1 - n / 1000, "insertion_auc": 0.5}
+        for n, k in enumerate(keys)
+        if k not in failed
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     index = build_report(out)
     view = Watched(browser, out, viewport_height=700)
     view.open(index)
@@ -215,6 +222,12 @@ def test_paging_filters_and_sorting_over_two_pages(browser, tmp_path):
     ok = [k for k in keys if k not in failed]
     assert scores == sorted(scores, reverse=True) and scores[0] == per_key[ok[-1]]["score"]
     assert view.wait_thumbnails_loaded() == 100 * 2
+    # the metrics table, and sorting by a metric, best (lowest deletion AUC) first
+    table = view.page.locator("table.metrics tbody tr").all_inner_texts()
+    assert len(table) == 1 and table[0].split("\t")[:3] == ["gradcam", str(len(metrics)), "0.935"]
+    view.page.select_option("#f-sort", label="deletion_auc (gradcam)")
+    assert view.page.input_value("#f-dir") == "asc"
+    assert view.visible_keys()[:3] == ok[::-1][:3]
     view.check_clean()
     view.page.close()
 

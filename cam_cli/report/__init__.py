@@ -111,6 +111,17 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else (None if value is None else str(value))
 
 
+def _class_label(record: dict[str, Any]) -> str | None:
+    """A record's class name, or ``class N`` for a model without class names."""
+    name = record.get("class_name")
+    if isinstance(name, str):
+        return name
+    index = record.get("class_index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return f"class {index}"
+    return None
+
+
 def _box(value: Any) -> list[float] | None:
     if isinstance(value, list) and len(value) == 4 and all(_number(v) is not None for v in value):
         return [_number(v, 2) for v in value]  # type: ignore[misc]
@@ -149,12 +160,12 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
     method_index = {m: i for i, m in enumerate(methods_sorted)}
 
     def predicted(record: dict[str, Any]) -> tuple[str | None, float | None]:
+        """The top-1 class (rank 1 of ``targets`` when recorded) and its score."""
+        chosen = record
         targets = record.get("targets")
         if isinstance(targets, list):
-            for target in targets:
-                if isinstance(target, dict) and target.get("rank") == 1:
-                    return _text(target.get("class_name")), _number(target.get("score"))
-        return _text(record.get("class_name")), _number(record.get("score"))
+            chosen = next((t for t in targets if isinstance(t, dict) and t.get("rank") == 1), record)
+        return _class_label(chosen), _number(chosen.get("score"))
 
     jobs: list[ThumbJob] = []
     raw_items = []
@@ -179,7 +190,7 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
                 name, value = predicted(record)
                 if class_name is None and name is not None:
                     class_name, score = name, value
-                entry["c"] = _text(record.get("class_name"))
+                entry["c"] = _class_label(record)
                 entry["s"] = _number(record.get("score"))
                 entry["ci"] = record.get("class_index") if isinstance(record.get("class_index"), int) else None
                 box = _box(record.get("box"))
