@@ -84,3 +84,14 @@ def use_ieee_fp32() -> None:
         conv.fp32_precision = "ieee"
     else:  # torch before 2.9
         torch.backends.cudnn.allow_tf32 = False
+
+
+def use_channels_last(device: torch.device) -> bool:
+    """Whether the model runs in channels-last memory format: on CUDA, and on the CPU
+    too, where oneDNN's convolutions are faster in it (``bench/throughput.py``:
+    floor-channels-last); ``CAMX_CHANNELS_LAST=0`` turns it off."""
+    import os
+
+    if os.environ.get("CAMX_CHANNELS_LAST", "1") == "0":
+        return False
+    return device.type in ("cuda", "cpu")

@@ -108,10 +108,11 @@ class Engine:
     mean: torch.Tensor  # (1, 3, 1, 1) on the device, in 0..255 units
     std: torch.Tensor
     timings: Timings
+    channels_last: bool = False
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

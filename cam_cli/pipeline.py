@@ -21,7 +21,7 @@ import torch
 
 from cam_cli import io
 from cam_cli.data import default_workers, make_loader
-from cam_cli.device import tune_allocator
+from cam_cli.device import tune_allocator, use_channels_last
 from cam_cli.engine import Engine, Progress, Summary, Timings
 from cam_cli.errors import OutputError
 from cam_cli.methods import info
@@ -117,6 +117,8 @@ class Explainer:
             "alpha": config.alpha,
             **method.settings(),
         }
+        if self.classifier.weights == "NONE":
+            settings["seed"] = config.seed  # the seed of the random initialisation
         if agnostic:
             settings["class_agnostic"] = True
         elif self.target.index is not None:  # a fixed class: outputs and manifest lines of its own
@@ -158,6 +160,8 @@ class Explainer:
         except OSError as exc:
             raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
         workers = default_workers() if config.workers is None else config.workers
+        if config.workers is None and len(todo) <= config.batch_size:
+            workers = 0  # one batch: a worker would only add its start-up before the model can begin
         loader = make_loader(
             todo, self.classifier.input_size, config.max_pixels, config.batch_size, workers, self.device.type == "cuda"
         )
@@ -165,7 +169,8 @@ class Explainer:
                         config.box_threshold, self.timings.add)  # fmt: skip
         mean = torch.tensor(self.classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.classifier.std, device=self.device).view(1, 3, 1, 1) * 255
-        engine = Engine(self.session.explainer, self.target, self.plan, writer, self.device, mean, std, self.timings)
+        engine = Engine(self.session.explainer, self.target, self.plan, writer, self.device, mean, std, self.timings,
+                        use_channels_last(self.device))  # fmt: skip
         self.timings.add("start", time.perf_counter() - started)
         try:
             engine.run(todo, loader, journal, summary, on_cpu, progress, stop)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cam_cli import io
-from cam_cli.device import PRECISIONS, resolve_device, use_ieee_fp32
+from cam_cli.device import PRECISIONS, resolve_device, use_channels_last, use_ieee_fp32
 from cam_cli.errors import CamxError, ModelError
 from cam_cli.layers import resolve_target, run_probe
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
@@ -72,6 +72,7 @@ def open_session(config: Any) -> Session:
         config.mean,
         config.std,
         config.output_key,
+        seed=config.seed,  # --weights NONE: the same command builds the same model
     )
     probe = run_probe(classifier)
     num_classes = int(probe.logits.shape[1])
@@ -80,7 +81,7 @@ def open_session(config: Any) -> Session:
     target_layer = resolve_target(probe, config.layer) if uses_layer else None
     target = parse_target(config.target, classifier, num_classes)
     module = classifier.module.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device):
         module = module.to(memory_format=torch.channels_last)
     forward = logits_function(classifier, device, config.precision)
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)

@@ -257,3 +257,41 @@ def test_a_fixed_target_keeps_the_top1_outputs_and_has_its_own(image_dir, tiny_f
     for extra in ([], ["--target", "3"]):
         code, summary, output = run(image_dir, out, tiny_factory, "--method", "gradcam", *extra)
         assert code == 0 and summary["skipped"] == 6, output
+
+
+def test_channels_last_on_the_cpu_leaves_every_map_unchanged(image_dir, tmp_path, monkeypatch):
+    methods = "gradcam,gradcam++,layercam,eigencam,cam"
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CAMX_CHANNELS_LAST", flag)
+        code, _, output = run(image_dir, tmp_path / flag, "resnet18", "--input-size", "64", "--method", methods)
+        assert code == 0, output
+    for path in sorted((tmp_path / "0").rglob("*.npy")):
+        other = np.load(tmp_path / "1" / path.relative_to(tmp_path / "0"))
+        np.testing.assert_allclose(np.load(path), other, atol=1e-5, err_msg=str(path))
+    assert len(list((tmp_path / "0").rglob("*.npy"))) == 6 * 5
+
+
+def test_every_command_shows_its_whole_first_sentence_in_help():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0, result.output
+    commands = result.output.split("Commands:")[1]
+    assert "..." not in commands
+    for name, command in main.commands.items():
+        first = " ".join((command.help or "").split("\n\n")[0].split())
+        assert " ".join(commands.split()).count(first.rstrip(".")) == 1, name
+
+
+def test_random_weights_are_the_same_model_every_run_and_follow_seed(image_dir, tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "3")):
+        code, _, output = run(image_dir, tmp_path / name, "resnet18", "--input-size", "64", "--seed", seed)
+        assert code == 0, output
+    a, b, c = (manifest(tmp_path / n)[("a.jpg", "gradcam")] for n in "abc")
+    assert a["seed"] == 0 and c["seed"] == 3
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "a" / "a.jpg.gradcam.npy"), np.load(tmp_path / "b" / "a.jpg.gradcam.npy")
+    )
+    assert (a["class_index"], a["score"]) == (b["class_index"], b["score"])
+    assert a["score"] != c["score"]
+    # a resume with another seed would mix two models: it redoes the work instead
+    code, summary, output = run(image_dir, tmp_path / "a", "resnet18", "--input-size", "64", "--seed", "3")
+    assert code == 0 and summary["done"] == 6 and summary["skipped"] == 0, output
