@@ -189,15 +189,35 @@ def test_metrics_of_a_real_evaluate_run(image_dir, tiny_factory, tmp_path):
     result = CliRunner().invoke(evaluate, [str(out), *args])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "metrics-summary.json").read_text())
     data = page_data(build_report(out))
-    rows = {row["method"]: row for row in data["metrics"]["rows"]}
-    assert set(rows) == {"cam", "gradcam"} and {"deletion_auc", "insertion_auc"} <= set(data["metrics"]["names"])
-    for method, row in rows.items():
-        mine = [line for line in lines if line["method"] == method and line["status"] == "ok"]
+    table = data["metrics"]
+    assert table["source"] == "metrics-summary.json"
+    assert data["lineMetrics"][:4] == ["deletion_auc", "insertion_auc", "drop", "increase"]
+    assert [row["method"] for row in table["rows"]] == summary["ranking"]
+    assert {"deletion_auc", "insertion_auc"} <= set(table["names"])
+    for row in table["rows"]:
+        mine = [line for line in lines if line["method"] == row["method"] and line["status"] == "ok"]
         assert row["n"] == len(mine) == 6
-        for name in ("deletion_auc", "insertion_auc", "drop"):
-            assert row["mean"][name] == pytest.approx(sum(line[name] for line in mine) / len(mine), abs=1e-6)
-    assert all("steps" not in entry.get("x", {}) for item in data["items"] for entry in item["m"])
+        for name in ("deletion_auc", "insertion_auc"):
+            # the summary's mean is the mean of the lines, and the page shows it with its interval
+            assert row["mean"][name] == pytest.approx(sum(line[name] for line in mine) / len(mine), abs=1e-5)
+            assert row["low"][name] <= row["mean"][name] <= row["high"][name]
+        assert table["better"]["deletion_auc"] == "lower" and table["better"]["insertion_auc"] == "higher"
+    # each card has its own lines' values, not the settings that shaped them
+    by_line = {(line["key"], line["method"]): line for line in lines}
+    for item in data["items"]:
+        for entry in item["m"]:
+            line = by_line[(item["k"], data["methods"][entry["i"]])]
+            assert entry["x"]["deletion_auc"] == pytest.approx(line["deletion_auc"])
+            assert "steps" not in entry["x"] and "score" not in entry["x"]
+    # without the summary, the table is the mean of metrics.jsonl's lines
+    (out / "metrics-summary.json").unlink()
+    fallback = page_data(build_report(out))["metrics"]
+    assert fallback["source"] == "metrics.jsonl"
+    for row in fallback["rows"]:
+        mine = [line for line in lines if line["method"] == row["method"]]
+        assert row["mean"]["drop"] == pytest.approx(sum(line["drop"] for line in mine) / len(mine), abs=1e-6)
 
 
 def test_the_report_does_not_import_torch(tmp_path):

@@ -243,6 +243,7 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
         "methods": methods_sorted,
         "classes": class_list,
         "metrics": _metrics_table(run, methods_sorted),
+        "lineMetrics": run.metric_names,
         "lowerIsBetter": sorted(LOWER_IS_BETTER),
         "thumbs": THUMBS_FOLDER + "/",
         "items": raw_items,
@@ -286,7 +287,12 @@ def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int
 
 
 def _metrics_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
-    """Per method, the number of inputs measured and the mean of each metric."""
+    """The per-method metrics table: ``camx evaluate``'s summary (means with their 95%
+    bootstrap intervals, its ranking) when ``OUT/metrics-summary.json`` is readable, else the
+    mean of each metric over the lines of ``OUT/metrics.jsonl``."""
+    summary = _summary_table(run.out_dir / "metrics-summary.json")
+    if summary is not None:
+        return summary
     if not run.metrics:
         return None
     rows = []
@@ -299,7 +305,43 @@ def _metrics_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
             column = [v[name] for v in values if name in v]
             means[name] = _number(sum(column) / len(column)) if column else None
         rows.append({"method": method, "n": len(values), "mean": means})
-    return {"names": run.metric_names, "rows": rows}
+    better = {name: "lower" if name in LOWER_IS_BETTER else "higher" for name in run.metric_names}
+    return {"names": run.metric_names, "better": better, "rows": rows, "source": "metrics.jsonl"}
+
+
+def _summary_table(path: Path) -> dict[str, Any] | None:
+    """The table of ``metrics-summary.json`` (``methods: {name: {n, rank, metrics: {metric:
+    {mean, low, high, better}}}}``); None when it is missing or not of that shape."""
+    try:
+        summary = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    methods = summary.get("methods") if isinstance(summary, dict) else None
+    if not isinstance(methods, dict) or not methods:
+        return None
+    names: dict[str, None] = {}
+    better: dict[str, str] = {}
+    rows = []
+    for method, entry in methods.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
+            continue
+        row: dict[str, Any] = {"method": str(method), "n": _number(entry.get("n"), 0)}
+        row.update(mean={}, low={}, high={})
+        if _number(entry.get("rank"), 0) is not None:
+            row["rank"] = int(entry["rank"])
+        for name, stats in entry["metrics"].items():
+            if not isinstance(stats, dict):
+                continue
+            names.setdefault(str(name), None)
+            if stats.get("better") in ("lower", "higher"):
+                better[str(name)] = stats["better"]
+            for field in ("mean", "low", "high"):
+                row[field][str(name)] = _number(stats.get(field))
+        rows.append(row)
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r.get("rank", math.inf), r["method"]))
+    return {"names": list(names), "better": better, "rows": rows, "source": "metrics-summary.json"}
 
 
 PAGE = """<!doctype html>

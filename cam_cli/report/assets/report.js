@@ -9,7 +9,7 @@
   var methods = data.methods;
   var classes = data.classes;
   var lower = new Set(data.lowerIsBetter || []);
-  var metricNames = data.metrics ? data.metrics.names : [];
+  var metricNames = data.lineMetrics || []; // per (input, method), from metrics.jsonl
   var lowerKeys = null; // lower-cased keys, made on the first search
 
   var state = {
@@ -88,25 +88,39 @@
   }
 
   function metricsTable(metrics) {
+    var better = metrics.better || {};
+    function lowerBetter(name) { return better[name] ? better[name] === "lower" : lower.has(name); }
+    var ranked = metrics.rows.some(function (r) { return r.rank !== undefined; });
+    var withIntervals = metrics.rows.some(function (r) { return r.low !== undefined; });
     var table = el("table", { className: "metrics" });
-    var caption = el("caption", { text: "Mean of each metric per method (camx evaluate). ↓ lower is better, ↑ higher is better; the best is bold." });
-    table.append(caption);
-    var head = el("tr", null, el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n" }));
+    table.append(el("caption", {
+      text: "camx evaluate, per method: the mean of each metric" + (withIntervals ? " [95% bootstrap interval]" : "") +
+        "; ↓ lower is better, ↑ higher is better; the best is bold.",
+    }));
+    var head = el("tr");
+    if (ranked) head.append(el("th", { scope: "col", text: "rank" }));
+    head.append(el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n" }));
     metrics.names.forEach(function (name) {
-      head.append(el("th", { scope: "col", text: name + (lower.has(name) ? " ↓" : " ↑") }));
+      head.append(el("th", { scope: "col", text: name + (lowerBetter(name) ? " ↓" : " ↑") }));
     });
     table.append(el("thead", null, head));
     var best = {};
     metrics.names.forEach(function (name) {
       var values = metrics.rows.map(function (r) { return r.mean[name]; }).filter(function (v) { return typeof v === "number"; });
-      if (values.length > 1) best[name] = lower.has(name) ? Math.min.apply(null, values) : Math.max.apply(null, values);
+      if (values.length > 1) best[name] = lowerBetter(name) ? Math.min.apply(null, values) : Math.max.apply(null, values);
     });
     var body = el("tbody");
     metrics.rows.forEach(function (row) {
-      var tr = el("tr", null, el("th", { scope: "row", text: row.method }), el("td", { text: String(row.n) }));
+      var tr = el("tr");
+      if (ranked) tr.append(el("td", { text: row.rank === undefined ? "–" : String(row.rank) }));
+      tr.append(el("th", { scope: "row", text: row.method }), el("td", { text: fmt(row.n, 0) }));
       metrics.names.forEach(function (name) {
         var v = row.mean[name];
-        tr.append(el("td", { className: best[name] === v ? "best" : null, text: fmt(v) }));
+        var text = fmt(v);
+        if (row.low && typeof row.low[name] === "number" && typeof row.high[name] === "number") {
+          text += " [" + fmt(row.low[name]) + ", " + fmt(row.high[name]) + "]";
+        }
+        tr.append(el("td", { className: best[name] === v ? "best" : null, text: text }));
       });
       body.append(tr);
     });
