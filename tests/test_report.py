@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from urllib.parse import unquote
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_image
+from conftest import camx_script, write_image
 from PIL import Image
 
 from cam_cli.cli import main
@@ -234,6 +235,18 @@ def test_the_report_does_not_import_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (out / "report" / "index.html").is_file()
+    # the installed console script, as users run it: prints the page, imports no torch
+    shutil.rmtree(out / "report")
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", camx_script(), "report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"{out / 'report' / 'index.html'}\n"
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "cam_cli.report" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
 
 
 # ---------------------------------------------------------------- incremental
@@ -345,6 +358,19 @@ def test_shard_parts_without_a_merged_manifest(tmp_path):
     (out / ".manifest.shard-2-of-2.jsonl.journal").write_text(lines[1] + "\n" + lines[1][:20])
     data = page_data(build_report(out))
     assert [item["k"] for item in data["items"]] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_run_in_progress_is_shown_from_its_journal(tmp_path):
+    out = hand_run(tmp_path, ["a.jpg", "b.jpg"], methods=("gradcam",))
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(lines[0] + "\n")
+    (out / ".manifest.jsonl.journal").write_text(lines[1] + "\n")
+    data = page_data(build_report(out))
+    assert [item["k"] for item in data["items"]] == ["a.jpg", "b.jpg"]
+    manifest.unlink()  # the first run into OUT, still going: only its journal so far
+    data = page_data(build_report(out))
+    assert [item["k"] for item in data["items"]] == ["b.jpg"]
 
 
 def test_metrics_table_from_metrics_jsonl(tmp_path):

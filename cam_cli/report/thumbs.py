@@ -35,6 +35,8 @@ from cam_cli.io import DEFAULT_MAX_PIXELS, _to_rgb, write_atomic
 THUMB_SIZE = 200
 QUALITY = 80
 CACHE_NAME = "cache.json"
+#: Sources larger than this get no thumbnail (each is read whole into memory).
+MAX_SOURCE_BYTES = 512 * 2**20
 CACHE_VERSION = 1
 #: The only names the report writes in its thumbnails folder (and may delete there).
 THUMB_NAME = re.compile(r"[0-9a-f]{2}/[im]-[0-9a-f]{24}\.jpg")
@@ -148,7 +150,7 @@ def _stamp(path: Path) -> list[int] | None:
         status = os.stat(path)
     except (OSError, ValueError):
         return None
-    if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
+    if not stat.S_ISREG(status.st_mode) or not 0 < status.st_size <= MAX_SOURCE_BYTES:
         return None
     return [status.st_size, status.st_mtime_ns]
 
