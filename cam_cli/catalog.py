@@ -10,11 +10,16 @@ torchvision takes minutes, so the rows are computed once and shipped as
 
 Models that the installed torchvision has and the table lacks are probed on
 the spot, so the listing always matches ``torchvision.models.list_models``.
+
+timm registers over a thousand architectures: ``camx models --source timm``
+lists them with the input size of their pretrained config, read without
+building anything; ``--probe`` builds and inspects the ones a pattern selects.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import warnings
@@ -62,6 +67,22 @@ def describe_models(live: bool = False) -> list[dict[str, Any]]:
     """A row for every supported model, from the shipped table unless ``live``."""
     table = {} if live else read_table()
     return [table.get(name) or describe_model(name) for name in supported_models()]
+
+
+def describe_timm_models(pattern: str | None = None, live: bool = False) -> list[dict[str, Any]]:
+    """A row for every timm architecture matching ``pattern`` (fnmatch); probed when ``live``."""
+    from cam_cli.models.timm_models import import_timm, timm_names
+
+    timm = import_timm()
+    names = [n for n in timm_names() if pattern is None or fnmatch.fnmatch(n, pattern)]
+    if live:
+        return [describe_model(f"timm:{name}") for name in names]
+    rows = []
+    for name in names:
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = getattr(cfg, "input_size", None) or (3, 224, 224)
+        rows.append({"model": f"timm:{name}", "cam": None, "layer": None, "input_size": int(size[-1]), "reason": None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

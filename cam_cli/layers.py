@@ -10,10 +10,20 @@ record:
   when the pooled maps are themselves the logits (SqueezeNet's convolutional
   classifier), the channels there are class scores, not features, so the
   target steps back to the tensor entering that classifier convolution;
+* a global pooling module is torch's or any module whose class name says
+  ``Pool`` (timm's ``SelectAdaptivePool2d``), whatever layout it pools;
 * without a global pooling module: for token models (ViT), the last token
   sequence whose patch tokens still reach the head, read on the patch grid of
-  the last spatial map before it (the patch embedding); else the last spatial
-  feature map;
+  the last spatial map before it (the patch embedding), or on a square grid at a
+  power-of-two stride (Swin, LeViT); else the last spatial feature map;
+* never: a 4-D tensor that is not one image's map -- an attention's per-head
+  ``(N, heads, T, d)`` tensors or ``(N, heads, T, T)`` attention matrices, window
+  partitions ``(N * windows, ...)`` -- nor, by default, anything inside an
+  attention module (its q/k/v projections); token sequences keep the model's
+  own prefix tokens in front (timm's ``num_prefix_tokens``: class, distillation
+  and register tokens), and a global pooling fed a 1x1 map is refused;
+* a target produced by a ``Permute`` to NCHW (torchvision's Swin) is named after
+  the channels-last layer it permutes (``norm``), read channels-last;
 * CAM applies when the logits are ``W @ mean_ij(A) + b``: the module that
   produced the logits behaves as a linear layer and its input equals the
   spatial mean of the target activation (or of its ReLU, for DenseNet),
@@ -23,6 +33,7 @@ record:
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +51,26 @@ POOLING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2
 NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, *POOLING)
 MAX_EXTRA_TOKENS = 8
 HEAD_SHOWN = 8
+PROBE_BATCH = 1
+
+
+def _is_pooling(module: nn.Module) -> bool:
+    """torch's pooling modules, and pooling modules of model zoos (timm's ``SelectAdaptivePool2d``...)."""
+    return isinstance(module, POOLING) or "Pool" in type(module).__name__
+
+
+ATTENTION_PARTS = ("attn", "attention", "self_attn", "mha")
+
+
+def _is_attention(name: str, module: nn.Module) -> bool:
+    """An attention module (timm's ``Attention``, transformers' ``ViTSelfAttention``, ``blocks.0.attn``...)."""
+    kind = type(module).__name__
+    return (
+        "Attention" in kind
+        or "Attn" in kind
+        or kind.endswith(("MHA", "MHSA", "GPSA"))
+        or name.rsplit(".", 1)[-1].lower() in ATTENTION_PARTS
+    )
 
 
 @dataclass
@@ -57,6 +88,11 @@ class Record:
     calls: int = 1
     layout: Layout = "nchw"
     version: int = 0
+    #: False for 4-D tensors that are not (N, C, h, w) or (N, h, w, C) maps of one image: an
+    #: attention's per-head (N, heads, T, d) tensors, window partitions (N * windows, ...)
+    is_map: bool = True
+    #: inside an attention module (its q/k/v projections): never a default target
+    in_attention: bool = False
 
     @property
     def label(self) -> str:
@@ -95,6 +131,10 @@ class Probe:
     head: Head | None = None
     forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     input: torch.Tensor | None = field(default=None, repr=False)
+    #: spatial size (h * w) of each pooling module's output; 1 for a flattened (N, C) output
+    pooled: dict[str, int] = field(default_factory=dict)
+    #: the model's own count of tokens in front of the patch tokens (timm's ``num_prefix_tokens``)
+    prefix_tokens: int | None = None
 
     def find(self, label: str) -> Record | None:
         for record in reversed(self.records):
@@ -117,8 +157,29 @@ def _spatial_size(shape: tuple[int, ...], layout: Layout) -> tuple[int, int]:
 
 
 def _spatial(record: Record) -> int:
+    if not record.is_map:
+        return 0
     h, w = _spatial_size(record.shape, record.layout)
     return h * w
+
+
+def _is_map(shape: tuple[int, ...], layout: Layout, nchw_module: bool, tokens: list[tuple[int, ...]]) -> bool:
+    """Whether a 4-D tensor of the probe's square input reads as one image's feature map.
+
+    Not: a batch other than the probe's (window partitions); a non-square grid
+    in either layout (``(N, heads, T, d)``); an attention's per-head split of
+    a token sequence seen just before (``T`` tokens, and ``heads * d == D``),
+    or its attention matrix ``(N, heads, T, T)``.
+    """
+    if len(shape) != 4 or shape[0] != PROBE_BATCH:
+        return False
+    if nchw_module:
+        return True
+    h, w = _spatial_size(shape, layout)
+    if h != w:
+        return False
+    _, heads, t, d = shape
+    return t <= 1 or not any(s[1] == t and (heads * d == s[2] or d == t) for s in tokens[-8:])
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
@@ -126,6 +187,15 @@ def _linear_weight(module: nn.Module) -> torch.Tensor | None:
     if weight is None:
         weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _pooled_size(shape: tuple[int, ...]) -> int:
+    """h * w of a pooling module's output: 1 for ``(N, C)``, ``(N, C, 1, 1)`` or ``(N, 1, 1, C)``."""
+    if len(shape) <= 2:
+        return 1
+    if len(shape) == 4:
+        return 1 if shape[2] * shape[3] == 1 or shape[1] * shape[2] == 1 else shape[2] * shape[3]
+    return -1
 
 
 def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
@@ -146,18 +216,32 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     nchw_ids: set[int] = set()
     handles = []
     modules = dict(model.named_modules())
+    pooled: dict[str, int] = {}
+    token_shapes: list[tuple[int, ...]] = []
+    attention = {name for name, module in modules.items() if name and _is_attention(name, module)}
+
+    def inside_attention(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in attention for i in range(1, len(parts)))
 
     def record(name: str, point: Literal["output", "input"], module: nn.Module, x: torch.Tensor, leaf: bool,
                calls_so_far: int) -> Record:  # fmt: skip
-        layout: Layout = "nchw" if id(x) in nchw_ids else _guess_layout(tuple(x.shape))
+        shape = tuple(x.shape)
+        known = id(x) in nchw_ids
+        layout: Layout = "nchw" if known else _guess_layout(shape)
+        is_map = _is_map(shape, layout, known, token_shapes) if len(shape) == 4 else shape[0] == PROBE_BATCH
+        if len(shape) == 3:
+            token_shapes.append(shape)
         return Record(
-            name, point, type(module).__name__, tuple(x.shape), len(records) + len(calls), x,
-            is_pooling=isinstance(module, POOLING), is_leaf=leaf, calls=calls_so_far, layout=layout, version=x._version,
+            name, point, type(module).__name__, shape, len(records) + len(calls), x,
+            is_pooling=_is_pooling(module), is_leaf=leaf, calls=calls_so_far, layout=layout, version=x._version,
+            is_map=is_map, in_attention=inside_attention(name),
         )  # fmt: skip
 
     def on_output(name: str, module: nn.Module) -> Callable[..., None]:
         leaf = not any(module.children())
         weight = _linear_weight(module)
+        pooling = _is_pooling(module)
 
         def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             counts[name] = counts.get(name, 0) + 1
@@ -167,6 +251,9 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if not isinstance(output, torch.Tensor):
                 return
+            if pooling:
+                shape = tuple(output.shape)
+                pooled[name] = _pooled_size(shape)
             if isinstance(module, NCHW_MODULES):
                 nchw_ids.add(id(output))
                 if isinstance(module, nn.Conv2d) and first is not None and first.dim() == 4:
@@ -193,7 +280,7 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
             continue
         try:
             handles.append(module.register_forward_hook(on_output(name, module)))
-            if isinstance(module, POOLING):
+            if _is_pooling(module):
                 handles.append(module.register_forward_pre_hook(on_input(name, module)))
         except (RuntimeError, AttributeError):  # TorchScript submodules take no hooks
             continue
@@ -223,9 +310,11 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     finally:
         for handle in handles:
             handle.remove()
+    prefix = getattr(model, "num_prefix_tokens", None)
     return Probe(
         records, logits.detach(), size, modules, calls, counts, conv_inputs, head,
-        forward=classifier.logits, input=x.detach(),
+        forward=classifier.logits, input=x.detach(), pooled=pooled,
+        prefix_tokens=prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None,
     )  # fmt: skip
 
 
@@ -240,14 +329,36 @@ def _final_linear(linears: list[Head], logits: torch.Tensor) -> Head | None:
     return None
 
 
+def _extras(probe: Probe) -> list[int]:
+    """How many tokens may stand in front of the patch tokens: the model's own count first."""
+    own = [probe.prefix_tokens] if probe.prefix_tokens is not None else []
+    return [*own, *(e for e in range(MAX_EXTRA_TOKENS + 1) if e not in own)]
+
+
+def _square_grid(probe: Probe, tokens: int) -> tuple[int, int] | None:
+    """A square patch grid for ``tokens`` (minus prefix tokens) at a power-of-two stride of the input."""
+    for extra in _extras(probe):
+        side = math.isqrt(max(tokens - extra, 0))
+        if side >= 2 and side * side == tokens - extra:
+            size = probe.input_size
+            if any(side in (size // 2**k, -(-size // 2**k)) for k in range(1, 8)):
+                return (side, side)
+    return None
+
+
 def _grid_before(probe: Probe, record: Record) -> tuple[int, int] | None:
-    """The patch grid of a token record: the last spatial map computed before it."""
+    """The patch grid of a token record: the last spatial map computed before it (a patch
+    embedding), with the model's prefix tokens (or a few) in front; else a square grid."""
+    if not record.is_map or record.shape[2] <= 1:
+        return None
+    tokens = record.shape[1]
     for earlier in reversed(probe.records):
         if earlier.order < record.order and len(earlier.shape) == 4 and _spatial(earlier) > 1:
             gh, gw = _spatial_size(earlier.shape, earlier.layout)
-            extra = record.shape[1] - gh * gw
-            return (gh, gw) if 0 <= extra <= MAX_EXTRA_TOKENS else None
-    return None
+            if tokens - gh * gw in _extras(probe):
+                return (gh, gw)
+            break
+    return _square_grid(probe, tokens)
 
 
 def target_for(probe: Probe, record: Record) -> TargetLayer:
@@ -260,8 +371,13 @@ def target_for(probe: Probe, record: Record) -> TargetLayer:
                 "patch grid; choose another --layer"
             )
         return TargetLayer(record.name, record.point, "tokens", grid)
-    if len(record.shape) == 4:
+    if len(record.shape) == 4 and record.is_map:
         return TargetLayer(record.name, record.point, record.layout)
+    if len(record.shape) == 4:
+        raise ModelError(
+            f"layer {record.label} gives {record.shape}, which is not one image's feature map (an attention "
+            "module's per-head or per-window tensor); choose another --layer (`camx layers MODEL`)"
+        )
     raise ModelError(f"layer {record.label} has shape {record.shape}, not a feature map")
 
 
@@ -296,20 +412,23 @@ def _producer(probe: Probe, tensor: torch.Tensor, version: int, before: int) -> 
     return min(outer, key=lambda r: r.name.count("."))
 
 
-def _global_pool_input(probe: Probe) -> tuple[Record, Record] | None:
-    """The last pooling input that is pooled to 1x1, with the pooling's output."""
+def _global_pool_input(probe: Probe) -> tuple[Record, Record | None] | None:
+    """The last pooling input that is pooled to 1x1, with the pooling's recorded output (None when it
+    gave a flat ``(N, C)``, as timm's ``SelectAdaptivePool2d`` does)."""
     found = None
     for i, r in enumerate(probe.records):
         if r.point != "input" or _spatial(r) <= 1 or probe.call_counts.get(r.name, 1) > 1:
             continue
-        out = next((o for o in probe.records[i + 1 :] if o.name == r.name and o.point == "output"), None)
-        if out is not None and _spatial(out) <= 1:
+        if probe.pooled.get(r.name, -1) == 1:
+            out = next((o for o in probe.records[i + 1 :] if o.name == r.name and o.point == "output"), None)
             found = (r, out)
     return found
 
 
-def _class_map_input(probe: Probe, pool: Record, pooled: Record) -> tuple[torch.Tensor, int, int] | None:
+def _class_map_input(probe: Probe, pool: Record, pooled: Record | None) -> tuple[torch.Tensor, int, int] | None:
     """When the pooled maps are the logits, the input of the convolution that made the class maps."""
+    if pooled is None:
+        return None
     logits = probe.logits
     flat = pooled.tensor.detach().flatten(1)
     if flat.shape != logits.shape or not torch.allclose(flat, logits, rtol=1e-5, atol=1e-6):
@@ -321,8 +440,43 @@ def _class_map_input(probe: Probe, pool: Record, pooled: Record) -> tuple[torch.
     return tensor, version, order
 
 
+def _unpermuted(probe: Probe, record: Record) -> Record:
+    """The channels-last tensor that a ``Permute`` module (torchvision's Swin) turned into NCHW, so
+    that the target is named after the layer that computed it (``norm``, read channels-last)."""
+    module = probe.modules.get(record.name)
+    if list(getattr(module, "dims", ()) or ()) != [0, 3, 1, 2]:
+        return record
+    for earlier in reversed(probe.records):
+        if (
+            earlier.order < record.order
+            and earlier.point == "output"
+            and earlier.layout == "nhwc"
+            and _spatial(earlier) > 1
+            and probe.call_counts.get(earlier.name, 1) == 1
+            and earlier.tensor.shape == record.tensor.permute(0, 2, 3, 1).shape
+            and torch.equal(earlier.tensor.detach().permute(0, 3, 1, 2), record.tensor.detach())
+        ):
+            return earlier
+    return record
+
+
+def _refuse_a_pooled_point(probe: Probe) -> None:
+    """A global pooling module that receives a 1x1 map: the input is too small to localise anything."""
+    for r in probe.records:
+        if r.point == "input" and len(r.shape) == 4 and _spatial(r) == 1 and probe.pooled.get(r.name) == 1:
+            raise ModelError(
+                f"at {probe.input_size}x{probe.input_size} inputs the feature map entering the global pooling "
+                f"({r.name}) is 1x1, so there is nothing to localise; use a larger --input-size"
+            )
+
+
+def _candidate(probe: Probe, r: Record) -> bool:
+    return r.point == "output" and probe.call_counts.get(r.name, 1) == 1 and not r.in_attention
+
+
 def default_target(probe: Probe) -> TargetLayer:
     """The last spatial feature map before the pooling head (see the module docstring)."""
+    _refuse_a_pooled_point(probe)
     pooled = _global_pool_input(probe)
     if pooled is not None:
         pool, pool_out = pooled
@@ -331,22 +485,25 @@ def default_target(probe: Probe) -> TargetLayer:
             tensor, version, order = source
             record = _producer(probe, tensor, version, order)
             if record is not None and _spatial(record) > 1:
-                return target_for(probe, record)
+                return target_for(probe, _unpermuted(probe, record))
         record = _producer(probe, pool.tensor, pool.version, pool.order)
-        return target_for(probe, record or pool)
-    outputs = [r for r in probe.records if r.point == "output" and probe.call_counts.get(r.name, 1) == 1]
+        return target_for(probe, _unpermuted(probe, record) if record is not None else pool)
+    classes = int(probe.logits.shape[1])
+    outputs = [r for r in probe.records if _candidate(probe, r)]
     spatial = [r for r in outputs if _spatial(r) > 1 and not r.is_pooling]
     last_spatial = spatial[-1].order if spatial else -1
     tokens = []
     for r in outputs:
-        if len(r.shape) == 3 and r.order > last_spatial:
+        # per-token class scores (VOLO's aux_head) are not features
+        scores = r.shape[2] == classes and isinstance(probe.modules.get(r.name), nn.Linear)
+        if len(r.shape) == 3 and r.order > last_spatial and not scores:
             grid = _grid_before(probe, r)
             if grid is not None and _patch_gradient(r, grid) > 0:
                 tokens.append(r)
     if tokens:
         return target_for(probe, tokens[-1])
     if spatial:
-        return target_for(probe, spatial[-1])
+        return target_for(probe, _unpermuted(probe, spatial[-1]))
     raise ModelError("cannot find a spatial feature map in this model; name one with --layer")
 
 
@@ -430,6 +587,14 @@ def cam_head(probe: Probe, target: TargetLayer) -> CamHead:
     raise ModelError(message.format(head_description(probe, target)))
 
 
+def _readable(probe: Probe, record: Record) -> bool:
+    try:
+        target_for(probe, record)
+    except ModelError:
+        return False
+    return True
+
+
 @dataclass
 class LayerRow:
     label: str
@@ -447,6 +612,6 @@ def list_layers(probe: Probe) -> list[LayerRow]:
     rows: dict[str, LayerRow] = {}
     for r in probe.records:
         # a module run more than once per forward (a shared ReLU) is ambiguous: --layer refuses it
-        if len(r.shape) in (3, 4) and probe.call_counts.get(r.name, 1) == 1:
+        if len(r.shape) in (3, 4) and probe.call_counts.get(r.name, 1) == 1 and _readable(probe, r):
             rows[r.label] = LayerRow(r.label, r.module_type, r.shape, r.label == default)
     return sorted(rows.values(), key=lambda row: probe.find(row.label).order)  # type: ignore[union-attr]

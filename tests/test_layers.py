@@ -126,7 +126,9 @@ def test_a_layer_run_twice_is_never_the_target() -> None:
 def test_camx_layers_prints_shapes_and_marks_the_default() -> None:
     result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64"])
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line for line in result.output.splitlines()}
+    header, *lines = result.output.splitlines()
+    assert header.split() == ["layer", "type", "shape"]  # a header row names the columns
+    rows = {line.split()[0]: line for line in lines}
     assert rows["layer4"].split()[1:] == ["Sequential", "512x2x2", "(default)"]
     assert rows["layer1"].split()[1:] == ["Sequential", "64x16x16"]
     assert rows["avgpool:input"].split()[1:3] == ["AdaptiveAvgPool2d", "512x2x2"]
@@ -154,3 +156,24 @@ def test_camx_layers_unknown_model_is_one_line_exit_1() -> None:
     result = CliRunner().invoke(main, ["layers", "resnet5"])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("camx: error: unknown model 'resnet5' (did you mean resnet50")
+
+
+def test_swin_default_is_named_after_the_layer_that_computed_it_and_layer_takes_it() -> None:
+    probe = run_probe(load_classifier("swin_t", "NONE", input_size=64))
+    target = default_target(probe)
+    # not `permute` (torchvision's Permute module): the norm it permutes, read channels-last
+    assert target == TargetLayer("norm", "output", "nhwc")
+    assert resolve_target(probe, "norm") == target
+    with ActivationCapture(probe.modules[""], target, requires_grad=False) as capture:
+        probe.modules[""](probe.input)
+        via_norm = capture.feature_map()
+    with ActivationCapture(probe.modules[""], TargetLayer("permute"), requires_grad=False) as capture:
+        probe.modules[""](probe.input)
+        via_permute = capture.feature_map()
+    torch.testing.assert_close(via_norm, via_permute)  # the same map
+
+
+def test_a_global_pool_fed_a_1x1_map_is_refused_with_the_fix() -> None:
+    probe = run_probe(load_classifier("resnet18", "NONE", input_size=32))
+    with pytest.raises(ModelError, match=r"1x1, so there is nothing to localise; use a larger --input-size"):
+        default_target(probe)

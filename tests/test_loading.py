@@ -137,8 +137,8 @@ def test_gradcam_on_an_output_that_does_not_depend_on_the_layer_is_refused_befor
     result = explain(image_dir, out, "--model", "own_models:tuple_model", "--input-size", "32", "--output-key", "1")
     assert result.exit_code == 1
     assert result.output == (
-        "camx: error: the model's output does not depend on layer net.features, so Grad-CAM has no gradient to "
-        "follow; choose another --layer (or --output-key)\n"
+        "camx: error: gradcam: the model's output does not depend on layer net.features, so there is no gradient "
+        "to follow; choose another --layer (or --output-key)\n"
     )
     assert not out.exists()
 
@@ -265,3 +265,12 @@ def test_a_model_that_gives_nan_is_refused_or_fails_its_images_and_the_manifest_
             record = json.loads(line, parse_constant=refuse)
             assert record["status"] == "error" and "non-finite values (NaN or inf)" in record["error"]
         assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+
+
+def test_a_factory_that_cannot_be_imported_says_where_it_is_looked_for(image_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = explain(image_dir, tmp_path / "out", "--model", "mymods:build", "--input-size", "32")
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert "cannot import 'mymods' for --model mymods:build: No module named 'mymods'" in result.output
+    assert f"imported from the current folder ({tmp_path}) or PYTHONPATH" in result.output

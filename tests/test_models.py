@@ -117,14 +117,42 @@ def test_the_shipped_table_agrees_with_live_probing(name: str) -> None:
 def test_camx_models_lists_every_model_with_methods_size_and_layer() -> None:
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line.split(maxsplit=4)[1:] for line in result.output.splitlines()}
+    header, *rows = result.output.splitlines()
+    assert header.split() == ["model", "methods", "size", "default", "layer"]  # a header row names the columns
+    lines = {line.split()[0]: line.split(maxsplit=4)[1:] for line in rows}
     assert sorted(lines) == supported_models()
     assert lines["resnet50"] == ["cam+gradcam", "224", "layer4"]
     assert lines["inception_v3"] == ["cam+gradcam", "299", "Mixed_7c"]
     assert lines["vit_b_16"][:3] == ["gradcam", "224", "encoder.layers.encoder_layer_11.ln_1"]
     assert lines["mobilenet_v3_large"][3].startswith("(no CAM: head: AdaptiveAvgPool2d -> Linear -> Hardswish")
+    assert lines["swin_t"] == ["cam+gradcam", "224", "norm"]  # not `permute`: the layer `--layer` takes
 
     result = CliRunner().invoke(main, ["models", "--json"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert {row["model"]: row for row in rows} == read_table()
+
+
+def test_camx_models_takes_a_pattern() -> None:
+    result = CliRunner().invoke(main, ["models", "resnet1*"])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()[1:]] == ["resnet101", "resnet152", "resnet18"]
+
+
+def test_weights_none_is_the_same_model_for_the_same_seed_and_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    first = load_classifier("resnet18", "NONE").module.state_dict()
+    again = load_classifier("resnet18", "NONE", seed=0).module.state_dict()
+    other = load_classifier("resnet18", "NONE", seed=1).module.state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])
+
+
+def test_a_misspelt_model_gets_three_suggestions_and_a_pointer_not_every_name() -> None:
+    result = CliRunner().invoke(main, ["layers", "resnet5O"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "camx: error: unknown model 'resnet5O' (did you mean resnet50, resnet152, resnet34?); "
+        "`camx models` lists the models\n"
+    )

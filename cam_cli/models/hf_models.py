@@ -1,0 +1,205 @@
+"""``hf:PATH`` and ``hf:ORG/NAME``: Hugging Face ``AutoModelForImageClassification``, offline.
+
+``PATH`` is a ``save_pretrained`` folder (``config.json`` and weights);
+``ORG/NAME`` is looked up in the local Hugging Face cache only.  The folder's
+``config.json`` is read here first, and a config that asks for remote code
+(``auto_map``) is refused before transformers, or anything in the folder, is
+imported: camx never runs code from a model folder.
+
+* ``--weights DEFAULT``: the folder's weights; ``NONE``: the folder's
+  architecture with random weights; ``PATH``: a state dict loaded strictly.
+* Preprocessing from the folder's ``preprocessor_config.json`` (size, mean,
+  std, resample); labels from ``config.id2label``; logits from the output
+  object's ``.logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cam_cli.errors import ModelError, WeightsError
+from cam_cli.models.base import (
+    DEFAULT_INPUT_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Loaded,
+    apply_state_dict,
+    head_name,
+    is_keyword,
+    load_state_dict,
+    num_classes_in,
+    one_line,
+)
+from cam_cli.models.timm_models import cached_hub_file, hf_cache_dir
+
+# PIL's resampling codes, as image processors store them
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def resolve_folder(spec: str) -> Path:
+    """The model folder ``hf:SPEC`` names: a local folder, else ``ORG/NAME`` in the local cache."""
+    if not spec:
+        raise ModelError("--model hf: needs a folder or ORG/NAME, e.g. hf:./my-vit or hf:google/vit-base-patch16-224")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"hf:{spec}: {path} has no config.json (save the model with save_pretrained)")
+        return path
+    if path.exists():
+        raise ModelError(f"hf:{spec}: {path} is a file; hf: takes a save_pretrained folder or ORG/NAME")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        found = cached_hub_file(spec, "config.json")
+        if found is not None:
+            return found.parent
+        raise ModelError(
+            f"hf:{spec} is not a folder and not in the local Hugging Face cache ({hf_cache_dir()}); camx does not "
+            f"download: fetch it where the network is reachable (`hf download {spec}`) and copy the cache, "
+            "or pass hf:PATH to a save_pretrained folder"
+        )
+    raise ModelError(f"hf:{spec}: no such folder")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {one_line(exc, 120)}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return data
+
+
+def refuse_remote_code(folder: Path) -> dict[str, Any]:
+    """``config.json`` of ``folder``, read without importing anything; refuses ``auto_map`` (remote code)."""
+    config = _read_json(folder / "config.json")
+    for name in ("config.json", "preprocessor_config.json"):
+        data = config if name == "config.json" else None
+        if data is None and (folder / name).is_file():
+            data = _read_json(folder / name)
+        if data and data.get("auto_map"):
+            raise ModelError(
+                f"refusing {folder}: its {name} asks for remote code (auto_map), and camx never runs code "
+                "from a model folder; use a model that transformers ships"
+            )
+    return config
+
+
+def import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError("Hugging Face models need transformers: pip install 'camx[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars on stderr, one per model
+    return transformers
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _size(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        for key in ("height", "shortest_edge", "width", "longest_edge"):
+            if isinstance(value.get(key), int):
+                return int(value[key])
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
+        return int(value[0])
+    return None
+
+
+def preprocessing(folder: Path, config: dict[str, Any]) -> tuple[int, tuple[float, ...], tuple[float, ...], str, list]:
+    """Input size, mean, std and interpolation from the folder's image processor config."""
+    notes: list[str] = []
+    path = folder / "preprocessor_config.json"
+    processor = _read_json(path) if path.is_file() else {}
+    if not processor:
+        notes.append(f"{folder} has no preprocessor_config.json: ImageNet mean/std")
+    size = _size(processor.get("crop_size")) if processor.get("do_center_crop") else None
+    size = size or _size(processor.get("size")) or _size(config.get("image_size")) or DEFAULT_INPUT_SIZE
+    mean = tuple(float(v) for v in processor.get("image_mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in processor.get("image_std", IMAGENET_STD))
+    if processor.get("do_normalize") is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    interpolation = RESAMPLE.get(processor.get("resample", 2), "bilinear")
+    return int(size), mean, std, interpolation, notes
+
+
+def _labels(module: nn.Module) -> list[str] | None:
+    id2label = getattr(module.config, "id2label", None) or {}
+    try:
+        pairs = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        return None
+    if [k for k, _ in pairs] != list(range(len(pairs))):
+        return None
+    return [v for _, v in pairs] or None
+
+
+def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | None = None) -> Loaded:
+    """Build ``hf:SPEC`` (see the module docstring)."""
+    folder = resolve_folder(spec)
+    config_json = refuse_remote_code(folder)  # before anything else is imported
+    transformers = import_transformers()
+    auto = transformers.AutoModelForImageClassification
+    choice = weights.strip()
+    with _offline():
+        try:
+            if is_keyword(choice, "DEFAULT"):
+                trained = len(config_json.get("id2label") or {}) or config_json.get("num_labels")
+                if num_classes is not None and trained and num_classes != int(trained):
+                    raise WeightsError(
+                        f"--num-classes {num_classes} does not match hf:{spec} ({trained} classes); "
+                        "pass fine-tuned weights as a path"
+                    )
+                module = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+                label = "DEFAULT"
+            else:
+                config = transformers.AutoConfig.from_pretrained(
+                    str(folder), local_files_only=True, trust_remote_code=False
+                )
+                if input_size is not None and isinstance(getattr(config, "image_size", None), int):
+                    config.image_size = input_size
+                state = None if is_keyword(choice, "NONE") else load_state_dict(Path(choice))
+                if num_classes is not None:
+                    config.num_labels = num_classes
+                module = auto.from_config(config)
+                if state is not None:
+                    found = num_classes_in(state, module)
+                    if num_classes is None and found is not None and found != config.num_labels:
+                        config.num_labels = found
+                        module = auto.from_config(config)
+                    apply_state_dict(module, state, choice)
+                label = "NONE" if state is None else choice
+        except (ModelError, WeightsError):
+            raise
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError... on folders it cannot use
+            raise ModelError(f"cannot load hf:{spec}: {one_line(exc)}") from None
+    if head_name(module) is None:
+        raise ModelError(f"hf:{spec} has no classification head; camx needs an AutoModelForImageClassification")
+    size, mean, std, interpolation, notes = preprocessing(folder, config_json)
+    return Loaded(module, label, input_size or size, mean, std, _labels(module), interpolation, notes)
