@@ -96,9 +96,16 @@ class Watched:
 
     def wait_thumbnails_loaded(self) -> int:
         """Scroll every thumbnail of the page into view; all must load. Returns how many."""
-        count = self.page.locator("#grid img").count()
-        for n in range(count):
-            self.page.locator("#grid img").nth(n).scroll_into_view_if_needed()
+        count = self.page.evaluate(
+            """async () => {
+                const images = Array.from(document.querySelectorAll('#grid img'));
+                for (const image of images) {
+                    image.scrollIntoView({block: 'center'});
+                    await new Promise(resolve => requestAnimationFrame(resolve));
+                }
+                return images.length;
+            }"""
+        )
         wait_until(
             self.page,
             "Array.from(document.querySelectorAll('#grid img')).every(i => i.complete && i.naturalWidth > 0)",
