@@ -20,6 +20,7 @@ from PIL import Image
 from cam_cli.cli import main
 from cam_cli.cli_report import report
 from cam_cli.report import build_report, script_json, url_path
+from cam_cli.report.thumbs import jpeg_size, render_thumbnail
 
 HOSTILE_KEYS = [
     "<img src=x onerror=alert(1)>.png",
@@ -408,6 +409,29 @@ def test_the_original_thumbnail_is_upright_and_a_missing_original_is_skipped(tmp
     assert "i" not in items["gone.jpg"] and "t" in items["gone.jpg"]["m"][0]
     with Image.open(out / "report" / data["thumbs"] / items["rotated.jpg"]["i"]) as thumb:
         assert thumb.size[1] > thumb.size[0]
+
+
+def test_jpeg_size_reads_the_frame_header_as_pillow_does(tmp_path):
+    baseline = write_image(tmp_path / "a.jpg", 67, 45, fmt="JPEG")
+    progressive = tmp_path / "p.jpg"
+    Image.open(baseline).save(progressive, progressive=True)
+    rotated = tmp_path / "r.jpg"
+    image = Image.open(baseline)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(rotated, exif=exif)
+    for path in (baseline, progressive, rotated):
+        assert jpeg_size(path.read_bytes()) == Image.open(path).size == (67, 45)
+    assert jpeg_size(write_image(tmp_path / "b.png", 5, 5).read_bytes()) is None
+    assert jpeg_size(b"\xff\xd8\xff") is None
+    # a header claiming far more pixels than camx would decode: no thumbnail, and no attempt
+    data = bytearray(baseline.read_bytes())
+    at = data.index(b"\xff\xc0")
+    data[at + 5 : at + 9] = (60000).to_bytes(2, "big") * 2
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="too large"):
+        render_thumbnail(bomb)
 
 
 # --------------------------------------------------------------------- errors

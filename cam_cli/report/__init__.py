@@ -128,13 +128,6 @@ def _box(value: Any) -> list[float] | None:
     return None
 
 
-def _size(record: dict[str, Any]) -> tuple[int, int] | None:
-    width, height = record.get("width"), record.get("height")
-    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
-        return (width, height)
-    return None
-
-
 def _input_source(value: Any) -> Path | None:
     """The original image of a record, when its ``input`` names a file path."""
     if not isinstance(value, str) or not value or "\0" in value:
@@ -177,7 +170,6 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
         class_name: str | None = None
         score: float | None = None
         source: Path | None = None
-        size: tuple[int, int] | None = None
         for record in records:
             method = str(record.get("method"))
             status = str(record.get("status", "ok"))
@@ -185,7 +177,6 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
             entry: dict[str, Any] = {"i": method_index[method], "st": status}
             if source is None:
                 source = _input_source(record.get("input"))
-            size = size or _size(record)
             if status == "ok":
                 name, value = predicted(record)
                 if class_name is None and name is not None:
@@ -201,11 +192,11 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
                     entry["h"] = base + url_path(overlay)
                     thumb = thumb_name(key, method)
                     entry["t"] = thumb
-                    jobs.append(ThumbJob(thumb, run.out_dir / Path(*overlay.parts), _size(record)))
+                    jobs.append(ThumbJob(thumb, run.out_dir / Path(*overlay.parts)))
                 targets = record.get("targets")
                 if isinstance(targets, list) and len(targets) > 1:
                     entry["r"] = [
-                        [t.get("rank"), _text(t.get("class_name")), _number(t.get("score"))]
+                        [_number(t.get("rank"), 0), _class_label(t), _number(t.get("score"))]
                         for t in targets
                         if isinstance(t, dict)
                     ]
@@ -230,7 +221,7 @@ def _collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
         if source is not None and any(e["st"] == "ok" for e in entries):
             thumb = thumb_name(key, None)
             item["i"] = thumb
-            jobs.append(ThumbJob(thumb, source, size))
+            jobs.append(ThumbJob(thumb, source))
         raw_items.append(item)
 
     class_list = [name for name, _ in sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))]

@@ -63,9 +63,6 @@ class ThumbJob:
 
     name: str
     source: Path
-    #: The image's (width, height) when the manifest gives it: a JPEG is then
-    #: decoded without parsing its header in Python first.
-    size_hint: tuple[int, int] | None = None
 
 
 @dataclass
@@ -110,7 +107,41 @@ def _with_opencv(data: bytes, width: int, height: int, size: int) -> bytes | Non
     return encoded.tobytes() if ok else None
 
 
-def render_thumbnail(source: Path, size: int = THUMB_SIZE, size_hint: tuple[int, int] | None = None) -> bytes:
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, as stored (before EXIF orientation);
+    None when ``data`` is not a JPEG whose header can be walked."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            at += 2
+            continue
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS:
+            if at + 9 > len(data):
+                return None
+            height = int.from_bytes(data[at + 5 : at + 7], "big")
+            width = int.from_bytes(data[at + 7 : at + 9], "big")
+            return (width, height) if width and height else None
+        if length < 2:
+            return None
+        at += 2 + length
+    return None
+
+
+def render_thumbnail(source: Path, size: int = THUMB_SIZE) -> bytes:
     """JPEG bytes of ``source`` shrunk to fit ``size`` x ``size``, upright (EXIF applied).
 
     JPEGs are decoded at 1/2, 1/4 or 1/8 scale where that still covers the
@@ -118,8 +149,9 @@ def render_thumbnail(source: Path, size: int = THUMB_SIZE, size_hint: tuple[int,
     """
     with open(source, "rb") as handle:
         data = handle.read()
-    if size_hint is not None and data[:3] == b"\xff\xd8\xff" and size_hint[0] * size_hint[1] <= DEFAULT_MAX_PIXELS:
-        encoded = _with_opencv(data, size_hint[0], size_hint[1], size)
+    stored = jpeg_size(data)  # a JPEG's size without Pillow's (Python) header parsing
+    if stored is not None and stored[0] * stored[1] <= DEFAULT_MAX_PIXELS:
+        encoded = _with_opencv(data, stored[0], stored[1], size)
         if encoded is not None:
             return encoded
     with warnings.catch_warnings():
@@ -223,7 +255,7 @@ def make_thumbnails(
         if stamp is None:
             return job.name, None
         try:
-            data = render_thumbnail(job.source, size, job.size_hint)
+            data = render_thumbnail(job.source, size)
             # Written in place, not through a renamed temporary (that doubles the cost of
             # every file): a thumbnail cut short by a kill has no entry in the cache yet,
             # so the next run makes it again.
