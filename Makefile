@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP   = $(VENV)/.installed
 
-.PHONY: help install test lint format demo bench bench-localisation clean
+.PHONY: help install test test-quick lint format demo bench bench-localisation clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
-	$(BIN)/pip install -e '.[test,demo]'
+	$(BIN)/pip install -e '.[test,demo,timm,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with camx, its test and demo extras
 
 test: $(STAMP)  ## run the whole test suite (the largest models included)
 	CAMX_SLOW=1 $(BIN)/python -m pytest -q
+
+test-quick: $(STAMP)  ## the edit-test loop: everything but the tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check cam_cli tests bench
@@ -33,9 +36,11 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format cam_cli tests bench
 
 demo: $(STAMP)  ## explain sample_images with the offline pretrained EfficientNet-Lite0
-	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method gradcam
+	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method gradcam,gradcam++,eigencam,random
 	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method cam --boxes --draw-boxes
-	@echo "overlays and maps: out/demo/*.gradcam.jpg and out/demo/*.cam.jpg; manifest: out/demo/manifest.jsonl"
+	$(BIN)/camx evaluate out/demo
+	$(BIN)/camx report out/demo
+	@echo "overlays and maps: out/demo/*.METHOD.jpg/.npy; manifest: out/demo/manifest.jsonl; metrics: out/demo/metrics.jsonl; page: out/demo/report/index.html"
 
 bench: $(STAMP)  ## throughput against the forward-only floor and the peers
 	$(BIN)/python bench/throughput.py --model resnet18 --images 64

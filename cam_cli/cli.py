@@ -266,6 +266,7 @@ def main() -> None:
 )
 @click.option("--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes).")
 @click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
+@click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout at the end.")
 def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
@@ -309,6 +310,7 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
     quiet = options.pop("quiet")
     as_json = options.pop("as_json")
+    make_report = options.pop("make_report")
     shard = options.pop("shard")
     max_pixels = options.pop("max_pixels")
     with reported_errors(as_json):
@@ -357,8 +359,17 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
         click.echo(
             f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
         )
+    result = summary.as_dict()
+    if make_report and not summary.interrupted:
+        from cam_cli.report import build_report
+
+        with reported_errors(as_json):
+            page = build_report(out_dir, quiet=True)
+        result["report"] = str(page)
+        if not quiet:
+            click.echo(f"camx: report: {page}", err=True)
     if as_json:
-        click.echo(json.dumps(summary.as_dict()))
+        click.echo(json.dumps(result))
     if summary.interrupted:
         sys.exit(interrupt_code)
     if summary.failed:

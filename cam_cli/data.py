@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
 from torch.utils.data import DataLoader, Dataset
 
 from cam_cli import io
@@ -38,7 +39,10 @@ class Item:
 class ImageDataset(Dataset[Item]):
     """Decodes and resizes one image per item; failures become ``Item.error``."""
 
-    def __init__(self, images: Sequence[io.InputImage], size: int, max_pixels: int) -> None:
+    def __init__(
+        self, images: Sequence[io.InputImage], size: int, max_pixels: int, interpolation: str = "bilinear"
+    ) -> None:
+        self.interpolation = InterpolationMode(interpolation)
         self.images = images
         self.size = size
         self.max_pixels = max_pixels
@@ -54,7 +58,9 @@ class ImageDataset(Dataset[Item]):
         original = torch.from_numpy(array)
         chw = original.permute(2, 0, 1)
         # The whole image, no centre crop, so the map covers all of it.
-        resized = TF.resize(chw, [self.size, self.size], antialias=True)
+        resized = TF.resize(chw, [self.size, self.size], interpolation=self.interpolation, antialias=True)
+        if self.interpolation is InterpolationMode.BICUBIC:  # bicubic overshoots: keep uint8 in range
+            resized = resized.clamp_(0, 255)
         return Item(index, resized.contiguous(), original, None)
 
 
@@ -96,12 +102,18 @@ def ignore_stop_signals(_: int) -> None:
 
 
 def make_loader(
-    images: Sequence[io.InputImage], size: int, max_pixels: int, batch_size: int, workers: int, pin: bool
+    images: Sequence[io.InputImage],
+    size: int,
+    max_pixels: int,
+    batch_size: int,
+    workers: int,
+    pin: bool,
+    interpolation: str = "bilinear",
 ) -> DataLoader[Item]:
     """Batches of ``images`` decoded and resized to ``size`` by ``workers`` processes (0: in this one)."""
     workers = workers if images else 0
     return DataLoader(
-        ImageDataset(images, size, max_pixels),
+        ImageDataset(images, size, max_pixels, interpolation),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -163,7 +163,13 @@ class Explainer:
         if config.workers is None and len(todo) <= config.batch_size:
             workers = 0  # one batch: a worker would only add its start-up before the model can begin
         loader = make_loader(
-            todo, self.classifier.input_size, config.max_pixels, config.batch_size, workers, self.device.type == "cuda"
+            todo,
+            self.classifier.input_size,
+            config.max_pixels,
+            config.batch_size,
+            workers,
+            self.device.type == "cuda",
+            self.classifier.interpolation,
         )
         writer = Writer(self.plan, config.out_dir, config.fmt, config.alpha, config.boxes, config.draw_boxes,
                         config.box_threshold, self.timings.add)  # fmt: skip

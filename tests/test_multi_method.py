@@ -295,3 +295,12 @@ def test_random_weights_are_the_same_model_every_run_and_follow_seed(image_dir, 
     # a resume with another seed would mix two models: it redoes the work instead
     code, summary, output = run(image_dir, tmp_path / "a", "resnet18", "--input-size", "64", "--seed", "3")
     assert code == 0 and summary["done"] == 6 and summary["skipped"] == 0, output
+
+
+def test_explain_report_builds_the_page_at_the_end(image_dir, tiny_factory, tmp_path):
+    out = tmp_path / "out"
+    code, summary, output = run(image_dir, out, tiny_factory, "--method", "gradcam,fem", "--report")
+    assert code == 0, output
+    page = out / "report" / "index.html"
+    assert summary["report"] == str(page) and page.is_file()
+    assert "a.jpg" in page.read_text(encoding="utf-8")
