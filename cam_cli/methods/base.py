@@ -184,6 +184,10 @@ class Capture:
     activation: torch.Tensor | None = None  # the hooked leaf (raw layout), when gradients are needed
     graph_logits: torch.Tensor | None = None
     create_graph: bool = False
+    #: the normalised input ``(N, 3, S, S)`` and the model's forward, for methods that run
+    #: passes of their own after the hooked one (``Method.after_pass``): the hook is off then
+    x: torch.Tensor | None = None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     def classes_for(self, class_specific: bool) -> torch.Tensor:
@@ -219,6 +223,9 @@ class Method:
     relu: ClassVar[bool] = True
     needs_gradient: ClassVar[bool] = False
     needs_second_order: ClassVar[bool] = False
+    #: ``maps`` is called after the hooked pass, with the hook removed and ``capture.x`` and
+    #: ``capture.forward`` set: for methods that run extra forward passes (perturbation)
+    after_pass: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         from cam_cli.methods.registry import info

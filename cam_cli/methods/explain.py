@@ -161,5 +161,13 @@ class BatchExplainer:
                 create_graph=second,
             )
             for method in methods:
-                maps[method.name] = method.maps(capture).detach()
+                if not method.after_pass:
+                    maps[method.name] = method.maps(capture).detach()
+        late = [m for m in methods if m.after_pass]
+        if late:  # passes of their own, with the hook off and no graph
+            capture.activation = capture.graph_logits = None
+            capture.x, capture.forward = x, self.forward
+            with torch.inference_mode():
+                for method in late:
+                    maps[method.name] = method.maps(capture).detach()
         return logits, chosen
