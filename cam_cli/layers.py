@@ -262,8 +262,9 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
                 bias = module._parameters.get("bias", getattr(module, "bias", None))
                 linears.append(Head(name, weight, bias if isinstance(bias, torch.Tensor) else None, first, output))
             if output.dim() >= 3:
-                if output.requires_grad and output.dim() == 3:
-                    output.retain_grad()  # token models: which tokens reach the head
+                if output.requires_grad and output.dim() in (3, 4):
+                    # which tokens reach the head (token models); whether the output depends on a layer
+                    output.retain_grad()
                 records.append(record(name, "output", module, output, leaf, counts[name]))
 
         return hook
@@ -271,6 +272,8 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     def on_input(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+                if args[0].requires_grad:
+                    args[0].retain_grad()
                 records.append(record(name, "input", module, args[0], True, 1))
 
         return hook

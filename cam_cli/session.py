@@ -90,9 +90,30 @@ def open_session(config: Any) -> Session:
     for method in methods:
         method.prepare(setup)
     explainer = BatchExplainer(forward, module, target_layer, methods, aug_smooth=config.aug_smooth)
-    if probe.input is not None:  # once on the probe's input: a method that cannot run fails now, not mid-run
+    if probe.input is not None and not vouched_for(probe, target_layer, methods):
+        # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
     return Session(classifier, device, module, target_layer, target, methods, explainer, num_classes)
+
+
+#: gradient methods that need nothing but the gradient of a class score at the target layer
+PLAIN_GRADIENT = frozenset(
+    ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam", "finercam"]
+)
+
+
+def vouched_for(probe: Any, target: TargetLayer | None, methods: list[Method]) -> bool:
+    """Whether the probe pass already showed that every method can run, so that the dry
+    run can be skipped (it costs a forward and backward pass at start-up): methods
+    without a backward pass read only the activation the probe saw, and the plain
+    gradient methods need only that the probe's backward pass reached the layer."""
+    gradient = [m for m in methods if m.needs_gradient]
+    if any(m.name not in PLAIN_GRADIENT or not m.info.uses_layer for m in gradient):
+        return False
+    if not gradient:
+        return True
+    record = probe.find(target.label) if target is not None else None
+    return record is not None and record.tensor.grad is not None
 
 
 def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> None:
