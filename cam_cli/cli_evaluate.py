@@ -192,10 +192,12 @@ def _run_with_progress(evaluator: Any, quiet: bool) -> Any:
         return evaluator.run(progress)
 
 
-def _cell(stat: dict[str, Any] | None, digits: int) -> str:
+def _cell(stat: dict[str, Any] | None, digits: int, n: int) -> str:
+    """``mean [low, high]``, with its count where fewer lines than the row's have the value."""
     if not stat or stat.get("mean") is None:
         return "-"
-    return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
+    count = f" (n={stat['n']})" if stat["n"] != n else ""
+    return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]{count}"
 
 
 TITLES = {
@@ -230,7 +232,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for method in summary.get("ranking", []):
         entry = methods[method]
-        cells = [_cell(entry["metrics"][s], TITLES[s][1]) for s in stats]
+        cells = [_cell(entry["metrics"][s], TITLES[s][1], entry["n"]) for s in stats]
         lines.append(f"| {entry.get('rank', '')} | {method} | {entry['n']} | " + " | ".join(cells) + " |")
     gaps = [m for m in summary.get("ranking", []) if "gap_to_random" in methods[m]]
     if gaps:
@@ -239,7 +241,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for method in gaps:
             gap = methods[method]["gap_to_random"]
             n = max((g["n"] for g in gap.values()), default=0)
-            cells = [_cell(gap[s], TITLES[s][1]) for s in stats]
+            cells = [_cell(gap[s], TITLES[s][1], n) for s in stats]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

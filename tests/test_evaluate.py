@@ -155,7 +155,7 @@ def test_a_killed_evaluate_resumes_from_its_journal(tiny_factory: str, image_dir
         "    model.load_state_dict(make_tiny().state_dict())\n"
         "    return model.eval()\n"
     )
-    command = [sys.executable, "-c", "from cam_cli.cli_evaluate import evaluate; evaluate()", str(out), *FAST]
+    command = [sys.executable, "-m", "cam_cli", "evaluate", str(out), *FAST]
     command += ["--model", "slow_module:build", "--steps", "3", "--batch-size", "4", "-q"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -232,6 +232,17 @@ def test_a_model_that_cannot_be_rebuilt_is_one_line_exit_1(
     assert not (run_dir / "metrics.jsonl").exists() and not io.journal_path(run_dir / "metrics.jsonl").exists()
     bad = CliRunner().invoke(evaluate, [str(run_dir), *FAST, "--model", "resnet_nope"])
     assert bad.exit_code == 1 and "unknown model 'resnet_nope'" in bad.stderr
+
+
+def test_another_model_than_the_runs_is_warned_about(run_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "other_module.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_tiny\ndef build():\n    return make_tiny(seed=7)\n"
+    )
+    code, _, stderr = run(run_dir, "--model", "other_module:build", "--metrics", "confidence")
+    assert code == 0
+    assert f"for {PAIRS} lines the rebuilt model's probability" in stderr and "is it the model" in stderr
+    assert "is it the model" not in run(run_dir, "--metrics", "confidence")[2]
 
 
 def test_boxes_give_pointing_and_iou_and_unmatched_keys_a_warning(run_dir: Path, tmp_path: Path) -> None:
