@@ -315,6 +315,12 @@ class Evaluator:
             self.boxes_digest = _digest(config.boxes_from)
         self.device = resolve_device(config.device)
         self.setups: dict[tuple[Any, ...], ModelSetup] = {}
+        # The run's --seed (which seeds random weights) is recorded on some lines only (random's):
+        # it holds for every line of the same model and weights.
+        self.seeds: dict[tuple[Any, Any], int] = {}
+        for r in ok:
+            if isinstance(r.get("seed"), int):
+                self.seeds.setdefault((r.get("model"), r.get("weights")), int(r["seed"]))
         self.records = [(r, self._setup_of(r)) for r in ok]
         if self.perturbing:
             for setup in self.setups.values():
@@ -358,7 +364,7 @@ class Evaluator:
             tuple(c.std) if c.std else _rounded(record.get("std")),
             c.output_key if c.output_key is not None else record.get("output_key"),
             num_classes,
-            int(record.get("seed") or 0),
+            self.seeds.get((record.get("model"), record.get("weights")), 0),
         )
         if key not in self.setups:
             self.setups[key] = ModelSetup(*key)  # type: ignore[arg-type]

@@ -139,42 +139,67 @@ def test_a_rerun_skips_and_changed_settings_redo_only_what_they_shape(run_dir: P
     assert payload["done"] == 1 and payload["skipped"] == PAIRS - 1
 
 
-def test_a_killed_evaluate_resumes_from_its_journal(tiny_factory: str, image_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    explain(image_dir, out)
-    (tmp_path / "slow_module.py").write_text(
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from conftest import make_tiny\n"
-        "class Slow(type(make_tiny())):\n"
-        "    def forward(self, x):\n"
-        "        time.sleep(0.15)\n"
-        "        return super().forward(x)\n"
-        "def build():\n"
-        "    model = Slow()\n"
-        "    model.load_state_dict(make_tiny().state_dict())\n"
-        "    return model.eval()\n"
-    )
+SLOW_MODULE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny
+
+class Slow(type(make_tiny())):
+    def forward(self, x):
+        time.sleep(0.15)
+        return super().forward(x)
+
+def build():
+    model = Slow()
+    model.load_state_dict(make_tiny().state_dict())
+    return model.eval()
+"""
+
+
+def start_slow_evaluate(out: Path, folder: Path, *extra: str) -> tuple[subprocess.Popen, list[str], dict]:
+    """``camx evaluate`` in a child process with a slow model; returns once 3 lines are in the journal."""
+    (folder / "slow_module.py").write_text(SLOW_MODULE.format(tests=str(Path(__file__).parent)))
     command = [sys.executable, "-m", "cam_cli", "evaluate", str(out), *FAST]
-    command += ["--model", "slow_module:build", "--steps", "3", "--batch-size", "4", "-q"]
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command += ["--model", "slow_module:build", "--steps", "3", "--batch-size", "4", *extra]
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    child = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = io.journal_path(out / "metrics.jsonl")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
         if journal.exists() and len(list(io.read_records(journal))) >= 3:
             break
         time.sleep(0.05)
-    assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
+    assert child.poll() is None, child.communicate()[1]
+    return child, command, env
+
+
+def test_a_killed_evaluate_resumes_from_its_journal(tiny_factory: str, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    explain(image_dir, out)
+    child, command, env = start_slow_evaluate(out, tmp_path, "-q")
     child.send_signal(signal.SIGKILL)
-    child.wait()
+    child.communicate()
+    journal = io.journal_path(out / "metrics.jsonl")
     killed = list(io.read_records(journal))
     assert 3 <= len(killed) < PAIRS and not (out / "metrics.jsonl").exists()
-    done = subprocess.run(command[:-1] + ["--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(command + ["--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout.strip().splitlines()[-1])
     assert payload["skipped"] == len(killed) and payload["done"] == PAIRS - len(killed)
     assert len(lines_of(out)) == PAIRS and not journal.exists()
+
+
+def test_ctrl_c_keeps_what_is_evaluated_and_exits_130(tiny_factory: str, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    explain(image_dir, out)
+    child, _, _ = start_slow_evaluate(out, tmp_path, "--workers", "1")
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr
+    assert "camx: interrupted" in stderr
+    kept = lines_of(out)
+    assert 3 <= len(kept) < PAIRS and all(line["status"] == "ok" for line in kept.values())
+    assert not io.journal_path(out / "metrics.jsonl").exists()
 
 
 def test_a_missing_map_is_an_error_line_and_exit_3(run_dir: Path) -> None:
@@ -324,3 +349,21 @@ def test_gradcam_and_cam_beat_random_on_the_sample_photos(sample_dir: Path, tmp_
         assert ours["insertion_auc"]["mean"] > control["insertion_auc"]["mean"], (method, ours, control)
         assert methods[method]["gap_to_random"]["deletion_auc"]["mean"] < 0
     assert payload["summary"]["ranking"][-1] == "random"
+
+
+def test_random_weights_are_rebuilt_with_the_runs_seed(image_dir: Path, tmp_path: Path) -> None:
+    """--weights NONE: the seed the run recorded (on its random lines) rebuilds the same weights."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(image_dir), "-o", str(out), "--model", "resnet18", "--weights", "NONE", "--seed", "5"]
+        + ["--method", "gradcam,random", "--input-size", "64", "--device", "cpu", "--workers", "0", "-q"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    code, payload, stderr = run(out, "--metrics", "confidence")
+    assert code == 0 and payload["done"] == PAIRS
+    assert "is it the model" not in stderr
+    for line in lines_of(out).values():
+        record = io.load_manifest(out / "manifest.jsonl")[(line["key"], line["method"])]
+        assert line["score"] == pytest.approx(record["score"], rel=1e-3, abs=1e-6)
