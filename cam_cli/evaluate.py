@@ -571,6 +571,10 @@ class Evaluator:
             tune_allocator()
         try:
             journal = io.Journal(self.metrics_path)
+        except OutputError:
+            raise OutputError(
+                f"another camx evaluate is writing {self.metrics_path} right now; let it finish first"
+            ) from None
         except OSError as exc:
             raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
         mismatched = [0]

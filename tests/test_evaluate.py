@@ -367,3 +367,14 @@ def test_random_weights_are_rebuilt_with_the_runs_seed(image_dir: Path, tmp_path
     for line in lines_of(out).values():
         record = io.load_manifest(out / "manifest.jsonl")[(line["key"], line["method"])]
         assert line["score"] == pytest.approx(record["score"], rel=1e-3, abs=1e-6)
+
+
+def test_a_second_evaluate_into_the_same_out_is_refused(run_dir: Path) -> None:
+    holder = io.Journal(run_dir / "metrics.jsonl")  # as a running evaluate holds it
+    try:
+        result = CliRunner().invoke(evaluate, [str(run_dir), *FAST])
+        assert result.exit_code == 1
+        assert "another camx evaluate is writing" in result.stderr
+    finally:
+        holder.discard()
+    assert run(run_dir, "--steps", "2")[0] == 0
