@@ -453,6 +453,17 @@ def _run_with_progress(explainer: Any, quiet: bool) -> Any:
         def on_first(name: str) -> None:
             bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
 
+        batches = getattr(getattr(explainer, "session", None), "explainer", None)
+        if batches is not None and any(m.after_pass for m in batches.methods) and not quiet:
+            # Score-CAM and Ablation-CAM run many forward passes per image: count those too
+            passes = [0]
+
+            def on_passes(count: int) -> None:
+                passes[0] += count
+                bar.set_postfix_str(f"{passes[0]} forward passes", refresh=True)
+
+            batches.on_passes = on_passes
+
         with _graceful_stop(stop, on_first):
             return explainer.run(progress, stop)
 
@@ -556,16 +567,23 @@ def methods(as_json: bool) -> None:
         for entry in METHODS.values():
             click.echo(json.dumps(entry.as_dict()))
         return
-    click.echo(f"{'method':<20} {'family':<11} {'fwd':>3} {'bwd':>3}  {'class':<8} {'smoothing':<12} paper")
+    click.echo(f"{'method':<20} {'family':<12} {'fwd':>4} {'bwd':>3}  {'class':<8} {'smoothing':<12} paper")
     for entry in METHODS.values():
         backwards = f"{entry.backwards}" + ("*" if entry.shares_backward else "")
         smooth = "/".join(s for s, ok in (("aug", entry.aug_smooth), ("eigen", entry.eigen_smooth)) if ok) or "-"
         specific = "specific" if entry.class_specific else "agnostic"
+        forwards = entry.forwards_note or str(entry.forwards)
         click.echo(
-            f"{entry.name:<20} {entry.family:<11} {entry.forwards:>3} {backwards:>3}  {specific:<8} {smooth:<12} "
+            f"{entry.name:<20} {entry.family:<12} {forwards:>4} {backwards:>3}  {specific:<8} {smooth:<12} "
             f"{entry.paper}"
         )
     click.echo("* one backward pass shared by every method so marked; fwd/bwd are per image, the method alone")
+    if any(entry.forwards_note for entry in METHODS.values()):
+        click.echo("* K = the target layer's channels (2048 for resnet50's layer4): the passes one image costs")
+        click.echo(
+            "* ^ ablationcam: 1 where global average pooling and one linear layer follow the layer (closed form);"
+            " else K passes of the layers after it, or K whole passes where the network cannot be cut there"
+        )
 
 
 @main.command()

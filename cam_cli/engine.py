@@ -21,6 +21,7 @@ import torch
 from cam_cli import io
 from cam_cli.data import Batch
 from cam_cli.methods import BatchExplainer
+from cam_cli.methods.base import Stopped
 from cam_cli.plan import Plan
 from cam_cli.targets import TargetSpec
 from cam_cli.writer import MethodResult, Writer, writer_pool
@@ -49,7 +50,8 @@ class Summary:
     #: seconds spent per stage. Main thread: start (reading manifests, opening the
     #: journal), wait_for_data, model, wait_for_writes (the bounded queue is full),
     #: final_writes (the last batches' writes), finish (manifest, clean-up).
-    #: Writer threads: postprocess_write (wall time, summed over the threads)
+    #: Writer threads: postprocess_write (wall time, summed over the threads).
+    #: extra_passes: the part of model spent in methods' own passes (Score-CAM, Ablation-CAM)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -149,6 +151,7 @@ class Engine:
     ) -> None:  # fmt: skip
         pool = writer_pool(on_cpu)
         add = self.timings.add
+        self.explainer.stop = stop  # methods with passes of their own stop between them
         in_flight: deque[tuple[list[list[dict[str, Any]]], list[Future[list[dict[str, Any]]]]]] = deque()
 
         def drain(limit: int) -> None:
@@ -180,8 +183,16 @@ class Engine:
                 futures: list[Future[list[dict[str, Any]]]] = []
                 if batch.images is not None:
                     computed = time.perf_counter()
-                    jobs = self.explain_batch(todo, batch)
-                    add("model", time.perf_counter() - computed)
+                    extra = self.explainer.extra_seconds
+                    try:
+                        jobs = self.explain_batch(todo, batch)
+                    except Stopped:  # a method's own passes saw the stop: drop this batch, keep the rest
+                        summary.interrupted = True
+                        break
+                    finally:
+                        add("model", time.perf_counter() - computed)
+                        if self.explainer.extra_seconds > extra:  # included in "model"
+                            add("extra_passes", self.explainer.extra_seconds - extra)
                     futures = [pool.submit(self.writer.write_image, *job) for job in jobs]
                 in_flight.append((ready, futures))
                 waited = time.perf_counter()

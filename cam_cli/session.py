@@ -90,6 +90,7 @@ def open_session(config: Any) -> Session:
     for method in methods:
         method.prepare(setup)
     explainer = BatchExplainer(forward, module, target_layer, methods, aug_smooth=config.aug_smooth)
+    explainer.batch_size = config.batch_size  # the images per pass of methods with passes of their own
     if probe.input is not None and not vouched_for(probe, target_layer, methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)

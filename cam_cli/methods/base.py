@@ -12,6 +12,7 @@ needs the activation ``A`` and its gradient ``g`` shares one backward pass.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -128,6 +129,11 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
 ClassChooser = Callable[[torch.Tensor], torch.Tensor]
 
 
+class Stopped(Exception):
+    """Raised by a method's own passes when the run's stop event is set: the batch in
+    progress is dropped, what was already complete is kept."""
+
+
 @dataclass
 class Explanation:
     """One batch explained.
@@ -188,6 +194,12 @@ class Capture:
     #: passes of their own after the hooked one (``Method.after_pass``): the hook is off then
     x: torch.Tensor | None = None
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: for those passes: how many images one of them takes (``--batch-size``), a callback told
+    #: how many forward passes (one per image) were just done, and the run's stop event,
+    #: checked between passes (raise :class:`Stopped` when it is set)
+    batch_size: int = 16
+    on_passes: Callable[[int], None] | None = None
+    stop: threading.Event | None = None
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     def classes_for(self, class_specific: bool) -> torch.Tensor:

@@ -14,6 +14,8 @@ classes are those of the plain pass in all six.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +78,12 @@ class BatchExplainer:
         self.target = target
         self.methods = list(methods)
         self.aug_smooth = aug_smooth
+        #: for methods with passes of their own (``after_pass``): images per pass, a callback
+        #: counting those passes, the run's stop event, and the seconds they took so far
+        self.batch_size = 16
+        self.on_passes: Callable[[int], None] | None = None
+        self.stop: threading.Event | None = None
+        self.extra_seconds = 0.0
         self.layer_methods = [m for m in self.methods if m.info.uses_layer]
         self.own_pass = [m for m in self.methods if not m.info.uses_layer]
         if self.layer_methods and target is None:
@@ -167,7 +175,12 @@ class BatchExplainer:
         if late:  # passes of their own, with the hook off and no graph
             capture.activation = capture.graph_logits = None
             capture.x, capture.forward = x, self.forward
-            with torch.inference_mode():
-                for method in late:
-                    maps[method.name] = method.maps(capture).detach()
+            capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    for method in late:
+                        maps[method.name] = method.maps(capture).detach()
+            finally:
+                self.extra_seconds += time.perf_counter() - started
         return logits, chosen

@@ -38,12 +38,16 @@ class MethodInfo:
     shares_backward: bool = False
     eigen_smooth: bool = True
     aug_smooth: bool = True
+    #: the forward passes per image where they depend on the model (``K`` = the target
+    #: layer's channels), e.g. ``"1+K"``; ``forwards`` is then the shared pass alone
+    forwards_note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "family": self.family,
             "forwards": self.forwards,
+            "forwards_note": self.forwards_note,
             "backwards": self.backwards,
             "class_specific": self.class_specific,
             "uses_layer": self.uses_layer,
@@ -56,6 +60,7 @@ class MethodInfo:
 
 _GRAD = "cam_cli.methods.gradient"
 _ACT = "cam_cli.methods.activation"
+_PERT = "cam_cli.methods.perturbation"
 
 _ENTRIES = (
     MethodInfo(
@@ -115,6 +120,21 @@ _ENTRIES = (
         "Srinivas & Fleuret, Full-Gradient Representation, NeurIPS 2019",
         "|x * dy/dx| + sum over Conv2d/BatchNorm2d biases of |b * dy/db|, each min-max'ed and resized",
         backwards=1, uses_layer=False, eigen_smooth=False,
+    ),
+    MethodInfo(
+        "scorecam", "perturbation", f"{_PERT}:ScoreCAM", True,
+        "Wang et al., Score-CAM, CVPR Workshops 2020",
+        "M_k = minmax(upsample(A_k)) to the input (bilinear, align_corners=True); s_k = y_c(x * M_k) "
+        "(1 + K forward passes per image, K = the layer's channels); w = softmax_k(s); ReLU(sum_k w_k A_k)",
+        aug_smooth=True, forwards_note="1+K",
+    ),
+    MethodInfo(
+        "ablationcam", "perturbation", f"{_PERT}:AblationCAM", True,
+        "Desai & Ramaswamy, Ablation-CAM, WACV 2020",
+        "y_k = y_c with channel k of A set to 0; w_k = (y_c - y_k) / y_c; ReLU(sum_k w_k A_k). "
+        "Closed form (no extra pass) where GAP + one linear layer follow the layer; else K passes of the "
+        "layers after it (and one of those before), or K whole passes where the network cannot be cut there",
+        forwards_note="1+K^",
     ),
     MethodInfo(
         "eigencam", "activation", f"{_ACT}:EigenCAM", False,
