@@ -54,6 +54,8 @@ DEFAULT = [
 PIPELINES = [
     *DEFAULT,
     "floor-channels-last",
+    "camx-gradcam-nchw",
+    "camx-cam-nchw",
     *(f"camx-{m}" for m in SEVEN[1:]),
     "camx-shapleycam",
     "camx-finercam",
@@ -176,6 +178,9 @@ def child_floor(args: argparse.Namespace, tuned: bool, channels_last: bool = Fal
 
 
 def child_camx(args: argparse.Namespace, method: str) -> dict:
+    if method.endswith("-nchw"):  # camx with channels-last turned off, to compare
+        os.environ["CAMX_CHANNELS_LAST"] = "0"
+        method = method[: -len("-nchw")]
     from cam_cli.pipeline import ExplainConfig, Explainer
 
     def config(out: Path) -> ExplainConfig:
@@ -392,6 +397,7 @@ def main() -> None:
     chosen = [name for name in chosen if available(name) or print(f"  {name}: not installed, skipped")]
     results: dict[str, list[dict]] = {name: [] for name in chosen}
     ratios: dict[str, list[float]] = {name: [] for name in chosen}
+    cl_ratios: dict[str, list[float]] = {}  # against the channels-last floor, when it runs
     with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
         images = Path(tmp) / "images"
         generate_images(images, args.images)
@@ -414,18 +420,22 @@ def main() -> None:
                 r["rate"] = this_round[name] = r["images"] / r["seconds"]
                 results[name].append(r)
             floor_rate = this_round.get("floor")
+            cl_rate = this_round.get("floor-channels-last")
             line = []
             for name, rate in this_round.items():
                 if floor_rate:  # each ratio against the floor of the same round
                     ratios[name].append(rate / floor_rate)
+                if cl_rate:
+                    cl_ratios.setdefault(name, []).append(rate / cl_rate)
                 line.append(f"{name} {rate:.2f}" + (f" ({rate / floor_rate:.2f})" if floor_rate else ""))
             print(f"  round {round_}: " + ", ".join(line), flush=True)
 
     floor_runs = results.get("floor") or []
     floor_rss = statistics.median(r["peak_rss_mb"] for r in floor_runs) if floor_runs else float("nan")
     print()
-    print("| pipeline | images/s (median) | ratio to floor (median, range) | peak RSS (MB) | ratio RSS |")
-    print("|---|---|---|---|---|")
+    cl = " ratio to channels-last floor |" if cl_ratios else ""
+    print(f"| pipeline | images/s (median) | ratio to floor (median, range) |{cl} peak RSS (MB) | ratio RSS |")
+    print("|---|---|---|---|---|" + ("---|" if cl_ratios else ""))
     for name, runs in results.items():
         if not runs:
             continue
@@ -437,7 +447,11 @@ def main() -> None:
             ratio = f"{statistics.median(found):.2f}{spread}"
         else:
             ratio = "n/a"
-        print(f"| {name} | {rate:.2f} | {ratio} | {rss:.0f} | {rss / floor_rss:.2f} |")
+        extra = ""
+        if cl_ratios:
+            found_cl = cl_ratios.get(name, [])
+            extra = f" {statistics.median(found_cl):.2f} |" if found_cl else " n/a |"
+        print(f"| {name} | {rate:.2f} | {ratio} |{extra} {rss:.0f} | {rss / floor_rss:.2f} |")
     for name, runs in results.items():
         if runs and name.startswith("camx"):
             middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
