@@ -225,7 +225,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     options = summary.get("options", {})
     lines = [
         f"camx evaluate: {', '.join(summary.get('models', []))}, {options.get('steps')} steps, "
-        f"{options.get('baseline')} baseline; mean [95% bootstrap interval]",
+        f"{options.get('baseline')} baseline; mean [95% bootstrap interval]; rank (mean rank over the columns)",
         "",
         "| rank | method | n | " + " | ".join(header) + " |",
         "|---|---|---|" + "---|" * len(stats),
@@ -233,7 +233,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for method in summary.get("ranking", []):
         entry = methods[method]
         cells = [_cell(entry["metrics"][s], TITLES[s][1], entry["n"]) for s in stats]
-        lines.append(f"| {entry.get('rank', '')} | {method} | {entry['n']} | " + " | ".join(cells) + " |")
+        rank = f"{entry.get('rank', '')} ({entry['mean_rank']:.2f})" if "mean_rank" in entry else entry.get("rank", "")
+        lines.append(f"| {rank} | {method} | {entry['n']} | " + " | ".join(cells) + " |")
     gaps = [m for m in summary.get("ranking", []) if "gap_to_random" in methods[m]]
     if gaps:
         lines += ["", "Gap to random (method − random, paired by image):", ""]

@@ -783,8 +783,10 @@ class Evaluator:
                 entry["metrics"][stat] = bootstrap(values, better, self._rng(method, stat))
             methods[method] = entry
         ranking = rank_methods(methods, stats)
+        means = mean_ranks(methods, stats)
         for position, method in enumerate(ranking, 1):
             methods[method]["rank"] = position
+            methods[method]["mean_rank"] = means[method]
         if "random" in by_method:
             control = by_method["random"]
             for method, rows in by_method.items():
@@ -860,14 +862,25 @@ def bootstrap(values: Sequence[float], better: str, rng: np.random.Generator) ->
 
 
 def rank_methods(methods: dict[str, Any], stats: dict[str, tuple[str, float, str]]) -> list[str]:
-    """Methods best first: by the mean over the statistics of their rank on each (1 = best)."""
+    """Methods best first: by the mean over the statistics of their rank on each (1 = best,
+    ties sharing their mean rank); equal means by name."""
+    means = mean_ranks(methods, stats)
+    return sorted(methods, key=lambda m: (means[m], m))
+
+
+def mean_ranks(methods: dict[str, Any], stats: dict[str, tuple[str, float, str]]) -> dict[str, float]:
+    """Each method's mean rank over the statistics (what :func:`rank_methods` orders by)."""
     ranks: dict[str, list[float]] = {m: [] for m in methods}
     for stat, (_, _, better) in stats.items():
         scored = [(m, e["metrics"][stat]["mean"]) for m, e in methods.items() if e["metrics"][stat]["mean"] is not None]
-        scored.sort(key=lambda item: item[1] if better == "lower" else -item[1])
-        for position, (method, _) in enumerate(scored, 1):
-            ranks[method].append(position)
-    return sorted(methods, key=lambda m: (sum(ranks[m]) / len(ranks[m]) if ranks[m] else math.inf, m))
+        for method, value in scored:
+            ahead = sum(1 for _, v in scored if (v < value if better == "lower" else v > value))
+            ranks[method].append(ahead + (sum(1 for _, v in scored if v == value) + 1) / 2)
+    return {m: round(mean_rank(r), 3) for m, r in ranks.items()}
+
+
+def mean_rank(ranks: Sequence[float]) -> float:
+    return sum(ranks) / len(ranks) if ranks else math.inf
 
 
 def _value(tensor: torch.Tensor) -> float | None:

@@ -21,6 +21,7 @@ from cam_cli import io
 from cam_cli.cli import main
 from cam_cli.cli_evaluate import evaluate
 from cam_cli.data import ImageDataset
+from cam_cli.evaluate import mean_ranks, rank_methods
 from cam_cli.metrics.confidence import confidence
 from cam_cli.metrics.rise import deletion_insertion
 
@@ -378,3 +379,14 @@ def test_a_second_evaluate_into_the_same_out_is_refused(run_dir: Path) -> None:
     finally:
         holder.discard()
     assert run(run_dir, "--steps", "2")[0] == 0
+
+
+def test_methods_are_ranked_by_their_mean_rank_with_ties_shared() -> None:
+    def entry(deletion: float, insertion: float) -> dict:
+        return {"metrics": {"deletion_auc": {"mean": deletion}, "insertion_auc": {"mean": insertion}}}
+
+    stats = {"deletion_auc": ("deletion_auc", 1.0, "lower"), "insertion_auc": ("insertion_auc", 1.0, "higher")}
+    methods = {"x": entry(0.2, 0.5), "y": entry(0.1, 0.1), "z": entry(0.2, 0.4)}
+    # deletion: y 1, x and z tie at 2.5; insertion: x 1, z 2, y 3
+    assert mean_ranks(methods, stats) == {"x": 1.75, "y": 2.0, "z": 2.25}
+    assert rank_methods(methods, stats) == ["x", "y", "z"]
