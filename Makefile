@@ -38,7 +38,7 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 demo: $(STAMP)  ## explain sample_images with the offline pretrained EfficientNet-Lite0
 	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method gradcam,gradcam++,eigencam,random
 	$(BIN)/camx explain sample_images -o out/demo --model efficientnet_lite0 --method cam --boxes --draw-boxes
-	$(BIN)/camx evaluate out/demo
+	$(BIN)/camx evaluate out/demo --boxes-from tests/data/boxes.json
 	$(BIN)/camx report out/demo
 	@echo "overlays and maps: out/demo/*.METHOD.jpg/.npy; manifest: out/demo/manifest.jsonl; metrics: out/demo/metrics.jsonl; page: out/demo/report/index.html"
 

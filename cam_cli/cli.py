@@ -105,6 +105,21 @@ class CamxGroup(click.Group):
     """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130,
     and each command's first sentence shown whole in ``camx --help``."""
 
+    #: commands defined in modules of their own, imported when first asked for (they import
+    #: this module for its shared pieces, so it must not import them at its top)
+    LAZY = {"evaluate": "cam_cli.cli_evaluate:evaluate", "report": "cam_cli.cli_report:report"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, _, attribute = self.LAZY[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute))
+        return super().get_command(ctx, cmd_name)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
         for name in self.list_commands(ctx):
@@ -606,15 +621,3 @@ def merge(out_dir: Path) -> None:
         click.echo(f"camx: warning: {gap}", err=True)
     if gaps:
         sys.exit(EXIT_FAILED_INPUTS)
-
-
-def _register_commands() -> None:
-    """Commands defined in modules of their own (each imports its work lazily)."""
-    from cam_cli.cli_evaluate import evaluate
-    from cam_cli.cli_report import report
-
-    main.add_command(evaluate)
-    main.add_command(report)
-
-
-_register_commands()
