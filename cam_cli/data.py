@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
 
 from cam_cli import io
 from cam_cli.errors import DecodeError
