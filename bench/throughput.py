@@ -62,6 +62,9 @@ PIPELINES = [
     "camx-eigencam",
     "camx-seven",
 ]
+#: the perturbation methods against their peers (``--scale A B``: whole processes, two folder sizes)
+PERTURBATION = ["camx-scorecam", "pgc-scorecam", "torchcam-scorecam", "camx-ablationcam", "pgc-ablationcam"]
+PIPELINES += PERTURBATION
 
 
 def generate_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -196,6 +199,9 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
             precision=args.precision,
         )
 
+    if args.once:  # --scale: one pass in a fresh process, timed whole by the parent
+        summary = Explainer(config(Path(args.out) / method)).run()
+        return {"images": summary.done, "seconds": summary.seconds, "timings": summary.timings}
     Explainer(config(Path(args.out) / f"{method}-warmup")).run()  # warm-up pass, as for the floor
     explainer = Explainer(config(Path(args.out) / method))
     summary = explainer.run()
@@ -296,6 +302,58 @@ def child_torchcam(args: argparse.Namespace, method: str) -> dict:
     return {"images": len(images), "seconds": run(Path(args.out) / f"torchcam-{method}"), "timings": {}}
 
 
+def child_perturbation_peer(args: argparse.Namespace, name: str) -> dict:
+    """pytorch-grad-cam's ScoreCAM / AblationCAM or torchcam's ScoreCAM as a user runs them, on
+    ``--layer`` (camx's default layer), writing the same outputs as camx (overlay + .npy)."""
+    import cv2
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from cam_cli.models import load_classifier
+
+    classifier = load_classifier(args.model, "NONE")
+    model = classifier.module.to(args.device)
+    for p in model.parameters():  # a plain model, as a user has it
+        p.requires_grad_(True)
+    loader, images = _loader(args, classifier.input_size)
+    size = classifier.input_size
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if name.startswith("pgc-"):
+        from pytorch_grad_cam import AblationCAM, ScoreCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = ScoreCAM if name == "pgc-scorecam" else AblationCAM
+        extractor = cls(model=model, target_layers=[model.get_submodule(args.layer)])
+    else:
+        from torchcam.methods import ScoreCAM as TorchcamScoreCAM
+
+        extractor = TorchcamScoreCAM(model, args.layer, batch_size=args.batch_size, input_shape=(3, size, size))
+    with extractor:
+        for batch in loader:
+            x = _normalise(batch.images, classifier, args.device)
+            with torch.inference_mode() if name.startswith("torchcam") else torch.no_grad():
+                scores = model(x)
+            classes = scores.argmax(1).tolist()
+            if name.startswith("pgc-"):
+                grayscale = extractor(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+            else:
+                with torch.inference_mode():
+                    (cams,) = extractor(class_idx=classes)
+                up = F.interpolate(cams[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+                grayscale = up[:, 0].cpu().numpy()
+            for j, index in enumerate(batch.indices):
+                original = batch.originals[j].numpy()
+                h, w = original.shape[:2]
+                mask = cv2.resize(grayscale[j], (w, h))
+                overlay = show_cam_on_image(original.astype(np.float32) / 255, mask, use_rgb=False)
+                _write_peer_outputs(out, images[index].key, overlay, mask)
+    return {"images": len(images), "seconds": time.perf_counter() - started, "timings": {}}
+
+
 def child_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -309,6 +367,8 @@ def child_main(args: argparse.Namespace) -> None:
         result = child_floor(args, tuned=True, channels_last=True)
     elif name.startswith("camx-"):
         result = child_camx(args, name.split("-", 1)[1])
+    elif name in PERTURBATION:
+        result = child_perturbation_peer(args, name)
     elif name == "pgc-gradcam":
         result = child_pgc(args)
     else:
@@ -354,6 +414,8 @@ def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> d
     ]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
+    if getattr(args, "layer", None):
+        command += ["--layer", args.layer, "--once"]
     run = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
@@ -385,12 +447,27 @@ def main() -> None:
         "floor-channels-last, camx-METHOD for each gradient method, camx-seven = the seven one-backward methods)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip pytorch-grad-cam and torchcam")
+    parser.add_argument(
+        "--scale",
+        nargs=2,
+        type=int,
+        metavar=("A", "B"),
+        help="whole-process mode (Score-CAM, Ablation-CAM): run each pipeline (default: "
+        + ", ".join(PERTURBATION)
+        + ") as one fresh process over A and then B images at the model's input size, and report the "
+        "seconds per image from the difference, so that every tool's start-up cancels; maps compared",
+    )
     parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
+    parser.add_argument("--layer", help=argparse.SUPPRESS)
+    parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args)
+        return
+    if args.scale:
+        run_scale(args)
         return
 
     chosen = args.only or [p for p in DEFAULT if not (args.no_peers and is_peer(p))]
@@ -457,6 +534,90 @@ def main() -> None:
             middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in middle["timings"].items())
             print(f"{name} time (median run): total {middle['seconds']:.2f}s; {parts}")
+
+
+def generate_square_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
+    """``count`` JPEGs of ``size x size`` (the model's input size: maps compare without a resize)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        small = rng.integers(0, 256, size=(size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def compare_maps(mine: Path, theirs: Path, method: str) -> tuple[float, int]:
+    """The largest |difference| between camx's ``KEY.METHOD.npy`` and a peer's ``KEY.npy``, and how many."""
+    import numpy as np
+
+    worst, count = 0.0, 0
+    for peer in sorted(theirs.glob("*.npy")):
+        ours = mine / f"{peer.stem}.{method}.npy"
+        if ours.exists():
+            worst = max(worst, float(np.abs(np.load(ours) - np.load(peer)).max()))
+            count += 1
+    return worst, count
+
+
+def run_scale(args: argparse.Namespace) -> None:
+    """Whole-process timings over two folder sizes; seconds per image from their difference."""
+    from cam_cli.layers import default_target, run_probe
+    from cam_cli.models import load_classifier
+
+    small, large = sorted(args.scale)
+    if small == large:
+        raise SystemExit("--scale: give two different folder sizes")
+    chosen = [n for n in (args.only or PERTURBATION) if available(n) or print(f"  {n}: not installed, skipped")]
+    classifier = load_classifier(args.model, "NONE")
+    args.layer = default_target(run_probe(classifier)).name  # the peers get camx's default layer
+    size = classifier.input_size
+    print(
+        f"camx perturbation throughput: {args.model} (layer {args.layer}), whole processes over {small} and "
+        f"{large} JPEGs of {size}x{size}, batch {args.batch_size}, device {args.device}, {args.precision}, "
+        f"{os.cpu_count()} CPUs; overlays + .npy written",
+        flush=True,
+    )
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
+        folders = {large: Path(tmp) / f"images-{large}", small: Path(tmp) / f"images-{small}"}
+        generate_square_images(folders[large], large, size)
+        folders[small].mkdir()
+        for path in sorted(folders[large].iterdir())[:small]:
+            shutil.copy(path, folders[small] / path.name)
+        for name in chosen:
+            walls = {}
+            for count in (small, large):
+                out = Path(tmp) / f"out-{count}"
+                started = time.perf_counter()
+                r = run_child(name, args, folders[count], out)
+                walls[count] = time.perf_counter() - started
+                if r is None:
+                    break
+                print(f"  {name}: {count} images in {walls[count]:.1f} s (whole process)", flush=True)
+            else:
+                per_image = (walls[large] - walls[small]) / (large - small)
+                rows[name] = {"walls": walls, "per_image": per_image, "start": walls[small] - small * per_image}
+        print()
+        print(f"| pipeline | {small} images (s) | {large} images (s) | s per image | images/s | start-up (s) | "
+              "camx's speed-up |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for name, row in rows.items():
+            method = name.split("-", 1)[1]
+            ours = rows.get(f"camx-{method}")
+            speedup = f"{row['per_image'] / ours['per_image']:.1f}x" if ours and name != f"camx-{method}" else ""
+            rate = 1 / row["per_image"] if row["per_image"] > 0 else float("inf")
+            print(f"| {name} | {row['walls'][small]:.1f} | {row['walls'][large]:.1f} | {row['per_image']:.3f} | "
+                  f"{rate:.3f} | {row['start']:.1f} | {speedup} |")  # fmt: skip
+        print()
+        out = Path(tmp) / f"out-{large}"
+        for name in rows:
+            method = name.split("-", 1)[1]
+            if name.startswith("camx-") or f"camx-{method}" not in rows:
+                continue
+            worst, count = compare_maps(out / method, out / name, method)
+            print(f"maps: camx-{method} against {name}: max |difference| {worst:.2e} over {count} images")
 
 
 if __name__ == "__main__":

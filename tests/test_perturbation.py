@@ -367,3 +367,22 @@ class SkipWithIdentity(SkipNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stem(x)
         return self.head(torch.flatten(self.pool(self.join(self.block(s) + s)), 1))
+
+
+def test_scorecam_runs_its_masked_passes_with_batch_norms_folded_and_still_equals_the_reference() -> None:
+    method, _ = prepared("scorecam", frozen(make_bnnet()))
+    assert method.folded is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in method.folded.modules())
+    assert prepared("scorecam", frozen(make_tiny()))[0].folded is None  # nothing to fold
+    x = batch(2, seed=12)
+    folded_calls: list[int] = []
+    method.folded.register_forward_hook(lambda _m, args, _o: folded_calls.append(len(args[0])))
+    explainer = BatchExplainer(method.module, method.module, target_of_bnnet(method.module), [method])
+    result = explainer.explain(x, lambda lg: lg.argmax(1, keepdim=True))
+    assert sum(folded_calls) == 2 * 12, "every masked image went through the folded copy"
+    mine = np.stack([upsample_normalise(result.maps["scorecam"][i], SIZE, SIZE)[0].numpy() for i in range(2)])
+    assert_equal_to_pgc(mine, reference("scorecam", "bnnet", x, result.classes[:, 0]))
+
+
+def target_of_bnnet(model: nn.Module):  # noqa: ANN201
+    return resolve_target(run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE)), None)

@@ -71,6 +71,21 @@ def _chunks(capture: Capture, step: int) -> Iterator[tuple[int, int, torch.Tenso
         yield start, end, rows.div(k, rounding_mode="floor"), rows.remainder(k)
 
 
+@contextlib.contextmanager
+def _standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` calls ``forward`` instead for the duration: the run's own forward
+    (autocast, reading the logits out of the output) then drives a part of the network."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved  # type: ignore[method-assign]
+
+
 def _like_input(batch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``batch`` in ``x``'s memory format (channels-last runs stay channels-last)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -103,14 +118,69 @@ def masked_scores(capture: Capture) -> torch.Tensor:
     return scores.view(n, k, ranks).transpose(1, 2)
 
 
+def fold_batch_norms(module: nn.Module) -> nn.Module | None:
+    """A copy of ``module`` with every BatchNorm2d that follows a Conv2d folded into it
+    (``torch.fx``'s ``fuse``: the same function, rounded differently, ~1e-7 relative), in the
+    module's memory format and frozen; ``None`` where there is nothing to fold or no trace."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+        return None
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(module, inplace=False)
+    except Exception:  # not traceable: the model runs as it is
+        return None
+    if sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in module.modules()
+    ):
+        return None
+    weights = [p for p in module.parameters() if p.dim() == 4]
+    if (
+        weights
+        and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+        and not all(p.is_contiguous() for p in weights)
+    ):
+        folded = folded.to(memory_format=torch.channels_last)
+    return folded.requires_grad_(False).eval()
+
+
 class ScoreCAM(Method):
-    """Wang et al. 2020: ``w = softmax_k(y_c(x * minmax(upsample(A_k))))``; ``1 + K`` passes per image."""
+    """Wang et al. 2020: ``w = softmax_k(y_c(x * minmax(upsample(A_k))))``; ``1 + K`` passes per image.
+
+    The masked passes run on a copy of the model with its batch norms folded into the
+    convolutions before them (one memory pass less per layer, about 10% of a CPU forward),
+    through the run's own forward (autocast, reading the logits)."""
 
     name = "scorecam"
     after_pass = True
+    module: nn.Module | None = None
+    folded: nn.Module | None = None
+
+    def prepare(self, setup: Setup) -> None:
+        if setup.target is None:
+            raise ModelError("scorecam needs a target layer")
+        self.module = setup.module
+        self.folded = fold_batch_norms(setup.module)
+        probe_input, logits = getattr(setup.probe, "input", None), getattr(setup.probe, "logits", None)
+        folded = self.folded
+        if folded is not None and probe_input is not None and logits is not None:
+            try:  # the folded copy must give the model's own logits, or it is not used
+                with torch.inference_mode(), _standing_in(setup.module, lambda t, *_, **__: folded(t)):
+                    again = setup.forward(probe_input.to(setup.device)).float()
+                expected = logits.detach().float().to(again.device)
+                scale = float(expected.abs().max()) + 1.0
+                if again.shape != expected.shape or not torch.allclose(again, expected, rtol=1e-3, atol=1e-3 * scale):
+                    self.folded = None
+            except Exception:
+                self.folded = None
 
     def maps(self, capture: Capture) -> torch.Tensor:
-        capture._cache[(self.name, "scores")] = masked_scores(capture)
+        if self.folded is not None and self.module is not None:
+            folded = self.folded
+            with _standing_in(self.module, lambda t, *_, **__: folded(t)):
+                capture._cache[(self.name, "scores")] = masked_scores(capture)
+        else:
+            capture._cache[(self.name, "scores")] = masked_scores(capture)
         return super().maps(capture)
 
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
@@ -134,21 +204,6 @@ def _zero_channels(batch: torch.Tensor, channel: torch.Tensor, axis: int) -> tor
     rows = torch.arange(batch.shape[0], device=batch.device)
     batch.movedim(axis, 1)[rows, channel.to(batch.device)] = 0
     return batch
-
-
-@contextlib.contextmanager
-def _standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """``module(...)`` calls ``forward`` instead for the duration: the run's own forward
-    (autocast, reading the logits out of the output) then drives a part of the network."""
-    saved = module.__dict__.get("forward")
-    module.forward = forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved  # type: ignore[method-assign]
 
 
 class _Tracer(fx.Tracer):
@@ -273,19 +328,19 @@ class AblationCAM(Method):
             self.cut = cut_at(setup.module, setup.target)
             probe_input = getattr(setup.probe, "input", None)
             if probe_input is not None:
-                self._check_cut(setup, probe_input.to(setup.device))
+                self._check_cut(setup, probe_input.to(setup.device), getattr(setup.probe, "logits", None))
         except CutError as exc:
             self.cut = None
             self.mode = f"full passes: {exc}"
         else:
             self.mode = f"cut at {setup.target.label}"
 
-    def _check_cut(self, setup: Setup, x: torch.Tensor) -> None:
-        """The split network, unablated, must give the model's own logits on the probe's input."""
+    def _check_cut(self, setup: Setup, x: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """The split network, unablated, must give the model's own ``logits`` on the probe's input ``x``."""
         assert self.cut is not None
         try:
             with torch.inference_mode():
-                whole = setup.forward(x).float()
+                whole = setup.forward(x).float() if logits is None else logits.detach().float().to(x.device)
                 live, source = self._prefix(setup.forward, x)
                 for value, batched in zip(live, self.cut.batched, strict=True):
                     if batched and not (isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(x)):
