@@ -386,3 +386,45 @@ def test_scorecam_runs_its_masked_passes_with_batch_norms_folded_and_still_equal
 
 def target_of_bnnet(model: nn.Module):  # noqa: ANN201
     return resolve_target(run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE)), None)
+
+
+class ChannelsLastNet(nn.Module):
+    """A Swin-like layout: the target (LayerNorm) gives ``(N, h, w, C)``; a non-linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 4, stride=4)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.stem(x).permute(0, 2, 3, 1)).mean(dim=(1, 2)))
+
+
+class ZeroAblationLast(ZeroAblation):
+    """``ZeroAblation`` along the last axis (channels of an ``(N, h, w, C)`` activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        output = self.inner.activations
+        for i in range(output.size(0)):
+            output[i, ..., self.inner.indices[i]] = 0
+        return output
+
+
+@pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
+def test_a_channels_last_layer_equals_the_reference(name: str) -> None:
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = batch(2, seed=14)
+    mine, classes, method = explain(name, seeded(ChannelsLastNet), x, "norm", batch_size=4)
+    probe = run_probe(Classifier(module=seeded(ChannelsLastNet), name="m", weights="seeded", input_size=SIZE))
+    assert resolve_target(probe, "norm").layout == "nhwc"
+    if name == "ablationcam":
+        assert method.settings()["ablation"] == "cut at norm"
+    model = seeded(ChannelsLastNet).requires_grad_(True)
+    kwargs = {"ablation_layer": ZeroAblationLast()} if name == "ablationcam" else {}
+    cls = pytorch_grad_cam.ScoreCAM if name == "scorecam" else pytorch_grad_cam.AblationCAM
+    with cls(model, [model.norm], reshape_transform=lambda t: t.permute(0, 3, 1, 2), **kwargs) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[:, 0]])
+    assert_equal_to_pgc(mine[:, 0], theirs)
