@@ -118,13 +118,20 @@ def vouched_for(probe: Any, target: TargetLayer | None, methods: list[Method]) -
 
 
 def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> None:
-    """Every method once on one image; a failure names the method that failed."""
+    """Every method once on one image; a failure names the method that failed. Methods with
+    passes of their own (Score-CAM: K passes an image) are left out: those passes are the
+    model's own forward, which the probe ran, and their ``prepare`` checks the rest."""
+    names = {m.name for m in explainer.methods if not m.after_pass}
+    if not names:
+        return
     try:
-        explainer.explain(x, target.chooser())
+        explainer.explain(x, target.chooser(), names=names)
         return
     except Exception:
         pass
     for method in explainer.methods:
+        if method.name not in names:
+            continue
         try:
             explainer.explain(x, target.chooser(), names={method.name})
         except ModelError as exc:
@@ -132,7 +139,7 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
         except Exception as exc:
             message = " ".join(str(exc).split())[:240]
             raise ModelError(f"{method.name} cannot run on this model: {message}") from None
-    explainer.explain(x, target.chooser())  # together only: let it raise as it is
+    explainer.explain(x, target.chooser(), names=names)  # together only: let it raise as it is
 
 
 def logits_function(classifier: Classifier, device: torch.device, precision: str) -> Any:

@@ -428,3 +428,17 @@ def test_a_channels_last_layer_equals_the_reference(name: str) -> None:
     with cls(model, [model.norm], reshape_transform=lambda t: t.permute(0, 3, 1, 2), **kwargs) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[:, 0]])
     assert_equal_to_pgc(mine[:, 0], theirs)
+
+
+def test_start_up_runs_no_masked_passes_even_where_a_dry_run_is_needed(tmp_path, tiny_factory, monkeypatch) -> None:
+    import cam_cli.methods.perturbation as perturbation
+
+    images = make_folder(tmp_path / "imgs", 2)
+    calls: list[int] = []
+    real = perturbation.masked_scores
+    monkeypatch.setattr(perturbation, "masked_scores", lambda capture: (calls.append(1), real(capture))[1])
+    config = ExplainConfig(inputs=[images], out_dir=tmp_path / "out", method="shapleycam,scorecam",
+                           model=tiny_factory, weights="NONE", device="cpu", workers=0, input_size=32)  # fmt: skip
+    run = Explainer(config)  # shapleycam is not vouched for by the probe: a dry run
+    assert calls == []
+    assert run.run().done == 2 and calls == [1]
