@@ -86,11 +86,11 @@ def _standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[Non
             module.forward = saved  # type: ignore[method-assign]
 
 
-def _like_input(batch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``batch`` in ``x``'s memory format (channels-last runs stay channels-last)."""
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``x``'s memory format (channels-last runs stay channels-last)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def masked_scores(capture: Capture) -> torch.Tensor:
@@ -106,12 +106,15 @@ def masked_scores(capture: Capture) -> torch.Tensor:
     size = (int(x.shape[-2]), int(x.shape[-1]))
     flat = features.reshape(n * k, 1, h, w)
     scores = torch.empty(n * k, ranks, device=features.device, dtype=torch.float32)
+    layout = _memory_format(x)
     for start, end, image, _ in _chunks(capture, capture.batch_size):
         masks = F.interpolate(flat[start:end], size=size, mode="bilinear", align_corners=True)  # (B, 1, S, S)
         low = masks.amin(dim=(2, 3), keepdim=True)
         high = masks.amax(dim=(2, 3), keepdim=True)
-        masks = (masks - low) / (high - low + MASK_EPS)
-        batch = _like_input(x.index_select(0, image.to(x.device)) * masks.to(x.device, x.dtype), x)
+        masks.sub_(low).div_(high - low + MASK_EPS)
+        rows = x.index_select(0, image.to(x.device))
+        batch = torch.empty(rows.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        torch.mul(rows, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
         logits = capture.forward(batch).float()
         scores[start:end] = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(scores.device)
         _tick(capture, end - start)
