@@ -442,3 +442,15 @@ def test_start_up_runs_no_masked_passes_even_where_a_dry_run_is_needed(tmp_path,
     run = Explainer(config)  # shapleycam is not vouched for by the probe: a dry run
     assert calls == []
     assert run.run().done == 2 and calls == [1]
+
+
+def test_smoothing_options_through_the_cli_are_recorded(image_dir, tiny_factory, tmp_path) -> None:
+    args = ["--model", tiny_factory, "--weights", "NONE", "--device", "cpu", "-q", "--json", "--workers", "0",
+            "--input-size", "32", "--method", "scorecam,ablationcam", "--aug-smooth", "--eigen-smooth"]  # fmt: skip
+    result = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(tmp_path / "o"), *args])
+    assert result.exit_code == 0, result.output
+    records = io.load_manifest(tmp_path / "o" / "manifest.jsonl")
+    for method in ("scorecam", "ablationcam"):
+        record = records[("a.jpg", method)]
+        assert record["status"] == "ok" and record["aug_smooth"] is True and record["eigen_smooth"] is True
+        assert np.load(tmp_path / "o" / f"a.jpg.{method}.npy").max() == 1.0
