@@ -310,3 +310,9 @@ def test_explain_report_builds_the_page_at_the_end(image_dir, tiny_factory, tmp_
     page = out / "report" / "index.html"
     assert summary["report"] == str(page) and page.is_file()
     assert "a.jpg" in page.read_text(encoding="utf-8")
+
+
+def test_explain_help_shows_no_empty_ranges():
+    text = CliRunner().invoke(main, ["explain", "--help"]).output
+    assert "None]" not in text and "FINITE FLOAT" not in text
+    assert "--mean NUMBER..." in text

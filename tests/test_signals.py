@@ -164,3 +164,21 @@ def test_a_first_signal_after_a_complete_run_leaves_its_exit_status(image_dir, t
     )
     assert result.exit_code == 0, result.output
     assert {s: signal.getsignal(s) for s in saved} == saved
+
+
+def test_sigterm_to_the_main_process_alone_stops_after_the_batches_in_flight(tmp_path, monkeypatch):
+    """As `timeout -s TERM` sends it: to camx only, not to its decoding workers."""
+    monkeypatch.chdir(tmp_path)
+    process, root, out, keys, args = start(tmp_path, delay=0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    summary = json.loads((tmp_path / "stdout.txt").read_text().splitlines()[0])
+    assert summary["interrupted"] is True
+    done = summary["done"] + summary["failed"]
+    assert done < len(keys), "the run went on to the end after SIGTERM"
+    left = len(keys) - done
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert f"camx: interrupted with {left} of {len(keys)} images left" in stderr and left > 0
+    assert len(records_of(out / "manifest.jsonl")) == done
+    assert live_members(process.pid) == []
+    resume_and_check(tmp_path, root, out, keys, args)
