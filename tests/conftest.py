@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -120,3 +121,7 @@ def camx_script() -> str:
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# A suite started in the background (`make test &`) has SIGINT ignored, and the camx processes the
+# tests start and interrupt would inherit that: give them the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -201,7 +201,7 @@ def test_default_weights_offline_say_where_to_put_the_file(image_dir, tmp_path, 
     [
         ["explain", "-o", "out"],  # no input
         ["explain", "x", "-o", "out", "--alpha", "1.5"],
-        ["explain", "x", "-o", "out", "--method", "scorecam"],
+        ["explain", "x", "-o", "out", "--method", "nosuchcam"],
         ["explain", "x", "-o", "out", "--device", "gpu"],
         ["explain", "x", "-o", "out", "--shard", "3/2"],
         ["explain", "x"],  # no -o
