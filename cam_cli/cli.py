@@ -141,7 +141,7 @@ class CamxGroup(click.Group):
 @click.group(cls=CamxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="camx")
 def main() -> None:
-    """Explain image classifiers with class activation maps: CAM, Grad-CAM and 12 more methods.
+    """Explain image classifiers with class activation maps: CAM, Grad-CAM and 14 more methods.
 
     \b
     Example:
