@@ -606,7 +606,13 @@ def run_scale(args: argparse.Namespace) -> None:
         for name, row in rows.items():
             method = name.split("-", 1)[1]
             ours = rows.get(f"camx-{method}")
-            speedup = f"{row['per_image'] / ours['per_image']:.1f}x" if ours and name != f"camx-{method}" else ""
+            speedup = ""
+            if ours and name != f"camx-{method}":
+                speedup = (
+                    f"{row['per_image'] / ours['per_image']:.1f}x"
+                    if ours["per_image"] > 0
+                    else "camx's time per image is below what two sizes resolve"
+                )
             rate = 1 / row["per_image"] if row["per_image"] > 0 else float("inf")
             print(f"| {name} | {row['walls'][small]:.1f} | {row['walls'][large]:.1f} | {row['per_image']:.3f} | "
                   f"{rate:.3f} | {row['start']:.1f} | {speedup} |")  # fmt: skip
