@@ -135,6 +135,34 @@ class Probe:
     pooled: dict[str, int] = field(default_factory=dict)
     #: the model's own count of tokens in front of the patch tokens (timm's ``num_prefix_tokens``)
     prefix_tokens: int | None = None
+    #: the scalar whose backward pass is the probe's, until that pass has run (see ``backward``)
+    root: torch.Tensor | None = field(default=None, repr=False)
+
+    def backward(self) -> None:
+        """The probe's backward pass, run on first need only: it costs about a forward
+        pass, and convolutional models with a pooling head never need it."""
+        root, self.root = self.root, None
+        if root is None:
+            return
+        try:
+            root.backward()
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:240]
+            raise ModelError(f"the model's backward pass fails on a {self.input_size}x{self.input_size} input: "
+                             f"{message}") from None  # fmt: skip
+
+    def reaches(self, record: Record) -> bool:
+        """Whether the probe's backward pass reaches ``record`` (so that its gradient is
+        defined), found by running only the part of that pass between the root and it."""
+        if self.root is None:
+            return record.tensor.grad is not None
+        if not record.tensor.requires_grad:
+            return False
+        try:
+            (grad,) = torch.autograd.grad(self.root, record.tensor, retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            return False  # the dry run then names what fails
+        return grad is not None
 
     def find(self, label: str) -> Record | None:
         for record in reversed(self.records):
@@ -198,13 +226,15 @@ def _pooled_size(shape: tuple[int, ...]) -> int:
     return -1
 
 
-def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
-    """One forward and backward pass of a seeded random image, on the CPU.
+def run_probe(classifier: Classifier, input_size: int | None = None, channels_last: bool = False) -> Probe:
+    """One forward pass of a seeded random image, on the CPU, and the graph for a backward pass.
 
-    The backward pass starts from a random projection of the head's input (or
-    from the top logit when the head is not a linear layer), so that which
-    tokens reach the head does not depend on the head's weights (torchvision
-    initialises ViT's head to zero).
+    The backward pass (``Probe.backward``, run when first needed) starts from
+    a random projection of the head's input (or from the top logit when the
+    head is not a linear layer), so that which tokens reach the head does not
+    depend on the head's weights (torchvision initialises ViT's head to zero).
+    With ``channels_last`` the image is in that memory format (the model should
+    be too), so that the run's first pass finds oneDNN's kernels prepared.
     """
     model = classifier.module
     size = input_size or classifier.input_size
@@ -288,7 +318,11 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
         except (RuntimeError, AttributeError):  # TorchScript submodules take no hooks
             continue
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, size, size, generator=generator).requires_grad_(True)
+    x = torch.randn(1, 3, size, size, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    root = None
     try:
         with torch.enable_grad():
             logits = classifier.logits(x)
@@ -302,9 +336,9 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
             head = _final_linear(linears, logits)
             if head is not None and head.input.requires_grad:
                 direction = torch.randn(head.input.shape, generator=generator)
-                (head.input * direction).sum().backward()
+                root = (head.input * direction).sum()
             elif logits.requires_grad:
-                logits[0, int(logits[0].argmax())].backward()
+                root = logits[0, int(logits[0].argmax())]
     except ModelError:
         raise
     except Exception as exc:
@@ -317,7 +351,7 @@ def run_probe(classifier: Classifier, input_size: int | None = None) -> Probe:
     return Probe(
         records, logits.detach(), size, modules, calls, counts, conv_inputs, head,
         forward=classifier.logits, input=x.detach(), pooled=pooled,
-        prefix_tokens=prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None,
+        prefix_tokens=prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None, root=root,
     )  # fmt: skip
 
 
@@ -384,7 +418,8 @@ def target_for(probe: Probe, record: Record) -> TargetLayer:
     raise ModelError(f"layer {record.label} has shape {record.shape}, not a feature map")
 
 
-def _patch_gradient(record: Record, grid: tuple[int, int]) -> float:
+def _patch_gradient(probe: Probe, record: Record, grid: tuple[int, int]) -> float:
+    probe.backward()
     grad = record.tensor.grad
     if grad is None:
         return 0.0
@@ -501,7 +536,7 @@ def default_target(probe: Probe) -> TargetLayer:
         scores = r.shape[2] == classes and isinstance(probe.modules.get(r.name), nn.Linear)
         if len(r.shape) == 3 and r.order > last_spatial and not scores:
             grid = _grid_before(probe, r)
-            if grid is not None and _patch_gradient(r, grid) > 0:
+            if grid is not None and _patch_gradient(probe, r, grid) > 0:
                 tokens.append(r)
     if tokens:
         return target_for(probe, tokens[-1])

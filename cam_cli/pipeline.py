@@ -21,7 +21,7 @@ import torch
 
 from cam_cli import io
 from cam_cli.data import default_workers, make_loader
-from cam_cli.device import tune_allocator, use_channels_last
+from cam_cli.device import tune_allocator
 from cam_cli.engine import Engine, Progress, Summary, Timings
 from cam_cli.errors import OutputError
 from cam_cli.methods import info
@@ -176,7 +176,7 @@ class Explainer:
         mean = torch.tensor(self.classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.classifier.std, device=self.device).view(1, 3, 1, 1) * 255
         engine = Engine(self.session.explainer, self.target, self.plan, writer, self.device, mean, std, self.timings,
-                        use_channels_last(self.device))  # fmt: skip
+                        self.session.channels_last)  # fmt: skip
         self.timings.add("start", time.perf_counter() - started)
         try:
             engine.run(todo, loader, journal, summary, on_cpu, progress, stop)

@@ -47,6 +47,8 @@ class Session:
     methods: list[Method]
     explainer: BatchExplainer
     num_classes: int
+    #: the model and its batches in channels-last memory format
+    channels_last: bool = False
 
 
 def open_session(config: Any) -> Session:
@@ -74,15 +76,13 @@ def open_session(config: Any) -> Session:
         config.output_key,
         seed=config.seed,  # --weights NONE: the same command builds the same model
     )
-    probe = run_probe(classifier)
+    probe, channels_last = probe_model(classifier, use_channels_last(device))
     num_classes = int(probe.logits.shape[1])
     if classifier.categories is not None and len(classifier.categories) != num_classes:
         raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
     target_layer = resolve_target(probe, config.layer) if uses_layer else None
     target = parse_target(config.target, classifier, num_classes)
     module = classifier.module.to(device)
-    if use_channels_last(device):
-        module = module.to(memory_format=torch.channels_last)
     forward = logits_function(classifier, device, config.precision)
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)
     methods = [create(name, options) for name in names]
@@ -94,7 +94,21 @@ def open_session(config: Any) -> Session:
     if probe.input is not None and not vouched_for(probe, target_layer, methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
-    return Session(classifier, device, module, target_layer, target, methods, explainer, num_classes)
+    return Session(classifier, device, module, target_layer, target, methods, explainer, num_classes, channels_last)
+
+
+def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
+    """The probe, run in the memory format the run will use (so that its pass
+    prepares the kernels of the run's first), and whether that format is
+    channels-last: a model that fails in it (a ``view`` of a permuted tensor)
+    runs in the default format."""
+    if channels_last:
+        classifier.module.to(memory_format=torch.channels_last)
+        try:
+            return run_probe(classifier, channels_last=True), True
+        except ModelError:
+            classifier.module.to(memory_format=torch.contiguous_format)
+    return run_probe(classifier), False
 
 
 #: gradient methods that need nothing but the gradient of a class score at the target layer
@@ -114,7 +128,7 @@ def vouched_for(probe: Any, target: TargetLayer | None, methods: list[Method]) -
     if not gradient:
         return True
     record = probe.find(target.label) if target is not None else None
-    return record is not None and record.tensor.grad is not None
+    return record is not None and probe.reaches(record)
 
 
 def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> None:
