@@ -393,7 +393,14 @@ def is_peer(name: str) -> bool:
     return name.split("-")[0] in ("pgc", "torchcam")
 
 
+BASELINE = "baseline:"
+
+
 def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> dict | None:
+    env = None
+    if name.startswith(BASELINE):  # the same pipeline with camx imported from the --baseline checkout
+        name = name[len(BASELINE) :]
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
     command = [
         sys.executable,
         __file__,
@@ -416,7 +423,7 @@ def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> d
         command += ["--workers", str(args.workers)]
     if getattr(args, "layer", None):
         command += ["--layer", args.layer, "--once"]
-    run = subprocess.run(command, capture_output=True, text=True)
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
         print(f"  {name}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -457,6 +464,12 @@ def main() -> None:
         + ") as one fresh process over A and then B images at the model's input size, and report the "
         "seconds per image from the difference, so that every tool's start-up cancels; maps compared",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a camx checkout (`git worktree add DIR REF`): each camx pipeline also runs with camx from it, "
+        "in the same rounds, for a before-and-after in one run",
+    )
     parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
     parser.add_argument("--layer", help=argparse.SUPPRESS)
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
@@ -472,6 +485,8 @@ def main() -> None:
 
     chosen = args.only or [p for p in DEFAULT if not (args.no_peers and is_peer(p))]
     chosen = [name for name in chosen if available(name) or print(f"  {name}: not installed, skipped")]
+    if args.baseline:
+        chosen = [n for name in chosen for n in ([name, BASELINE + name] if name.startswith("camx") else [name])]
     results: dict[str, list[dict]] = {name: [] for name in chosen}
     ratios: dict[str, list[float]] = {name: [] for name in chosen}
     cl_ratios: dict[str, list[float]] = {}  # against the channels-last floor, when it runs
@@ -530,7 +545,7 @@ def main() -> None:
             extra = f" {statistics.median(found_cl):.2f} |" if found_cl else " n/a |"
         print(f"| {name} | {rate:.2f} | {ratio} |{extra} {rss:.0f} | {rss / floor_rss:.2f} |")
     for name, runs in results.items():
-        if runs and name.startswith("camx"):
+        if runs and name.removeprefix(BASELINE).startswith("camx"):
             middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in middle["timings"].items())
             print(f"{name} time (median run): total {middle['seconds']:.2f}s; {parts}")

@@ -7,7 +7,6 @@ by SIGINT/SIGTERM (what was finished is kept and recorded).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -338,18 +337,6 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
                 signal.signal(signum, handler)
 
 
-def freeze_imported_objects() -> None:
-    """Leave what the imports made (torch's hundreds of thousands of objects) out of the
-    garbage collector's passes, once per process: a full pass over them costs about
-    0.2 s, and one falls in the first second of every run (``bench/startup.py``)."""
-    if not _frozen:
-        gc.freeze()
-        _frozen.append(True)
-
-
-_frozen: list[bool] = []
-
-
 def _current_handlers() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -361,7 +348,6 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
     from cam_cli.distributed import distributed_context
     from cam_cli.pipeline import ExplainConfig, Explainer
 
-    freeze_imported_objects()
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
     quiet = options.pop("quiet")

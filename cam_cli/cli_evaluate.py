@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cam_cli.cli import EXIT_FAILED_INPUTS, FiniteFloat, _device, freeze_imported_objects, reported_errors
+from cam_cli.cli import EXIT_FAILED_INPUTS, FiniteFloat, _device, reported_errors
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics
 from cam_cli.metrics.options import BASELINES
 
@@ -137,7 +137,6 @@ def evaluate(out_dir: Path, **options: Any) -> None:
     """
     from cam_cli.evaluate import EvaluateConfig, Evaluator
 
-    freeze_imported_objects()
     quiet = options.pop("quiet")
     as_json = options.pop("as_json")
     names = list(options.pop("metrics"))

@@ -4,6 +4,7 @@ glibc's allocator on the CPU, IEEE float32 on CUDA."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 
 import torch
@@ -69,6 +70,19 @@ def tune_allocator() -> bool:
 
 
 _allocator_tuned: bool | None = None
+
+
+def freeze_imported_objects() -> None:
+    """Leave what the imports made (torch's hundreds of thousands of objects) out of the
+    garbage collector's passes, once per process: a full pass over them costs about
+    0.2 s, one falls in the first second of every run, and more follow in a long
+    one (``bench/startup.py``). Objects made later are collected as usual."""
+    if not _frozen:
+        gc.freeze()
+        _frozen.append(True)
+
+
+_frozen: list[bool] = []
 
 
 def use_ieee_fp32() -> None:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from cam_cli import io
 from cam_cli.data import ImageDataset, default_workers, ignore_stop_signals
-from cam_cli.device import PRECISIONS, resolve_device, tune_allocator
+from cam_cli.device import PRECISIONS, freeze_imported_objects, resolve_device, tune_allocator
 from cam_cli.errors import CamxError, InputError, ModelError, OutputError
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, MetricOptions, fields_of, plan_factory
 from cam_cli.metrics.base import Group, Samples, Scheduler
@@ -280,6 +280,7 @@ class Evaluator:
     """A prepared evaluation: manifest read, models rebuilt, nothing written yet."""
 
     def __init__(self, config: EvaluateConfig) -> None:
+        freeze_imported_objects()
         self.config = config
         self.out_dir = config.out_dir
         self.metrics_path = self.out_dir / METRICS_FILE

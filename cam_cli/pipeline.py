@@ -21,7 +21,7 @@ import torch
 
 from cam_cli import io
 from cam_cli.data import default_workers, make_loader
-from cam_cli.device import tune_allocator
+from cam_cli.device import freeze_imported_objects, tune_allocator
 from cam_cli.engine import Engine, Progress, Summary, Timings
 from cam_cli.errors import OutputError
 from cam_cli.methods import info
@@ -73,6 +73,7 @@ class Explainer:
     """A prepared run: inputs found, model loaded and probed, methods checked, nothing written yet."""
 
     def __init__(self, config: ExplainConfig) -> None:
+        freeze_imported_objects()
         self.config = config
         self.method_names = parse_method_list(config.method)
         self.all_images, self.images = select_images(config)

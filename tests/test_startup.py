@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 from cam_cli import io
 from cam_cli.cli import main
@@ -22,7 +21,6 @@ from cam_cli.session import open_session
 
 MODELS = '''
 import torch
-from torch import nn
 
 
 class SideBranch(nn.Module):
