@@ -176,8 +176,17 @@ def child_floor(args: argparse.Namespace, tuned: bool, channels_last: bool = Fal
         return time.perf_counter() - started, waited
 
     run()  # warm-up pass (kernel selection, page cache)
+    cpu = cpu_seconds()
     seconds, waited = run()
-    return {"images": len(images), "seconds": seconds, "timings": {"wait_for_data": waited}}
+    return {"images": len(images), "seconds": seconds, "cpu": cpu_seconds() - cpu, "timings": {"wait_for_data": waited}}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads, user and kernel) and of its reaped children
+    (the decoding workers, joined at the end of each pass): the work a pass costs, which
+    other load on the machine changes much less than its wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def child_camx(args: argparse.Namespace, method: str) -> dict:
@@ -204,8 +213,10 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
         return {"images": summary.done, "seconds": summary.seconds, "timings": summary.timings}
     Explainer(config(Path(args.out) / f"{method}-warmup")).run()  # warm-up pass, as for the floor
     explainer = Explainer(config(Path(args.out) / method))
+    cpu = cpu_seconds()
     summary = explainer.run()
-    return {"images": summary.done, "seconds": summary.seconds, "timings": summary.timings}
+    cpu = cpu_seconds() - cpu
+    return {"images": summary.done, "seconds": summary.seconds, "cpu": cpu, "timings": summary.timings}
 
 
 def _write_peer_outputs(out: Path, name: str, overlay_bgr, cam) -> None:
@@ -524,10 +535,14 @@ def main() -> None:
 
     floor_runs = results.get("floor") or []
     floor_rss = statistics.median(r["peak_rss_mb"] for r in floor_runs) if floor_runs else float("nan")
+    floor_cpu = _cpu_per_image(floor_runs)
     print()
     cl = " ratio to channels-last floor |" if cl_ratios else ""
-    print(f"| pipeline | images/s (median) | ratio to floor (median, range) |{cl} peak RSS (MB) | ratio RSS |")
-    print("|---|---|---|---|---|" + ("---|" if cl_ratios else ""))
+    print(
+        f"| pipeline | images/s (median) | ratio to floor (median, range) |{cl} CPU s/image (median) "
+        "| floor's CPU / this CPU | peak RSS (MB) | ratio RSS |"
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|" if cl_ratios else ""))
     for name, runs in results.items():
         if not runs:
             continue
@@ -543,12 +558,19 @@ def main() -> None:
         if cl_ratios:
             found_cl = cl_ratios.get(name, [])
             extra = f" {statistics.median(found_cl):.2f} |" if found_cl else " n/a |"
-        print(f"| {name} | {rate:.2f} | {ratio} |{extra} {rss:.0f} | {rss / floor_rss:.2f} |")
+        cpu = _cpu_per_image(runs)
+        cpu_cells = f" {cpu:.3f} | {floor_cpu / cpu:.2f} |" if cpu == cpu and floor_cpu == floor_cpu else " n/a | n/a |"
+        print(f"| {name} | {rate:.2f} | {ratio} |{extra}{cpu_cells} {rss:.0f} | {rss / floor_rss:.2f} |")
     for name, runs in results.items():
         if runs and name.removeprefix(BASELINE).startswith("camx"):
             middle = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in middle["timings"].items())
             print(f"{name} time (median run): total {middle['seconds']:.2f}s; {parts}")
+
+
+def _cpu_per_image(runs: list[dict]) -> float:
+    found = [r["cpu"] / r["images"] for r in runs if "cpu" in r and r["images"]]
+    return statistics.median(found) if found else float("nan")
 
 
 def generate_square_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
