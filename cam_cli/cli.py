@@ -539,7 +539,9 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
     import fnmatch
 
     from cam_cli.catalog import describe_models, describe_timm_models
+    from cam_cli.device import freeze_imported_objects
 
+    freeze_imported_objects()
     with reported_errors():
         if source == "timm":
             rows = describe_timm_models(pattern, live=probe)
@@ -577,9 +579,11 @@ def layers(model: str, input_size: int | None, weights: str) -> None:
         camx layers resnet50 --input-size 320
         camx layers timm:vit_small_patch16_224
     """
+    from cam_cli.device import freeze_imported_objects
     from cam_cli.layers import list_layers, run_probe
     from cam_cli.models import load_classifier
 
+    freeze_imported_objects()
     with reported_errors():
         classifier = load_classifier(model, weights, input_size=input_size)
         rows = list_layers(run_probe(classifier))

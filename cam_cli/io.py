@@ -17,10 +17,10 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -245,11 +245,13 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_SUFFIX}")
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], Any], durable: bool = False) -> None:
     """Write ``data`` to ``path`` so that a kill at any moment leaves either the
     old file or the new one, never a partial ``path``.
 
-    The data goes to a hidden temporary in the same folder, renamed into place;
+    ``data`` is the bytes, or a function that writes them to the open file
+    (``write_npy``: a map goes from its array to the file without a copy).
+    They go to a hidden temporary in the same folder, renamed into place;
     if writing fails the temporary is removed and the ``OSError`` propagates.
     ``durable`` also syncs the data to disk before the rename (power loss).
     """
@@ -257,7 +259,10 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -272,6 +277,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """``write_atomic`` of ``array`` as ``.npy``, written from the array itself."""
+    write_atomic(path, lambda handle: np.lib.format.write_array(handle, array, allow_pickle=False))
 
 
 def remove_temporaries(paths: Iterable[Path]) -> int:

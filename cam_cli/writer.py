@@ -150,7 +150,7 @@ class Writer:
             pictures.append(encode(picture, self.fmt))  # may refuse this image: nothing written yet
             targets.append(entry)
         for r, entry in enumerate(targets):
-            io.write_atomic(self.out_dir / entry["map"], io.npy_bytes(norm_np[r]))
+            io.write_npy(self.out_dir / entry["map"], norm_np[r])
             io.write_atomic(self.out_dir / entry["overlay"], pictures[r])
         first = targets[0]
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}

@@ -227,3 +227,22 @@ def test_files_that_are_not_checkpoints_get_a_short_reason(tmp_path):
         with pytest.raises(WeightsError) as caught:
             load_state_dict(tmp_path / name)
         assert str(caught.value) == f"cannot read weights {tmp_path / name}: {reason}"
+
+
+def test_write_npy_writes_the_array_as_it_is_and_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "m" / "a.jpg.gradcam.npy"
+    rng = np.random.default_rng(0)
+    first = rng.random((37, 53), dtype=np.float32)
+    io.write_npy(target, first)
+    loaded = np.load(target)
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, first)
+    assert target.read_bytes() == io.npy_bytes(first)  # the same file as np.save makes
+
+    def half_then_fail(handle):
+        handle.write(b"\x93NUMPY half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.write_atomic(target, half_then_fail)
+    assert np.array_equal(np.load(target), first)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.jpg.gradcam.npy"]
