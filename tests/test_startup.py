@@ -21,6 +21,7 @@ from cam_cli.session import open_session
 
 MODELS = '''
 import torch
+from torch import nn
 
 
 class SideBranch(nn.Module):
