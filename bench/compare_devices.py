@@ -23,7 +23,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cam_cli.pipeline import ExplainConfig, Explainer  # noqa: E402
+from cam_cli.jobs.explain import ExplainConfig, Explainer  # noqa: E402
 
 
 def run(model: str, weights: str, out: Path, method: str, device: str, precision: str) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ peak RSS and allocator state), one after another on this machine:
 * floor (default malloc): decode + resize (the same DataLoader camx uses) +
   a plain forward pass in inference mode, glibc's default allocator settings;
 * floor: the same with the allocator tuned (what camx does on its own);
-* camx CAM and camx Grad-CAM end to end through ``cam_cli.pipeline.Explainer``
+* camx CAM and camx Grad-CAM end to end through ``cam_cli.jobs.explain.Explainer``
   (the code the CLI runs), overlays and .npy maps written;
 * pytorch-grad-cam GradCAM and torchcam GradCAM / CAM end to end, when
   installed, writing the same outputs (JPEG overlay + .npy map per image).
@@ -91,13 +91,13 @@ def peak_rss_mb() -> float:
 def _loader(args: argparse.Namespace, size: int):
     from torch.utils.data import DataLoader
 
-    from cam_cli import io
-    from cam_cli.data import ImageDataset, collate, default_workers
+    from cam_cli import images as camx_images
+    from cam_cli.jobs.data import ImageDataset, collate, default_workers
 
-    images = io.discover([Path(args.dir)])
+    images = camx_images.discover([Path(args.dir)])
     workers = default_workers() if args.workers is None else args.workers
     return DataLoader(
-        ImageDataset(images, size, io.DEFAULT_MAX_PIXELS),
+        ImageDataset(images, size, camx_images.DEFAULT_MAX_PIXELS),
         batch_size=args.batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -193,7 +193,7 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
     if method.endswith("-nchw"):  # camx with channels-last turned off, to compare
         os.environ["CAMX_CHANNELS_LAST"] = "0"
         method = method[: -len("-nchw")]
-    from cam_cli.pipeline import ExplainConfig, Explainer
+    from cam_cli.jobs.explain import ExplainConfig, Explainer
 
     def config(out: Path) -> ExplainConfig:
         return ExplainConfig(
@@ -600,8 +600,8 @@ def compare_maps(mine: Path, theirs: Path, method: str) -> tuple[float, int]:
 
 def run_scale(args: argparse.Namespace) -> None:
     """Whole-process timings over two folder sizes; seconds per image from their difference."""
-    from cam_cli.layers import default_target, run_probe
     from cam_cli.models import load_classifier
+    from cam_cli.probe import default_target, run_probe
 
     small, large = sorted(args.scale)
     if small == large:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import camx_script, write_image
 from test_resume import check_outputs_exactly_once, comparable
 
-from cam_cli import io
+from cam_cli import images, rundir
 from cam_cli.cli import main
 
 ARGS = ["--device", "cpu", "--format", "png", "--batch-size", "3", "--workers", "0"]
@@ -22,7 +22,7 @@ ARGS = ["--device", "cpu", "--format", "png", "--batch-size", "3", "--workers", 
 def make_images(root: Path, count: int = 14) -> list[str]:
     for i in range(count):
         write_image(root / ("sub" if i % 4 == 0 else ".") / f"im{i:02d}.{('png', 'jpg')[i % 2]}", 20 + i, 16 + i % 3, i)
-    return [image.key for image in io.discover([root])]
+    return [image.key for image in images.discover([root])]
 
 
 def single_run(root: Path, out: Path, model: str, keys: list[str]) -> set[str]:
@@ -35,10 +35,10 @@ def test_shards_are_disjoint_deterministic_and_cover_everything(tmp_path):
     root = tmp_path / "imgs"
     keys = make_images(root, count=23)
     for n in range(1, 7):
-        shards = [[image.key for image in io.select_shard(io.discover([root]), k, n)] for k in range(1, n + 1)]
+        shards = [[image.key for image in images.select_shard(images.discover([root]), k, n)] for k in range(1, n + 1)]
         assert sorted(key for shard in shards for key in shard) == sorted(keys)  # each key exactly once
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
-        again = [[image.key for image in io.select_shard(io.discover([root]), k, n)] for k in range(1, n + 1)]
+        again = [[image.key for image in images.select_shard(images.discover([root]), k, n)] for k in range(1, n + 1)]
         assert shards == again
 
 
@@ -73,8 +73,8 @@ def test_shards_running_at_once_into_one_out_merge_into_the_single_run_manifest(
     for k, shard in enumerate(shards, start=1):
         stdout, stderr = shard.communicate(timeout=180)
         assert shard.returncode == 0, stderr
-        part = [r["input"] for r in io.read_records(out / f"manifest.shard-{k}-of-2.jsonl")]
-        assert part == [str(root / image.key) for image in io.select_shard(io.discover([root]), k, 2)]
+        part = [r["input"] for r in rundir.read_records(out / f"manifest.shard-{k}-of-2.jsonl")]
+        assert part == [str(root / image.key) for image in images.select_shard(images.discover([root]), k, 2)]
     assert not (out / "manifest.jsonl").exists()
 
     merged = CliRunner().invoke(main, ["merge", str(out)])
@@ -104,12 +104,12 @@ def test_merge_names_missing_shards_and_takes_a_killed_shards_journal(tmp_path):
     assert result.exit_code == 3, result.output
     assert f"merged 2 parts into {tmp_path / 'manifest.jsonl'} (2 lines)" in result.stderr
     assert "warning: no manifest part of shard 2/3" in result.stderr
-    assert [r["key"] for r in io.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "c.png"]
+    assert [r["key"] for r in rundir.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "c.png"]
 
     (tmp_path / "manifest.shard-2-of-3.jsonl").write_text(line("b.png"))
     complete = CliRunner().invoke(main, ["merge", str(tmp_path)])
     assert complete.exit_code == 0 and "warning" not in complete.stderr, complete.output
-    assert [r["key"] for r in io.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "b.png", "c.png"]
+    assert [r["key"] for r in rundir.read_records(tmp_path / "manifest.jsonl")] == ["a.png", "b.png", "c.png"]
 
     (tmp_path / "manifest.shard-1-of-2.jsonl").write_text(line("a.png"))
     mixed = CliRunner().invoke(main, ["merge", str(tmp_path)])
@@ -156,7 +156,7 @@ def test_torchrun_two_ranks_give_the_single_process_outputs(tmp_path, tiny_facto
     assert (summary["total"], summary["done"], summary["failed"]) == (len(keys), len(keys), 0)
     assert summary["manifest"] == str(out / "manifest.jsonl")
     for k in (1, 2):  # each rank took its shard
-        part = [r["input"] for r in io.read_records(out / f"manifest.shard-{k}-of-2.jsonl")]
-        assert part == [str(root / image.key) for image in io.select_shard(io.discover([root]), k, 2)]
+        part = [r["input"] for r in rundir.read_records(out / f"manifest.shard-{k}-of-2.jsonl")]
+        assert part == [str(root / image.key) for image in images.select_shard(images.discover([root]), k, 2)]
         (out / f"manifest.shard-{k}-of-2.jsonl").unlink()
     assert comparable(check_outputs_exactly_once(root, out, keys, failed=set())) == expected

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import make_tiny, write_image
 
-from cam_cli import io
+from cam_cli import images, rundir
 from cam_cli.cli import main
-from cam_cli.cli_evaluate import evaluate
-from cam_cli.data import ImageDataset
-from cam_cli.evaluate import mean_ranks, rank_methods
+from cam_cli.cli.evaluate import evaluate
+from cam_cli.jobs.data import ImageDataset
+from cam_cli.jobs.evaluate import mean_ranks, rank_methods
 from cam_cli.metrics.confidence import confidence
 from cam_cli.metrics.rise import deletion_insertion
 
@@ -58,7 +58,7 @@ def run(out: Path, *args: str) -> tuple[int, dict, str]:
 
 
 def lines_of(out: Path) -> dict[tuple[str, str], dict]:
-    return {(r["key"], r["method"]): r for r in io.read_records(out / "metrics.jsonl")}
+    return {(r["key"], r["method"]): r for r in rundir.read_records(out / "metrics.jsonl")}
 
 
 @pytest.fixture
@@ -96,7 +96,9 @@ def test_every_line_is_evaluated_and_summarised(run_dir: Path) -> None:
 def test_values_equal_the_metrics_on_the_image_and_map_as_explain_saw_them(run_dir: Path, image_dir: Path) -> None:
     assert run(run_dir)[0] == 0
     line = lines_of(run_dir)[("sub/d.jpeg", "gradcam")]
-    image = ImageDataset([io.InputImage(image_dir / "sub" / "d.jpeg", "sub/d.jpeg")], 224, io.DEFAULT_MAX_PIXELS)[0]
+    image = ImageDataset(
+        [images.InputImage(image_dir / "sub" / "d.jpeg", "sub/d.jpeg")], 224, images.DEFAULT_MAX_PIXELS
+    )[0]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     x = (image.image[None].float() - mean) / std
@@ -164,10 +166,10 @@ def start_slow_evaluate(out: Path, folder: Path, *extra: str) -> tuple[subproces
     command += ["--model", "slow_module:build", "--steps", "3", "--batch-size", "4", *extra]
     env = {**os.environ, "PYTHONPATH": str(folder)}
     child = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    journal = io.journal_path(out / "metrics.jsonl")
+    journal = rundir.journal_path(out / "metrics.jsonl")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
-        if journal.exists() and len(list(io.read_records(journal))) >= 3:
+        if journal.exists() and len(list(rundir.read_records(journal))) >= 3:
             break
         time.sleep(0.05)
     assert child.poll() is None, child.communicate()[1]
@@ -180,8 +182,8 @@ def test_a_killed_evaluate_resumes_from_its_journal(tiny_factory: str, image_dir
     child, command, env = start_slow_evaluate(out, tmp_path, "-q")
     child.send_signal(signal.SIGKILL)
     child.communicate()
-    journal = io.journal_path(out / "metrics.jsonl")
-    killed = list(io.read_records(journal))
+    journal = rundir.journal_path(out / "metrics.jsonl")
+    killed = list(rundir.read_records(journal))
     assert 3 <= len(killed) < PAIRS and not (out / "metrics.jsonl").exists()
     done = subprocess.run(command + ["--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -200,7 +202,7 @@ def test_ctrl_c_keeps_what_is_evaluated_and_exits_130(tiny_factory: str, image_d
     assert "camx: interrupted" in stderr
     kept = lines_of(out)
     assert 3 <= len(kept) < PAIRS and all(line["status"] == "ok" for line in kept.values())
-    assert not io.journal_path(out / "metrics.jsonl").exists()
+    assert not rundir.journal_path(out / "metrics.jsonl").exists()
 
 
 def test_a_missing_map_is_an_error_line_and_exit_3(run_dir: Path) -> None:
@@ -230,7 +232,7 @@ def test_no_manifest_is_one_line_exit_1_and_nothing_written(tmp_path: Path) -> N
 
 def test_an_older_manifest_is_refused_in_one_line(run_dir: Path) -> None:
     manifest = run_dir / "manifest.jsonl"
-    old = [{k: v for k, v in r.items() if k not in ("model", "input_size")} for r in io.read_records(manifest)]
+    old = [{k: v for k, v in r.items() if k not in ("model", "input_size")} for r in rundir.read_records(manifest)]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in old))
     result = CliRunner().invoke(evaluate, [str(run_dir), *FAST])
     assert result.exit_code == 1
@@ -255,7 +257,7 @@ def test_a_model_that_cannot_be_rebuilt_is_one_line_exit_1(
     message = result.stderr.strip()
     assert "\n" not in message and "cannot rebuild the model tinynet_module:build" in message
     assert "run camx evaluate from the folder camx explain ran in" in message
-    assert not (run_dir / "metrics.jsonl").exists() and not io.journal_path(run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "metrics.jsonl").exists() and not rundir.journal_path(run_dir / "metrics.jsonl").exists()
     bad = CliRunner().invoke(evaluate, [str(run_dir), *FAST, "--model", "resnet_nope"])
     assert bad.exit_code == 1 and "unknown model 'resnet_nope'" in bad.stderr
 
@@ -366,12 +368,12 @@ def test_random_weights_are_rebuilt_with_the_runs_seed(image_dir: Path, tmp_path
     assert code == 0 and payload["done"] == PAIRS
     assert "is it the model" not in stderr
     for line in lines_of(out).values():
-        record = io.load_manifest(out / "manifest.jsonl")[(line["key"], line["method"])]
+        record = rundir.load_manifest(out / "manifest.jsonl")[(line["key"], line["method"])]
         assert line["score"] == pytest.approx(record["score"], rel=1e-3, abs=1e-6)
 
 
 def test_a_second_evaluate_into_the_same_out_is_refused(run_dir: Path) -> None:
-    holder = io.Journal(run_dir / "metrics.jsonl")  # as a running evaluate holds it
+    holder = rundir.Journal(run_dir / "metrics.jsonl")  # as a running evaluate holds it
     try:
         result = CliRunner().invoke(evaluate, [str(run_dir), *FAST])
         assert result.exit_code == 1

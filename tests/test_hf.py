@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 
 from cam_cli.cli import main
-from cam_cli.data import ImageDataset
 from cam_cli.errors import ModelError, WeightsError
-from cam_cli.io import discover
-from cam_cli.layers import default_target, run_probe
+from cam_cli.images import discover
+from cam_cli.jobs.data import ImageDataset
 from cam_cli.models import load_classifier
+from cam_cli.probe import default_target, run_probe
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

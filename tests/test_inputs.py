@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import write_image
 from PIL import Image
 
-from cam_cli import io as camx_io
+from cam_cli import images
 from cam_cli.cli import main
 from cam_cli.errors import DecodeError
 
@@ -204,23 +204,23 @@ def test_every_awkward_input_is_explained_or_reported_in_one_line(corpus, tmp_pa
 
 
 def test_decoding_matches_what_a_viewer_shows(corpus):
-    rotated = camx_io.decode_image(corpus / "rotated.jpg")
+    rotated = images.decode_image(corpus / "rotated.jpg")
     assert rotated.shape == (50, 30, 3)  # EXIF orientation applied
-    deep = camx_io.decode_image(corpus / "deep16.png")
+    deep = images.decode_image(corpus / "deep16.png")
     assert deep.shape == (25, 35, 3) and deep[0, 0].tolist() == [0, 0, 0] and deep[-1, -1].tolist() == [255] * 3
     assert np.all(deep[..., 0] == deep[..., 2])  # grey stays grey
     transparent = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
     transparent.save(corpus / "clear.png")
-    assert camx_io.decode_image(corpus / "clear.png").tolist() == np.full((3, 4, 3), 255).tolist()  # over white
+    assert images.decode_image(corpus / "clear.png").tolist() == np.full((3, 4, 3), 255).tolist()  # over white
     Image.new("CMYK", (5, 5), (0, 255, 255, 0)).save(corpus / "red.jpg")
-    red = camx_io.decode_image(corpus / "red.jpg").reshape(-1, 3).mean(axis=0)
+    red = images.decode_image(corpus / "red.jpg").reshape(-1, 3).mean(axis=0)
     assert red[0] > 240 and red[1] < 15 and red[2] < 15
     # Pillow's decompression-bomb guard keeps its default; the header alone is enough to refuse.
     with pytest.raises(DecodeError, match=r"20000x20000 = 400000000 pixels, more than --max-pixels 178956970"):
-        camx_io.decode_image(corpus / "bomb.png")
-    assert camx_io.decode_image(corpus / "big.png", max_pixels=12000).shape == (100, 120, 3)
+        images.decode_image(corpus / "bomb.png")
+    assert images.decode_image(corpus / "big.png", max_pixels=12000).shape == (100, 120, 3)
     with pytest.raises(DecodeError, match="is a folder"):
-        camx_io.decode_image(corpus / "sub")
+        images.decode_image(corpus / "sub")
 
 
 def _listed_run(args: list[str], out: Path, stdin: str | None = None) -> tuple[object, dict[str, dict]]:

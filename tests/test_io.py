@@ -1,7 +1,8 @@
-"""cam_cli.io: discovery order, keys, atomic writes, the journal and manifest, and what root cannot see."""
+"""cam_cli.images and cam_cli.rundir: discovery, keys, atomic writes, the journal and manifest, what root cannot see."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -13,29 +14,35 @@ import numpy as np
 import pytest
 from conftest import write_image
 
-from cam_cli import io
+from cam_cli import images, rundir
 from cam_cli.errors import DecodeError, InputError, OutputError, WeightsError
 from cam_cli.models import load_state_dict
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def test_folders_are_walked_sorted_recursively_skipping_hidden_and_other_files(tmp_path):
     root = tmp_path / "imgs"
     for name in ["b.JPG", "a.png", "z/c.jpeg", "m/d.TIFF", "m/.e.png", ".dot/f.png", "g.txt", "h.jpg.bak", "i.WebP"]:
         write_image(root / name, 8, 8) if not name.endswith((".txt", ".bak")) else (root / name).write_text("x")
-    found = io.discover([root])
+    found = images.discover([root])
     assert [image.key for image in found] == ["a.png", "b.JPG", "i.WebP", "m/d.TIFF", "z/c.jpeg"]
     assert all(image.path == root / image.key for image in found)
     # the output folder inside the input folder is never read back as input
     write_image(root / "out" / "a.png.gradcam.jpg", 8, 8)
-    assert "out/a.png.gradcam.jpg" not in [i.key for i in io.discover([root], exclude=root / "out")]
+    assert "out/a.png.gradcam.jpg" not in [i.key for i in images.discover([root], exclude=root / "out")]
 
 
 def test_keys_never_leave_out(tmp_path):
-    assert io.key_for_listed_path(Path("a/./b.jpg")) == "a/b.jpg"
-    assert io.key_for_listed_path(Path("/data/x.jpg")) == "data/x.jpg"
-    climbing = io.key_for_listed_path(Path("../../x.jpg"))
+    assert images.key_for_listed_path(Path("a/./b.jpg")) == "a/b.jpg"
+    assert images.key_for_listed_path(Path("/data/x.jpg")) == "data/x.jpg"
+    climbing = images.key_for_listed_path(Path("../../x.jpg"))
     assert climbing == str(Path(os.path.abspath("../../x.jpg"))).lstrip("/")
-    for key in (climbing, io.key_for_listed_path(Path("//etc/../etc/passwd.png"))):
+    for key in (climbing, images.key_for_listed_path(Path("//etc/../etc/passwd.png"))):
         assert not key.startswith("/") and ".." not in Path(key).parts
 
 
@@ -45,10 +52,10 @@ def test_one_file_named_several_ways_is_one_input(tmp_path, monkeypatch):
     write_image(root / "b.png", 8, 8)
     monkeypatch.chdir(tmp_path)
     listed = [Path("imgs/a.png"), Path("./imgs/a.png"), root / "a.png", Path("imgs/../imgs/b.png"), Path("imgs/b.png")]
-    found = io.discover([root], listed)
+    found = images.discover([root], listed)
     # the folder found them first, so they keep its keys; nothing is explained twice
     assert [(image.key, image.path) for image in found] == [("a.png", root / "a.png"), ("b.png", root / "b.png")]
-    only_listed = io.discover([], listed)
+    only_listed = images.discover([], listed)
     assert [image.key for image in only_listed] == ["imgs/a.png", str(root / "b.png").lstrip("/")]
 
 
@@ -56,25 +63,25 @@ def test_two_inputs_with_the_same_outputs_are_refused_before_anything_runs(tmp_p
     write_image(tmp_path / "one" / "same.png", 8, 8)
     write_image(tmp_path / "two" / "same.png", 8, 8)
     with pytest.raises(InputError, match="would write the same outputs"):
-        io.discover([tmp_path / "one" / "same.png", tmp_path / "two" / "same.png"])
+        images.discover([tmp_path / "one" / "same.png", tmp_path / "two" / "same.png"])
 
 
 def test_write_atomic_replaces_whole_files_and_cleans_up_after_a_failure(tmp_path):
     target = tmp_path / "sub" / "map.npy"
-    io.write_atomic(target, io.npy_bytes(np.ones((2, 3), np.float32)))
-    io.write_atomic(target, io.npy_bytes(np.zeros((4, 5), np.float32)))
+    rundir.write_atomic(target, npy_bytes(np.ones((2, 3), np.float32)))
+    rundir.write_atomic(target, npy_bytes(np.zeros((4, 5), np.float32)))
     assert np.load(target).shape == (4, 5)
     assert sorted(p.name for p in target.parent.iterdir()) == ["map.npy"]
     # A folder where the temporary should go: the write fails, the old file stays, nothing is left behind.
-    io.temporary_name(target).mkdir()
+    rundir.temporary_name(target).mkdir()
     with pytest.raises(OSError):
-        io.write_atomic(target, b"new")
+        rundir.write_atomic(target, b"new")
     assert np.load(target).shape == (4, 5)
     # A temporary left by a killed run is removed by the sweep (and only ours).
-    io.temporary_name(target).rmdir()
-    io.temporary_name(target).write_bytes(b"half a file")
+    rundir.temporary_name(target).rmdir()
+    rundir.temporary_name(target).write_bytes(b"half a file")
     (tmp_path / "sub" / ".someone-else.camx-tmp").write_bytes(b"not ours")
-    assert io.remove_temporaries([target]) == 1
+    assert rundir.remove_temporaries([target]) == 1
     assert sorted(p.name for p in target.parent.iterdir()) == [".someone-else.camx-tmp", "map.npy"]
 
 
@@ -84,46 +91,46 @@ def _record(name: str, **extra: object) -> dict:
 
 def test_a_torn_journal_line_is_skipped_and_never_swallows_the_next_record(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
-    io.write_manifest(manifest, {io.record_key(r): r for r in [_record("a"), _record("b")]})
+    rundir.write_manifest(manifest, {rundir.record_key(r): r for r in [_record("a"), _record("b")]})
     # a killed run: one whole record and one cut off mid-line
-    io.journal_path(manifest).write_text(json.dumps(_record("c")) + "\n" + json.dumps(_record("d"))[:17])
-    journal = io.Journal(manifest)
+    rundir.journal_path(manifest).write_text(json.dumps(_record("c")) + "\n" + json.dumps(_record("d"))[:17])
+    journal = rundir.Journal(manifest)
     journal.append([_record("e"), _record("b", status="error")])
     journal.close()
-    assert sorted(k[0] for k in io.load_manifest(manifest)) == ["a", "b", "c", "e"]
-    assert io.finalise_manifest(manifest, {io.record_key(r): r for r in [_record("d")]}) == 5
+    assert sorted(k[0] for k in rundir.load_manifest(manifest)) == ["a", "b", "c", "e"]
+    assert rundir.finalise_manifest(manifest, {rundir.record_key(r): r for r in [_record("d")]}) == 5
     lines = manifest.read_text().splitlines()
     assert [json.loads(line)["input"] for line in lines] == ["a", "b", "c", "d", "e"]
     assert json.loads(lines[1])["status"] == "error"  # the later record wins
-    assert not io.journal_path(manifest).exists()
-    assert not io.temporary_name(manifest).exists()
+    assert not rundir.journal_path(manifest).exists()
+    assert not rundir.temporary_name(manifest).exists()
 
 
 def test_records_survive_odd_characters(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     names = ["line\u2028separator.png", "new\nline.png", "ünï 画像.png"]
-    io.write_manifest(manifest, {io.record_key(r): r for r in map(_record, names)})
-    assert sorted(k[0] for k in io.load_manifest(manifest)) == sorted(names)
+    rundir.write_manifest(manifest, {rundir.record_key(r): r for r in map(_record, names)})
+    assert sorted(k[0] for k in rundir.load_manifest(manifest)) == sorted(names)
     assert len(manifest.read_bytes().split(b"\n")) == len(names) + 1
 
 
 def test_merge_joins_parts_and_their_journals_keeping_unrelated_lines(tmp_path):
     parts = [tmp_path / "manifest.shard-1-of-2.jsonl", tmp_path / "manifest.shard-2-of-2.jsonl"]
-    io.write_manifest(parts[0], {io.record_key(r): r for r in [_record("a"), _record("c")]})
-    io.journal_path(parts[1]).write_text(json.dumps(_record("b")) + "\n")  # shard 2 was killed
-    io.write_manifest(tmp_path / "manifest.jsonl", {io.record_key(r): r for r in [_record("old")]})
-    assert io.merge_manifests(tmp_path, parts, tmp_path / "manifest.jsonl") == 4
+    rundir.write_manifest(parts[0], {rundir.record_key(r): r for r in [_record("a"), _record("c")]})
+    rundir.journal_path(parts[1]).write_text(json.dumps(_record("b")) + "\n")  # shard 2 was killed
+    rundir.write_manifest(tmp_path / "manifest.jsonl", {rundir.record_key(r): r for r in [_record("old")]})
+    assert rundir.merge_manifests(tmp_path, parts, tmp_path / "manifest.jsonl") == 4
     inputs = [json.loads(line)["input"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert inputs == ["a", "b", "c", "old"]
     with pytest.raises(InputError, match="no manifest parts"):
-        io.merge_manifests(tmp_path, [], tmp_path / "manifest.jsonl")
+        rundir.merge_manifests(tmp_path, [], tmp_path / "manifest.jsonl")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_full_disk_under_the_journal_is_an_output_error(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
-    os.symlink("/dev/full", io.journal_path(manifest))  # every write: ENOSPC
-    journal = io.Journal(manifest)
+    os.symlink("/dev/full", rundir.journal_path(manifest))  # every write: ENOSPC
+    journal = rundir.Journal(manifest)
     with pytest.raises(OutputError, match=r"cannot write .*\.manifest\.jsonl\.journal: No space left on device"):
         journal.append([_record("a")])
     journal.close()
@@ -172,9 +179,9 @@ def test_unreadable_files_and_folders_become_reasons_not_crashes():
 
         def walk_and_decode() -> list[tuple[str, str]]:
             outcome = []
-            for image in io.discover([root]):
+            for image in images.discover([root]):
                 try:
-                    outcome.append((image.key, str(io.decode_image(image.path).shape)))
+                    outcome.append((image.key, str(images.decode_image(image.path).shape)))
                 except DecodeError as exc:
                     outcome.append((image.key, str(exc)))
             return outcome
@@ -185,7 +192,7 @@ def test_unreadable_files_and_folders_become_reasons_not_crashes():
         )
         (root / "closed").chmod(0o755)
         root.chmod(0)
-        assert _as_nobody(io.discover, [root]).startswith("InputError: cannot read folder")
+        assert _as_nobody(images.discover, [root]).startswith("InputError: cannot read folder")
         root.chmod(0o700)
 
 
@@ -207,7 +214,7 @@ def test_a_bare_pickle_that_would_run_code_is_refused(tmp_path):
 def test_file_modes_of_outputs_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
-        io.write_atomic(tmp_path / "x.jpg", b"data")
+        rundir.write_atomic(tmp_path / "x.jpg", b"data")
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "x.jpg").stat().st_mode) == 0o644
@@ -233,16 +240,16 @@ def test_write_npy_writes_the_array_as_it_is_and_a_failed_write_keeps_the_old_fi
     target = tmp_path / "m" / "a.jpg.gradcam.npy"
     rng = np.random.default_rng(0)
     first = rng.random((37, 53), dtype=np.float32)
-    io.write_npy(target, first)
+    rundir.write_npy(target, first)
     loaded = np.load(target)
     assert loaded.dtype == np.float32 and np.array_equal(loaded, first)
-    assert target.read_bytes() == io.npy_bytes(first)  # the same file as np.save makes
+    assert target.read_bytes() == npy_bytes(first)  # the same file as np.save makes
 
     def half_then_fail(handle):
         handle.write(b"\x93NUMPY half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        io.write_atomic(target, half_then_fail)
+        rundir.write_atomic(target, half_then_fail)
     assert np.array_equal(np.load(target), first)
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.jpg.gradcam.npy"]

@@ -10,10 +10,10 @@ from torchvision.models import VisionTransformer
 
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
-from cam_cli.layers import default_target, list_layers, resolve_target, run_probe
 from cam_cli.methods import GradCAM, TargetLayer
 from cam_cli.methods.base import ActivationCapture
 from cam_cli.models import Classifier, load_classifier
+from cam_cli.probe import default_target, list_layers, resolve_target, run_probe
 
 GRID = (4, 8)  # rows, columns of patches on a 32x32 input with 8x4 patches
 

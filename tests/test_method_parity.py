@@ -15,10 +15,10 @@ from conftest import make_tiny
 from torch import nn
 
 from cam_cli.errors import ModelError
-from cam_cli.layers import default_target, run_probe
 from cam_cli.methods import BatchExplainer, MethodOptions, Setup, create, info, method_names
 from cam_cli.methods.base import TargetLayer, to_feature_map
 from cam_cli.models import Classifier
+from cam_cli.probe import default_target, run_probe
 from cam_cli.render import upsample_normalise
 
 SIZE = 32

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from cam_cli.layers import cam_head, default_target, run_probe
 from cam_cli.methods import CAM, GradCAM, TargetLayer
 from cam_cli.models import Classifier
+from cam_cli.probe import cam_head, default_target, run_probe
 from cam_cli.render import upsample_normalise
 
 SIZE = 32

@@ -17,13 +17,13 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from cam_cli.catalog import describe_model, read_table
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
-from cam_cli.layers import cam_head, resolve_target, run_probe
 from cam_cli.methods import CAM, GradCAM
 from cam_cli.methods.base import to_feature_map
 from cam_cli.models import load_classifier, supported_models
+from cam_cli.probe import cam_head, resolve_target, run_probe
+from cam_cli.probe.catalog import describe_model, read_table
 
 # Smallest convenient input per model: 64 px gives a 2x2 map at stride 32.
 SIZES = {"maxvit_t": 224, "inception_v3": 128, "vit_h_14": 56}

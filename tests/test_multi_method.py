@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cam_cli import io
+from cam_cli import images, rundir
 from cam_cli.cli import main
 from cam_cli.methods import method_names
 
@@ -43,7 +43,7 @@ def run(images: Path, out: Path, model: str, *extra: str) -> tuple[int, dict, st
 
 
 def manifest(out: Path) -> dict[tuple[str, str], dict]:
-    return io.load_manifest(out / "manifest.jsonl")
+    return rundir.load_manifest(out / "manifest.jsonl")
 
 
 def test_four_methods_in_one_run_write_every_output_and_equal_each_alone(image_dir, tiny_factory, tmp_path):
@@ -51,7 +51,7 @@ def test_four_methods_in_one_run_write_every_output_and_equal_each_alone(image_d
     methods = ["gradcam", "gradcam++", "layercam", "eigencam"]
     code, summary, output = run(image_dir, out, tiny_factory, "--method", ",".join(methods))
     assert code == 0, output
-    keys = [image.key for image in io.discover([image_dir])]
+    keys = [image.key for image in images.discover([image_dir])]
     assert summary["done"] == len(keys) and summary["methods"] == methods
     records = manifest(out)
     assert sorted(records) == sorted((k, m) for k in keys for m in methods)

@@ -22,14 +22,14 @@ from conftest import make_tiny, write_image
 from test_method_parity import SIZE, batch, frozen, make_bnnet, make_vit, minmax, reference
 from torch import nn
 
-from cam_cli import io
+from cam_cli import rundir
 from cam_cli.cli import main
-from cam_cli.layers import resolve_target, run_probe
+from cam_cli.jobs.explain import ExplainConfig, Explainer
 from cam_cli.methods import BatchExplainer, MethodOptions, Setup, create
 from cam_cli.methods.base import Stopped
 from cam_cli.methods.perturbation import TAIL_ROWS
 from cam_cli.models import Classifier
-from cam_cli.pipeline import ExplainConfig, Explainer
+from cam_cli.probe import resolve_target, run_probe
 from cam_cli.render import upsample_normalise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,7 +282,7 @@ def test_an_interrupted_run_keeps_complete_batches_and_resumes_to_the_same_maps(
     run.session.explainer.on_passes = count
     summary = run.run(None, stop)
     assert summary.interrupted and summary.done == 2
-    assert len(io.load_manifest(tmp_path / "out" / "manifest.jsonl")) == 2
+    assert len(rundir.load_manifest(tmp_path / "out" / "manifest.jsonl")) == 2
     assert summary.timings["extra_passes"] > 0
     resumed = Explainer(config(tmp_path / "out")).run()
     assert resumed.done == 4 and resumed.skipped == 2
@@ -301,7 +301,7 @@ def test_with_other_methods_through_the_cli(image_dir, tiny_factory, tmp_path) -
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["done"] == 6 and summary["timings"]["extra_passes"] > 0
-    records = io.load_manifest(tmp_path / "all" / "manifest.jsonl")
+    records = rundir.load_manifest(tmp_path / "all" / "manifest.jsonl")
     assert len(records) == 18
     assert records[("a.jpg", "ablationcam")]["ablation"] == "closed form"
     assert [t["rank"] for t in records[("a.jpg", "scorecam")]["targets"]] == [1, 2]
@@ -326,7 +326,7 @@ PEAK = """
 import resource, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from cam_cli.pipeline import ExplainConfig, explain
+from cam_cli.jobs.explain import ExplainConfig, explain
 summary = explain(ExplainConfig(inputs=[Path(sys.argv[1])], out_dir=Path(sys.argv[2]), method="scorecam",
                   model="tinynet_module:build", weights="NONE", device="cpu", batch_size=16, workers=0, input_size=64))
 assert summary.done == int(sys.argv[3]), summary
@@ -449,7 +449,7 @@ def test_smoothing_options_through_the_cli_are_recorded(image_dir, tiny_factory,
             "--input-size", "32", "--method", "scorecam,ablationcam", "--aug-smooth", "--eigen-smooth"]  # fmt: skip
     result = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(tmp_path / "o"), *args])
     assert result.exit_code == 0, result.output
-    records = io.load_manifest(tmp_path / "o" / "manifest.jsonl")
+    records = rundir.load_manifest(tmp_path / "o" / "manifest.jsonl")
     for method in ("scorecam", "ablationcam"):
         record = records[("a.jpg", method)]
         assert record["status"] == "ok" and record["aug_smooth"] is True and record["eigen_smooth"] is True

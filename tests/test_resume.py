@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import camx_script, write_image
 from PIL import Image
 
-from cam_cli import io
+from cam_cli import images, rundir
 from cam_cli.cli import main
 
 COUNT = 40
@@ -51,12 +51,12 @@ def make_inputs(root: Path, count: int = COUNT) -> list[str]:
     for i in range(count):
         write_image(root / f"part{i % 3}" / f"img{i:02d}.{('png', 'jpg', 'bmp')[i % 3]}", 24 + i % 7, 18 + i % 5, i)
     (root / "empty.png").write_bytes(b"")
-    return [image.key for image in io.discover([root])]
+    return [image.key for image in images.discover([root])]
 
 
 def records_of(path: Path) -> list[dict]:
     """Every whole line of a manifest or journal (a torn last line is allowed, and skipped)."""
-    return list(io.read_records(path))
+    return list(rundir.read_records(path))
 
 
 def check_only_complete_files(out: Path) -> None:
@@ -73,7 +73,7 @@ def check_only_complete_files(out: Path) -> None:
         else:
             assert path.name in ("manifest.jsonl",), path
     manifest = out / "manifest.jsonl"
-    for record in records_of(manifest) + records_of(io.journal_path(manifest)):
+    for record in records_of(manifest) + records_of(rundir.journal_path(manifest)):
         if record["status"] == "ok":
             assert (out / record["overlay"]).is_file() and (out / record["map"]).is_file(), record
 
@@ -152,7 +152,7 @@ def test_sigkill_at_any_point_then_resume_gives_every_output_exactly_once(tmp_pa
     model = slow_factory(tmp_path, delay=0.03)
     out = tmp_path / "out"
     args = [str(root), "-o", str(out), "--model", model, *ARGS, "--batch-size", "2", "--workers", "1"]
-    journal = io.journal_path(out / "manifest.jsonl")
+    journal = rundir.journal_path(out / "manifest.jsonl")
 
     def journal_lines() -> int:
         return len(records_of(journal)) if journal.exists() else 0
@@ -172,7 +172,7 @@ def test_sigkill_at_any_point_then_resume_gives_every_output_exactly_once(tmp_pa
 
     def writing() -> bool:
         names = [name for folder in folders if folder.is_dir() for name in os.listdir(folder)]
-        return any(name.endswith(io.TMP_SUFFIX) for name in names) or (
+        return any(name.endswith(rundir.TMP_SUFFIX) for name in names) or (
             sum(name.endswith(".npy") for name in names) >= before + 12
         )
 
@@ -181,7 +181,7 @@ def test_sigkill_at_any_point_then_resume_gives_every_output_exactly_once(tmp_pa
     assert journal_lines() >= first  # the resumed run kept what the journal held
 
     # 4. resume to the end: exactly the recorded, complete inputs are skipped
-    recorded = io.load_manifest(out / "manifest.jsonl")
+    recorded = rundir.load_manifest(out / "manifest.jsonl")
     complete = sum(r["status"] == "ok" for r in recorded.values())
     assert complete >= 7
     resumed = CliRunner().invoke(main, ["explain", *args, "--json"])
@@ -223,7 +223,7 @@ def test_rerun_skips_what_is_complete_and_redoes_the_rest(tmp_path, tiny_factory
     # A lost overlay is redone, a fixed input is retried, and a stray temporary of a complete
     # input (what a killed --overwrite run leaves) is swept away.
     (out / "part1" / "img04.jpg.gradcam.png").unlink()
-    stray = io.temporary_name(out / "part0" / "img00.png.gradcam.npy")
+    stray = rundir.temporary_name(out / "part0" / "img00.png.gradcam.npy")
     stray.write_bytes(b"half")
     (root / "empty.png").write_bytes((root / "part0" / "img00.png").read_bytes())  # fixed meanwhile
     code, summary, _ = _run(root, out, tiny_factory)
@@ -277,7 +277,7 @@ def test_a_fatal_error_mid_run_keeps_everything_already_written(tmp_path, tiny_f
     assert "sub/c.png" in result.stderr
     done = {r["input"]: r for r in records_of(out / "manifest.jsonl")}
     assert set(done) == {str(root / "a.png"), str(root / "b.png")}  # the batches before the failure
-    assert not io.journal_path(out / "manifest.jsonl").exists() and not list(out.rglob("*.camx-tmp"))
+    assert not rundir.journal_path(out / "manifest.jsonl").exists() and not list(out.rglob("*.camx-tmp"))
     (out / "sub").unlink()
     check_only_complete_files(out)
 
@@ -301,7 +301,7 @@ def test_a_second_unsharded_run_into_a_busy_out_is_refused_and_loses_nothing(tmp
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not records_of(io.journal_path(out / "manifest.jsonl")) and time.monotonic() < deadline:
+        while not records_of(rundir.journal_path(out / "manifest.jsonl")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, "the first run ended before the second could start"
         result = CliRunner().invoke(main, ["explain", str(root), "-o", str(out), "--model", model, *ARGS, "-q"])

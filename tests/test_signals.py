@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import camx_script
 from test_resume import check_only_complete_files, check_outputs_exactly_once, make_inputs, records_of, slow_factory
 
-from cam_cli import io
+from cam_cli import rundir
 from cam_cli.cli import main
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def start(tmp_path: Path, delay: float) -> tuple[subprocess.Popen, Path, Path, l
             stdout=stdout,
             stderr=stderr,
         )
-    journal = io.journal_path(out / "manifest.jsonl")
+    journal = rundir.journal_path(out / "manifest.jsonl")
     wait_until(lambda: journal.exists() and len(records_of(journal)) >= 2, process, "two journal lines")
     return process, root, out, keys, args
 
@@ -100,7 +100,7 @@ def test_a_signal_to_the_process_group_stops_cleanly(tmp_path, monkeypatch, sign
     # The manifest holds exactly what was finished, and the workers are gone with the run.
     records = records_of(out / "manifest.jsonl")
     assert len(records) == summary["done"] + summary["failed"]
-    assert not io.journal_path(out / "manifest.jsonl").exists() and not list(out.rglob("*.camx-tmp"))
+    assert not rundir.journal_path(out / "manifest.jsonl").exists() and not list(out.rglob("*.camx-tmp"))
     check_only_complete_files(out)
     assert live_members(process.pid) == []
     resume_and_check(tmp_path, root, out, keys, args)
@@ -117,7 +117,7 @@ def test_a_second_sigint_quits_at_once_and_the_journal_resumes(tmp_path, monkeyp
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "camx: SIGINT received again: quitting at once" in stderr
     assert "images left" not in stderr and (tmp_path / "stdout.txt").read_text() == ""  # the batch was dropped
-    journal = io.journal_path(out / "manifest.jsonl")
+    journal = rundir.journal_path(out / "manifest.jsonl")
     assert len(records_of(journal)) >= 2 and not (out / "manifest.jsonl").exists()
     check_only_complete_files(out)
     deadline = time.monotonic() + 2  # a worker left to itself would linger for 5 s

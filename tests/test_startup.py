@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cam_cli import io
+from cam_cli import rundir
 from cam_cli.cli import main
-from cam_cli.layers import default_target, run_probe
+from cam_cli.jobs.explain import ExplainConfig
+from cam_cli.jobs.explain.session import open_session
 from cam_cli.models import Classifier
-from cam_cli.pipeline import ExplainConfig
-from cam_cli.session import open_session
+from cam_cli.probe import default_target, run_probe
 
 MODELS = '''
 import torch
@@ -116,7 +116,7 @@ def _config(tmp_path: Path, model: str, **kwargs) -> ExplainConfig:
 
 
 def test_the_dry_run_is_left_out_only_where_the_probe_vouches_for_the_layer(tmp_path, models, monkeypatch) -> None:
-    import cam_cli.session as session
+    import cam_cli.jobs.explain.session as session
 
     runs: list[set] = []
     real = session.dry_run
@@ -153,7 +153,7 @@ def test_a_model_that_fails_in_channels_last_runs_in_the_default_format(tmp_path
         monkeypatch.setenv("CAMX_CHANNELS_LAST", env)
         result = runner.invoke(main, ["explain", str(tmp_path / "imgs"), "-o", str(tmp_path / name), *common])
         assert result.exit_code == 0, result.output
-    records = io.load_manifest(tmp_path / "cl" / "manifest.jsonl")
+    records = rundir.load_manifest(tmp_path / "cl" / "manifest.jsonl")
     assert {r["status"] for r in records.values()} == {"ok"} and len(records) == 4
     for key in ("im0.png", "im1.png"):
         for method in ("gradcam", "eigencam"):
@@ -183,8 +183,8 @@ def test_the_console_script_exits_with_every_output_written_and_its_status(tmp_p
     summary = json.loads(run.stdout)
     assert (summary["done"], summary["failed"]) == (3, 1)
     assert "camx: 4 images: 3 done, 1 failed" in run.stderr
-    records = io.load_manifest(out / "manifest.jsonl")
+    records = rundir.load_manifest(out / "manifest.jsonl")
     assert len(records) == 8 and sum(r["status"] == "ok" for r in records.values()) == 6
-    assert not io.journal_path(out / "manifest.jsonl").exists()  # folded into the manifest
+    assert not rundir.journal_path(out / "manifest.jsonl").exists()  # folded into the manifest
     for i in range(3):
         assert np.load(out / f"ok{i}.png.gradcam.npy").shape == (30, 40 + i)

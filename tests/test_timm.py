@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cam_cli.cli import main
-from cam_cli.data import ImageDataset
 from cam_cli.errors import ModelError, WeightsError
-from cam_cli.io import discover
-from cam_cli.layers import default_target, resolve_target, run_probe
+from cam_cli.images import discover
+from cam_cli.jobs.data import ImageDataset
 from cam_cli.methods.base import ActivationCapture, TargetLayer
 from cam_cli.models import Classifier, imagenet_categories, load_classifier
+from cam_cli.probe import default_target, resolve_target, run_probe
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -26,7 +26,7 @@ class CAM(Method):
     pre_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def prepare(self, setup: Setup) -> None:
-        from cam_cli.layers import cam_head
+        from cam_cli.probe import cam_head
 
         if setup.target is None:
             raise ModelError("cam needs a target layer")

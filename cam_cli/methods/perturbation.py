@@ -312,7 +312,7 @@ class AblationCAM(Method):
     mode: str = "full passes"
 
     def prepare(self, setup: Setup) -> None:
-        from cam_cli.layers import cam_head
+        from cam_cli.probe import cam_head
 
         if setup.target is None:
             raise ModelError("ablationcam needs a target layer")

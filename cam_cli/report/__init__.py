@@ -26,9 +26,9 @@ from urllib.parse import quote
 
 from cam_cli import __version__
 from cam_cli.errors import OutputError
-from cam_cli.io import write_atomic
 from cam_cli.report.records import LOWER_IS_BETTER, Run, ran_at, read_run, safe_relative
 from cam_cli.report.thumbs import THUMB_SIZE, ThumbJob, ThumbResult, make_thumbnails, thumb_name
+from cam_cli.rundir import write_atomic
 
 ASSETS = ("report.css", "report.js")
 THUMBS_FOLDER = "thumbs"

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cam_cli.errors import InputError
-from cam_cli.io import journal_path, load_manifest, read_records, record_key, shard_parts
+from cam_cli.rundir import journal_path, load_manifest, read_records, record_key, shard_parts
 
 #: Metrics written by ``camx evaluate``; other numeric fields of a metrics line
 #: (steps, noise, ...) say what shaped them and are not shown as metrics.

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from cam_cli.io import DEFAULT_MAX_PIXELS, _to_rgb, write_atomic
+from cam_cli.images import DEFAULT_MAX_PIXELS, to_rgb
+from cam_cli.rundir import write_atomic
 
 #: Longest side of a thumbnail in pixels (cards show them at up to half of it
 #: on a 2x display).
@@ -169,7 +170,7 @@ def render_thumbnail(source: Path, size: int = THUMB_SIZE) -> bytes:
             image.seek(0)
             image.load()
             upright = ImageOps.exif_transpose(image) or image
-            rgb = _to_rgb(upright)
+            rgb = to_rgb(upright)
             rgb.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
             buffer = io.BytesIO()
             rgb.save(buffer, "JPEG", quality=QUALITY)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cam_cli import io
+from cam_cli import rundir
 from cam_cli.errors import CamxError
 
 
@@ -49,7 +49,7 @@ class DistributedRun:
         if self.rank == 0:
             n = self.world_size
             parts = [out_dir / f"manifest.shard-{i}-of-{n}.jsonl" for i in range(1, n + 1)]
-            io.merge_manifests(out_dir, [p for p in parts if p.exists()], out_dir / "manifest.jsonl")
+            rundir.merge_manifests(out_dir, [p for p in parts if p.exists()], out_dir / "manifest.jsonl")
             summary.manifest = str(out_dir / "manifest.jsonl")
         mine = {
             "total": summary.total,

@@ -135,7 +135,7 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         camx evaluate ./out
         camx evaluate ./out --metrics all --boxes-from boxes.csv --device cuda --json
     """
-    from cam_cli.evaluate import EvaluateConfig, Evaluator
+    from cam_cli.jobs.evaluate import EvaluateConfig, Evaluator
 
     quiet = options.pop("quiet")
     as_json = options.pop("as_json")

@@ -20,9 +20,10 @@ import cv2
 import numpy as np
 import torch
 
-from cam_cli import io, render
+from cam_cli import render, rundir
 from cam_cli.errors import OutputError
-from cam_cli.plan import Plan
+from cam_cli.images import InputImage
+from cam_cli.rundir.plan import ResumePlan
 
 JPEG_MAX_SIDE = 65500
 DEVICE_RENDER_MAX_PIXELS = 1 << 24
@@ -83,7 +84,7 @@ def writer_pool(on_cpu: bool) -> ThreadPoolExecutor:
 
 @dataclass
 class Writer:
-    plan: Plan
+    plan: ResumePlan
     out_dir: Path
     fmt: str
     alpha: float
@@ -92,7 +93,7 @@ class Writer:
     box_threshold: float
     add_time: Callable[[str, float], None]
 
-    def write_image(self, image: io.InputImage, original: torch.Tensor, results: list[MethodResult]) -> list[dict]:
+    def write_image(self, image: InputImage, original: torch.Tensor, results: list[MethodResult]) -> list[dict]:
         """Every method's outputs of one image; one record per method (``error`` ones included)."""
         started = time.perf_counter()
         records = []
@@ -110,7 +111,7 @@ class Writer:
         self.add_time("postprocess_write", time.perf_counter() - started)
         return records
 
-    def _write(self, image: io.InputImage, original: torch.Tensor, result: MethodResult) -> dict[str, Any]:
+    def _write(self, image: InputImage, original: torch.Tensor, result: MethodResult) -> dict[str, Any]:
         maps, classes, scores = result.maps, result.classes, result.scores
         height, width = int(original.shape[0]), int(original.shape[1])
         # On the GPU a render needs ~40 bytes a pixel of device memory per writer: very large
@@ -150,8 +151,8 @@ class Writer:
             pictures.append(encode(picture, self.fmt))  # may refuse this image: nothing written yet
             targets.append(entry)
         for r, entry in enumerate(targets):
-            io.write_npy(self.out_dir / entry["map"], norm_np[r])
-            io.write_atomic(self.out_dir / entry["overlay"], pictures[r])
+            rundir.write_npy(self.out_dir / entry["map"], norm_np[r])
+            rundir.write_atomic(self.out_dir / entry["overlay"], pictures[r])
         first = targets[0]
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}
         if any(t.get("flat") for t in targets):

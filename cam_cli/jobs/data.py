@@ -17,8 +17,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from cam_cli import io
 from cam_cli.errors import DecodeError
+from cam_cli.images import InputImage, decode_image
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,7 +40,7 @@ class ImageDataset(Dataset[Item]):
     """Decodes and resizes one image per item; failures become ``Item.error``."""
 
     def __init__(
-        self, images: Sequence[io.InputImage], size: int, max_pixels: int, interpolation: str = "bilinear"
+        self, images: Sequence[InputImage], size: int, max_pixels: int, interpolation: str = "bilinear"
     ) -> None:
         self.interpolation = InterpolationMode(interpolation)
         self.images = images
@@ -52,7 +52,7 @@ class ImageDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         try:
-            array = io.decode_image(self.images[index].path, self.max_pixels)
+            array = decode_image(self.images[index].path, self.max_pixels)
         except DecodeError as exc:
             return Item(index, None, None, str(exc))
         original = torch.from_numpy(array)
@@ -102,7 +102,7 @@ def ignore_stop_signals(_: int) -> None:
 
 
 def make_loader(
-    images: Sequence[io.InputImage],
+    images: Sequence[InputImage],
     size: int,
     max_pixels: int,
     batch_size: int,

@@ -1,7 +1,7 @@
 """The table behind ``camx models``: for every supported model, whether CAM
 applies, the default target layer and the input size.
 
-Each row comes from the model's own structure (``cam_cli.layers``), probed
+Each row comes from the model's own structure (``cam_cli.probe``), probed
 with random weights at the input size of its default weights.  Probing all of
 torchvision takes minutes, so the rows are computed once and shipped as
 ``catalog.json`` beside this file; regenerate it after a torchvision upgrade::
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from cam_cli.errors import ModelError
-from cam_cli.layers import cam_head, default_target, head_description, run_probe
 from cam_cli.models import load_classifier, supported_models
+from cam_cli.probe import cam_head, default_target, head_description, run_probe
 
 TABLE = Path(__file__).with_name("catalog.json")
 

@@ -107,7 +107,7 @@ class CamxGroup(click.Group):
 
     #: commands defined in modules of their own, imported when first asked for (they import
     #: this module for its shared pieces, so it must not import them at its top)
-    LAZY = {"evaluate": "cam_cli.cli_evaluate:evaluate", "report": "cam_cli.cli_report:report"}
+    LAZY = {"evaluate": "cam_cli.cli.evaluate:evaluate", "report": "cam_cli.cli.report:report"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -344,9 +344,9 @@ def _current_handlers() -> dict[int, Any]:
 
 
 def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, options: dict[str, Any]) -> None:
-    from cam_cli import io
-    from cam_cli.distributed import distributed_context
-    from cam_cli.pipeline import ExplainConfig, Explainer
+    from cam_cli import images
+    from cam_cli.jobs.explain import ExplainConfig, Explainer
+    from cam_cli.jobs.explain.distributed import distributed_context
 
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
@@ -360,9 +360,9 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
         if files_from is not None:
             try:
                 if str(files_from) == "-":
-                    listed = io.read_file_list(sys.stdin.read())
+                    listed = images.read_file_list(sys.stdin.read())
                 else:
-                    listed = io.read_file_list(Path(files_from).read_text(encoding="utf-8"))
+                    listed = images.read_file_list(Path(files_from).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
                 fail(f"cannot read --files-from {files_from}: {exc}", 1, as_json)
         with distributed_context(shard, options["device"]) as dist:
@@ -371,7 +371,7 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
                 out_dir=out_dir,
                 listed=listed,
                 shard=dist.shard,
-                max_pixels=max_pixels or io.DEFAULT_MAX_PIXELS,
+                max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
                 **{**options, "device": dist.device},
             )
             explainer = Explainer(config)
@@ -538,8 +538,8 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
     """
     import fnmatch
 
-    from cam_cli.catalog import describe_models, describe_timm_models
     from cam_cli.device import freeze_imported_objects
+    from cam_cli.probe.catalog import describe_models, describe_timm_models
 
     freeze_imported_objects()
     with reported_errors():
@@ -580,8 +580,8 @@ def layers(model: str, input_size: int | None, weights: str) -> None:
         camx layers timm:vit_small_patch16_224
     """
     from cam_cli.device import freeze_imported_objects
-    from cam_cli.layers import list_layers, run_probe
     from cam_cli.models import load_classifier
+    from cam_cli.probe import list_layers, run_probe
 
     freeze_imported_objects()
     with reported_errors():
@@ -641,13 +641,13 @@ def merge(out_dir: Path) -> None:
     Example:
         camx merge ./out
     """
-    from cam_cli import io
+    from cam_cli import rundir
 
     with reported_errors():
-        parts = io.shard_parts(out_dir)
-        count = io.merge_manifests(out_dir, parts, out_dir / "manifest.jsonl")
+        parts = rundir.shard_parts(out_dir)
+        count = rundir.merge_manifests(out_dir, parts)
     click.echo(f"camx: merged {len(parts)} parts into {out_dir / 'manifest.jsonl'} ({count} lines)", err=True)
-    gaps = io.part_warnings(parts)
+    gaps = rundir.part_warnings(parts)
     for gap in gaps:
         click.echo(f"camx: warning: {gap}", err=True)
     if gaps:

@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
-from cam_cli import io
-from cam_cli.data import default_workers, make_loader
+from cam_cli import rundir
 from cam_cli.device import freeze_imported_objects, tune_allocator
-from cam_cli.engine import Engine, Progress, Summary, Timings
 from cam_cli.errors import OutputError
+from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
+from cam_cli.jobs.data import default_workers, make_loader
+from cam_cli.jobs.explain.engine import Engine, Progress, Summary, Timings
+from cam_cli.jobs.explain.session import open_session, parse_method_list, select_images
+from cam_cli.jobs.explain.writer import Writer
 from cam_cli.methods import info
-from cam_cli.plan import Plan, refuse_writing_over_inputs
-from cam_cli.session import open_session, parse_method_list, select_images
-from cam_cli.writer import Writer
+from cam_cli.rundir.plan import ResumePlan, refuse_writing_over_inputs
 
 __all__ = ["ExplainConfig", "Explainer", "Summary", "explain"]
 
@@ -59,7 +60,7 @@ class ExplainConfig:
     precision: str = "fp32"
     overwrite: bool = False
     shard: tuple[int, int] = (1, 1)
-    max_pixels: int = io.DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
     boxes: bool = False
     box_threshold: float = 0.2
     draw_boxes: bool = False
@@ -83,10 +84,10 @@ class Explainer:
         self.device = self.session.device
         self.target_layer = self.session.target_layer
         self.target = self.session.target
-        io.check_writable(config.out_dir)
+        rundir.check_writable(config.out_dir)
         k, n = config.shard
         self.manifest = config.out_dir / ("manifest.jsonl" if n == 1 else f"manifest.shard-{k}-of-{n}.jsonl")
-        self.plan = Plan(
+        self.plan = ResumePlan(
             out_dir=config.out_dir,
             manifest=self.manifest,
             images=self.images,
@@ -132,7 +133,7 @@ class Explainer:
             settings["draw_boxes"] = True
         return settings
 
-    def pending(self) -> tuple[list[io.InputImage], int]:
+    def pending(self) -> tuple[list[InputImage], int]:
         """Inputs with a method still to do, and how many inputs are already complete."""
         return self.plan.pending()
 
@@ -153,7 +154,7 @@ class Explainer:
         )
         try:
             config.out_dir.mkdir(parents=True, exist_ok=True)
-            journal = io.Journal(self.manifest)
+            journal = rundir.Journal(self.manifest)
             # Records live in the journal on disk, not in memory: memory stays flat
             # however many images there are; the manifest is rebuilt from it at the end.
             if self.plan.carried:
@@ -184,13 +185,13 @@ class Explainer:
         finally:
             finishing = time.perf_counter()
             try:  # whatever happened, keep what was completed
-                io.finalise_manifest(self.manifest, {})
+                rundir.finalise_manifest(self.manifest, {})
             except OSError as exc:
                 raise OutputError(f"cannot write {self.manifest}: {exc.strerror or exc}") from None
             finally:
                 journal.close()  # the lock goes with it, once the journal is folded in
             # all of this shard's temporaries, also those an interrupted --overwrite left
-            io.remove_temporaries(self.plan.all_outputs())
+            rundir.remove_temporaries(self.plan.all_outputs())
             self.timings.add("finish", time.perf_counter() - finishing)
         summary.seconds = time.perf_counter() - started
         summary.timings = dict(self.timings.seconds)

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from cam_cli import io
 from cam_cli.device import PRECISIONS, resolve_device, use_channels_last, use_ieee_fp32
 from cam_cli.errors import CamxError, ModelError
-from cam_cli.layers import resolve_target, run_probe
+from cam_cli.images import InputImage, discover, select_shard
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
 from cam_cli.methods.base import TargetLayer
 from cam_cli.models import Classifier, load_classifier
+from cam_cli.probe import resolve_target, run_probe
 from cam_cli.targets import TargetSpec, parse_target
 
 
@@ -173,8 +173,8 @@ def logits_function(classifier: Classifier, device: torch.device, precision: str
     return forward
 
 
-def select_images(config: Any) -> tuple[list[io.InputImage], list[io.InputImage]]:
+def select_images(config: Any) -> tuple[list[InputImage], list[InputImage]]:
     """All inputs found, and this shard's slice of them."""
-    found = io.discover(config.inputs, list(config.listed), exclude=config.out_dir)
+    found = discover(config.inputs, list(config.listed), exclude=config.out_dir)
     k, n = config.shard
-    return found, (io.select_shard(found, k, n) if n > 1 else found)
+    return found, (select_shard(found, k, n) if n > 1 else found)

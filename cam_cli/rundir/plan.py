@@ -15,31 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cam_cli import io
 from cam_cli.errors import InputError
+from cam_cli.images import InputImage
+from cam_cli.rundir.layout import output_names, read_run
+from cam_cli.rundir.records import RecordKey, record_key
 
 #: Options recorded only when set; a record without one was made without it.
 FLAGS = ("aug_smooth", "eigen_smooth", "draw_boxes")
 
 
-def output_names(key: str, method: str, fmt: str, count: int, variant: str | None = None) -> list[tuple[str, str]]:
-    """(overlay, map) paths relative to OUT for each of ``count`` targets; a fixed
-    ``--target`` class has names of its own (``KEY.METHOD.class281.jpg``)."""
-    if variant:
-        return [(f"{key}.{method}.{variant}.{fmt}", f"{key}.{method}.{variant}.npy")]
-    if count == 1:
-        return [(f"{key}.{method}.{fmt}", f"{key}.{method}.npy")]
-    return [(f"{key}.{method}.top{r}.{fmt}", f"{key}.{method}.top{r}.npy") for r in range(1, count + 1)]
-
-
 @dataclass
-class Plan:
+class ResumePlan:
     """What one run makes. ``settings[method]`` go into every line of that method;
     ``counts[method]`` is how many targets (maps) each input gets from it."""
 
     out_dir: Path
     manifest: Path
-    images: Sequence[io.InputImage]
+    images: Sequence[InputImage]
     methods: list[str]
     settings: dict[str, dict[str, Any]]
     counts: dict[str, int]
@@ -47,14 +39,14 @@ class Plan:
     fmt: str = "jpg"
     boxes: bool = False
     overwrite: bool = False
-    carried: dict[io.RecordKey, dict[str, Any]] = field(default_factory=dict)
+    carried: dict[RecordKey, dict[str, Any]] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
-    _pending: tuple[list[io.InputImage], int] | None = None
+    _pending: tuple[list[InputImage], int] | None = None
 
     def names(self, key: str, method: str) -> list[tuple[str, str]]:
         return output_names(key, method, self.fmt, self.counts[method], self.settings[method].get("variant"))
 
-    def record_key(self, key: str, method: str) -> io.RecordKey:
+    def record_key(self, key: str, method: str) -> RecordKey:
         variant = self.settings[method].get("variant")
         return (key, f"{method}.{variant}" if variant else method)
 
@@ -63,7 +55,7 @@ class Plan:
         names = (pair for image in self.images for method in self.methods for pair in self.names(image.key, method))
         return [self.out_dir / rel for pair in names for rel in pair]
 
-    def record(self, image: io.InputImage, method: str, **fields: Any) -> dict[str, Any]:
+    def record(self, image: InputImage, method: str, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
             "input": str(image.path),
             "key": image.key,
@@ -103,17 +95,7 @@ class Plan:
             str(t["overlay"]).endswith(suffix) for t in targets
         )
 
-    def _earlier_records(self) -> dict[io.RecordKey, dict[str, Any]]:
-        """Records of every manifest in OUT (other shards' parts included), this run's own on top."""
-        records: dict[io.RecordKey, dict[str, Any]] = {}
-        others = sorted(self.out_dir.glob("manifest.shard-*-of-*.jsonl"))
-        for path in [self.out_dir / "manifest.jsonl", *others]:
-            if path != self.manifest:
-                records.update(io.load_manifest(path))
-        records.update(io.load_manifest(self.manifest))
-        return records
-
-    def pending(self) -> tuple[list[io.InputImage], int]:
+    def pending(self) -> tuple[list[InputImage], int]:
         """Inputs with at least one method still to do, and how many inputs are complete.
 
         Computed once (it reads the manifests and checks every output file).
@@ -121,7 +103,7 @@ class Plan:
         found in another manifest of OUT are carried into this run's manifest.
         """
         if self._pending is None:
-            records = {} if self.overwrite else self._earlier_records()
+            records = {} if self.overwrite else read_run(self.out_dir, self.manifest, required=False).records
             todo = []
             for image in self.images:
                 needed = []
@@ -129,7 +111,7 @@ class Plan:
                     record = records.get(self.record_key(image.key, method))
                     if self.is_complete(record, method):
                         assert record is not None
-                        self.carried[io.record_key(record)] = record
+                        self.carried[record_key(record)] = record
                     else:
                         needed.append(method)
                 if needed:
@@ -140,7 +122,7 @@ class Plan:
 
 
 def refuse_writing_over_inputs(
-    inputs: Sequence[Path], out_dir: Path, images: Sequence[io.InputImage], methods: Sequence[str], fmt: str
+    inputs: Sequence[Path], out_dir: Path, images: Sequence[InputImage], methods: Sequence[str], fmt: str
 ) -> None:
     """OUT may not be an input folder, and no output may land on an input image."""
     out = os.path.realpath(out_dir)

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from cam_cli import io
-from cam_cli.data import Batch
+from cam_cli import rundir
+from cam_cli.images import InputImage
+from cam_cli.jobs.data import Batch
+from cam_cli.jobs.explain.writer import MethodResult, Writer, writer_pool
 from cam_cli.methods import BatchExplainer
 from cam_cli.methods.base import Stopped
-from cam_cli.plan import Plan
+from cam_cli.rundir.plan import ResumePlan
 from cam_cli.targets import TargetSpec
-from cam_cli.writer import MethodResult, Writer, writer_pool
 
 MAX_PENDING_BATCHES = 2
 
@@ -104,7 +105,7 @@ class Engine:
 
     explainer: BatchExplainer
     target: TargetSpec
-    plan: Plan
+    plan: ResumePlan
     writer: Writer
     device: torch.device
     mean: torch.Tensor  # (1, 3, 1, 1) on the device, in 0..255 units
@@ -118,7 +119,7 @@ class Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def explain_batch(self, todo: list[io.InputImage], batch: Batch) -> list[tuple[io.InputImage, torch.Tensor,
+    def explain_batch(self, todo: list[InputImage], batch: Batch) -> list[tuple[InputImage, torch.Tensor,
                                                                                list[MethodResult]]]:  # fmt: skip
         """The model's part of one batch: every method the batch's inputs still need."""
         assert batch.images is not None
@@ -146,7 +147,7 @@ class Engine:
         return jobs
 
     def run(
-        self, todo: list[io.InputImage], loader: Any, journal: io.Journal, summary: Summary, on_cpu: bool,
+        self, todo: list[InputImage], loader: Any, journal: rundir.Journal, summary: Summary, on_cpu: bool,
         progress: Progress | None, stop: threading.Event | None,
     ) -> None:  # fmt: skip
         pool = writer_pool(on_cpu)

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cam_cli import io
-from cam_cli.data import ImageDataset, default_workers, ignore_stop_signals
+from cam_cli import rundir
 from cam_cli.device import PRECISIONS, freeze_imported_objects, resolve_device, tune_allocator
 from cam_cli.errors import CamxError, InputError, ModelError, OutputError
+from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
+from cam_cli.jobs.data import ImageDataset, default_workers, ignore_stop_signals
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, MetricOptions, fields_of, plan_factory
 from cam_cli.metrics.base import Group, Samples, Scheduler
 from cam_cli.metrics.localisation import GroundTruth, localise, read_boxes
@@ -124,22 +125,22 @@ class EvaluateResult:
 # ------------------------------------------------------------------- manifest
 
 
-def read_run(out_dir: Path) -> dict[io.RecordKey, dict[str, Any]]:
+def read_run(out_dir: Path) -> dict[rundir.RecordKey, dict[str, Any]]:
     """Every record of OUT: shard parts (and their journals), the manifest on top."""
     manifest = out_dir / "manifest.jsonl"
-    parts = io.shard_parts(out_dir) if out_dir.is_dir() else []
+    parts = rundir.shard_parts(out_dir) if out_dir.is_dir() else []
     if not out_dir.exists():
         raise InputError(f"no such folder: {out_dir}")
     if not out_dir.is_dir():
         raise InputError(f"{out_dir} is not a folder of a camx explain run")
-    if not manifest.exists() and not io.journal_path(manifest).exists() and not parts:
+    if not manifest.exists() and not rundir.journal_path(manifest).exists() and not parts:
         raise InputError(
             f"no manifest in {out_dir} (manifest.jsonl or shard parts): run camx explain IMAGES -o {out_dir} first"
         )
-    records: dict[io.RecordKey, dict[str, Any]] = {}
+    records: dict[rundir.RecordKey, dict[str, Any]] = {}
     for part in parts:
-        records.update(io.load_manifest(part))
-    records.update(io.load_manifest(manifest))
+        records.update(rundir.load_manifest(part))
+    records.update(rundir.load_manifest(manifest))
     if not records:
         raise InputError(f"the manifest of {out_dir} has no lines")
     return records
@@ -208,7 +209,7 @@ class MapDataset(torch.utils.data.Dataset[Loaded]):
     def __init__(
         self,
         out_dir: Path,
-        inputs: Sequence[io.InputImage],
+        inputs: Sequence[InputImage],
         pairs: Sequence[Sequence[Pair]],
         size: int,
         natives: bool,
@@ -216,7 +217,7 @@ class MapDataset(torch.utils.data.Dataset[Loaded]):
     ) -> None:
         self.out_dir = out_dir
         kwargs = {"interpolation": interpolation} if interpolation and _accepts(ImageDataset, "interpolation") else {}
-        self.images = ImageDataset(inputs, size, io.DEFAULT_MAX_PIXELS, **kwargs)
+        self.images = ImageDataset(inputs, size, DEFAULT_MAX_PIXELS, **kwargs)
         self.pairs = pairs
         self.size = size
         self.natives = natives
@@ -487,7 +488,7 @@ class Evaluator:
     def pending(self) -> tuple[list[Pair], int]:
         """The pairs still to compute (some metrics or all), and how many lines are complete."""
         if self._pairs is None:
-            earlier = io.load_manifest(self.metrics_path)
+            earlier = rundir.load_manifest(self.metrics_path)
             pairs: list[Pair] = []
             skipped = 0
             for record, setup in self.records:
@@ -496,7 +497,7 @@ class Evaluator:
                     stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
                 except OSError:
                     stat = None
-                old = earlier.get(io.record_key(record))
+                old = earlier.get(rundir.record_key(record))
                 valid = self._still_valid(old, self._common(record, setup, stat)) if stat else []
                 todo = [n for n in self.names if n not in valid]
                 if not todo:
@@ -571,7 +572,7 @@ class Evaluator:
         if self.device.type == "cpu":
             tune_allocator()
         try:
-            journal = io.Journal(self.metrics_path)
+            journal = rundir.Journal(self.metrics_path)
         except OutputError:
             raise OutputError(
                 f"another camx evaluate is writing {self.metrics_path} right now; let it finish first"
@@ -601,12 +602,12 @@ class Evaluator:
                 self._run_setup(group, emit, stop, result, mismatched)
         finally:
             try:
-                io.finalise_manifest(self.metrics_path, {})
+                rundir.finalise_manifest(self.metrics_path, {})
             except OSError as exc:
                 raise OutputError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
             finally:
                 journal.close()
-            io.remove_temporaries([self.metrics_path, self.summary_path])
+            rundir.remove_temporaries([self.metrics_path, self.summary_path])
         if mismatched[0]:
             self.warnings.append(
                 f"for {mismatched[0]} lines the rebuilt model's probability of the explained class differs from the "
@@ -615,7 +616,7 @@ class Evaluator:
             )
         result.summary = self.summarise()
         try:
-            io.write_atomic(self.summary_path, (json.dumps(result.summary, indent=2) + "\n").encode("utf-8"))
+            rundir.write_atomic(self.summary_path, (json.dumps(result.summary, indent=2) + "\n").encode("utf-8"))
         except OSError as exc:
             raise OutputError(f"cannot write {self.summary_path}: {exc.strerror or exc}") from None
         result.seconds = time.perf_counter() - started
@@ -632,11 +633,11 @@ class Evaluator:
         setup = pairs[0].setup
         classifier = setup.classifier
         size = classifier.input_size if classifier else int(setup.input_size or 224)
-        inputs: dict[str, io.InputImage] = {}
+        inputs: dict[str, InputImage] = {}
         per_input: dict[str, list[Pair]] = {}
         for pair in pairs:
             key = str(pair.record["key"])
-            inputs.setdefault(key, io.InputImage(Path(str(pair.record.get("input") or key)), key))
+            inputs.setdefault(key, InputImage(Path(str(pair.record.get("input") or key)), key))
             per_input.setdefault(key, []).append(pair)
         order = sorted(inputs)
         workers = default_workers() if self.config.workers is None else self.config.workers
@@ -767,14 +768,14 @@ class Evaluator:
     # -- summary
     def summarise(self) -> dict[str, Any]:
         """Per method: n, mean and seeded 95% bootstrap interval of each metric, ranks, gaps to ``random``."""
-        lines = io.load_manifest(self.metrics_path)
+        lines = rundir.load_manifest(self.metrics_path)
         by_method: dict[str, dict[str, dict[str, Any]]] = {}
         for record, _setup in self.records:
-            line = lines.get(io.record_key(record))
+            line = lines.get(rundir.record_key(record))
             if line is None or line.get("status") != "ok":
                 continue
             # a fixed --target class is summarised apart: gradcam.class281
-            by_method.setdefault(io.record_key(record)[1], {})[str(record["key"])] = line
+            by_method.setdefault(rundir.record_key(record)[1], {})[str(record["key"])] = line
         stats = summary_stats(self.names)
         methods: dict[str, Any] = {}
         for method, rows in sorted(by_method.items()):

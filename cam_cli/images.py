@@ -1,0 +1,230 @@
+"""Finding input images and decoding them (torch-free).
+
+An input's *key* is its path relative to the folder it was found in (POSIX
+separators), or its file name when it was named directly; the run folder
+(:mod:`cam_cli.rundir`) names every output after it. Keys never contain ``..``
+or a leading ``/``, so every output stays inside OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cam_cli.errors import DecodeError, InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+#: Pillow raises DecompressionBombError above twice its warning limit; keep that default.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One input: where to read it and the key its outputs are named by."""
+
+    path: Path
+    key: str
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path, exclude: Path | None) -> Iterator[InputImage]:
+    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned.
+
+    Symbolic links to folders are followed (keys keep the link's name, so
+    outputs stay under OUT) unless they lead back to a folder being walked.
+    A folder that cannot be listed is yielded itself, so that it becomes an
+    ``error`` line in the manifest instead of vanishing.
+    """
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+
+    def visit(folder: Path, rel: PurePosixPath, ancestors: frozenset[str]) -> Iterator[InputImage]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError:
+            if str(rel) != ".":
+                yield InputImage(folder, str(rel))
+                return
+            raise
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links; a broken link is not a folder
+            except OSError:
+                is_dir = False
+            if is_dir:
+                folders.append(entry)
+            elif _is_image_name(entry.name):
+                yield InputImage(folder / entry.name, str(rel / entry.name))
+        for entry in folders:
+            real = os.path.realpath(entry.path)
+            if real in ancestors or real == excluded:
+                continue
+            yield from visit(folder / entry.name, rel / entry.name, ancestors | {real})
+
+    yield from visit(root, PurePosixPath("."), frozenset({os.path.realpath(root)}))
+
+
+def key_for_listed_path(path: Path) -> str:
+    """Key of a path named in ``--files-from``: the relative path as written, or
+    the absolute path without its root when it is absolute or climbs with ``..``."""
+    parts = PurePosixPath(path.as_posix()).parts
+    if path.is_absolute() or ".." in parts:
+        absolute = PurePosixPath(Path(os.path.abspath(path)).as_posix())
+        return str(PurePosixPath(*absolute.parts[1:]))
+    return str(PurePosixPath(*[p for p in parts if p != "."]))
+
+
+def discover(
+    inputs: Sequence[Path],
+    listed: Sequence[Path] = (),
+    exclude: Path | None = None,
+) -> list[InputImage]:
+    """All images named by ``inputs`` (folders or files) and ``listed`` paths.
+
+    Sorted by key, so the order (and any shard of it) is deterministic. A file
+    named more than once (under spellings of the same path) is one input.
+    Raises ``InputError`` for a missing input, for two inputs that would write
+    the same outputs, or when nothing is found.
+    """
+    found: list[InputImage] = []
+    for item in inputs:
+        if item.is_dir():
+            try:
+                found.extend(_walk(item, exclude))
+            except OSError as exc:
+                raise InputError(f"cannot read folder {item}: {exc.strerror or exc}") from None
+        elif item.exists() or item.is_symlink():
+            found.append(InputImage(item, item.name))
+        else:
+            raise InputError(f"input not found: {item}")
+    # Listed paths are taken as given, whatever their extension: the user chose them.
+    found.extend(InputImage(p, key_for_listed_path(p)) for p in listed)
+
+    by_key: dict[str, InputImage] = {}
+    seen: set[str] = set()
+    for image in found:
+        # One file named twice (a folder and a list, ./a.jpg and /abs/a.jpg) is one
+        # input, under the key it was first found with.
+        where = os.path.abspath(image.path)
+        if where in seen:
+            continue
+        seen.add(where)
+        other = by_key.get(image.key)
+        if other is not None and os.path.abspath(other.path) != os.path.abspath(image.path):
+            raise InputError(
+                f"inputs {other.path} and {image.path} would write the same outputs "
+                f"({image.key}); explain them into different output folders"
+            )
+        by_key[image.key] = image
+    if not by_key:
+        names = ", ".join(str(p) for p in [*inputs, *listed][:3])
+        raise InputError(
+            f"no images found in {names or 'the inputs'} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def read_file_list(text: str) -> list[Path]:
+    """Paths from a ``--files-from`` list: one per line (blank lines and ``#``
+    comments skipped), or NUL-separated as ``find -print0`` writes them."""
+    if "\0" in text:
+        return [Path(item) for item in text.split("\0") if item]
+    paths = []
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if line.strip() and not line.lstrip().startswith("#"):
+            paths.append(Path(line))
+    return paths
+
+
+def select_shard(images: Sequence[InputImage], index: int, count: int) -> list[InputImage]:
+    """The ``index``-th (1-based) of ``count`` disjoint, interleaved slices."""
+    return list(images[index - 1 :: count])
+
+
+# --------------------------------------------------------------------- decoding
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s+", " ", message).strip()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array, as a viewer shows it.
+
+    EXIF orientation is applied; animated images give their first frame.
+    Raises ``DecodeError`` with a one-line reason for anything unreadable.
+    """
+    try:
+        status = os.stat(path)
+        if stat.S_ISDIR(status.st_mode):
+            os.listdir(path)  # PermissionError for a folder that cannot be read
+            raise DecodeError("is a folder, not an image file")
+        if not stat.S_ISREG(status.st_mode):
+            raise DecodeError("not a regular file (a pipe, socket or device)")  # never open a FIFO
+        if status.st_size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        # Our own limit replaces Pillow's decompression-bomb guard (checked below).
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise DecodeError(
+                        f"image is {width}x{height} = {width * height} pixels, more than --max-pixels {max_pixels}"
+                    )
+                image.seek(0)
+                image.load()
+                upright = ImageOps.exif_transpose(image) or image
+                rgb = to_rgb(upright)
+                array = np.array(rgb, dtype=np.uint8)  # a writable copy
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("file not found (broken link?)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError(_one_line(f"cannot decode: {exc}")) from None
+    except Exception as exc:  # a decoder bug on a hostile file must not end the run
+        raise DecodeError(_one_line(f"cannot decode: {type(exc).__name__}: {exc}")) from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise DecodeError(f"unexpected decoded shape {array.shape}")
+    return np.ascontiguousarray(array)

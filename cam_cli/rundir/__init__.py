@@ -1,0 +1,67 @@
+"""The run folder OUT, owned in one place (torch-free): the names of every file
+camx writes there (:mod:`~cam_cli.rundir.layout`), atomic writes
+(:mod:`~cam_cli.rundir.files`), records and journals
+(:mod:`~cam_cli.rundir.records`), the one reader of every record of OUT
+(:func:`read_run`) and the resume plan (:mod:`~cam_cli.rundir.plan`).
+
+Explain, evaluate, report, merge and distributed runs all go through it.
+"""
+
+from __future__ import annotations
+
+from cam_cli.rundir.files import TMP_SUFFIX, check_writable, remove_temporaries, temporary_name, write_atomic, write_npy
+from cam_cli.rundir.layout import (
+    MANIFEST,
+    METRICS,
+    METRICS_SUMMARY,
+    REPORT,
+    SHARD_PART,
+    RunRecords,
+    manifest_name,
+    merge_manifests,
+    output_names,
+    part_warnings,
+    read_run,
+    shard_parts,
+)
+from cam_cli.rundir.records import (
+    Journal,
+    RecordKey,
+    dumps_record,
+    finalise_manifest,
+    journal_path,
+    load_manifest,
+    read_records,
+    record_key,
+    write_manifest,
+)
+
+__all__ = [
+    "MANIFEST",
+    "METRICS",
+    "METRICS_SUMMARY",
+    "REPORT",
+    "SHARD_PART",
+    "TMP_SUFFIX",
+    "Journal",
+    "RecordKey",
+    "RunRecords",
+    "check_writable",
+    "dumps_record",
+    "finalise_manifest",
+    "journal_path",
+    "load_manifest",
+    "manifest_name",
+    "merge_manifests",
+    "output_names",
+    "part_warnings",
+    "read_records",
+    "read_run",
+    "record_key",
+    "remove_temporaries",
+    "shard_parts",
+    "temporary_name",
+    "write_atomic",
+    "write_manifest",
+    "write_npy",
+]
