@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,8 +137,21 @@ class Explainer:
         """Inputs with a method still to do, and how many inputs are already complete."""
         return self.plan.pending()
 
-    def run(self, progress: Progress | None = None, stop: threading.Event | None = None) -> Summary:
-        """Explain every pending input; safe to interrupt through ``stop``."""
+    @property
+    def counts_passes(self) -> bool:
+        """Whether a method runs forward passes of its own (Score-CAM, Ablation-CAM): many an image."""
+        return any(m.after_pass for m in self.session.methods)
+
+    def run(
+        self,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        on_passes: Callable[[int], None] | None = None,
+    ) -> Summary:
+        """Explain every pending input; safe to interrupt through ``stop``.
+
+        ``progress`` is called with the records of each finished batch; ``on_passes``
+        with the count of each group of extra forward passes a method ran."""
         config = self.config
         on_cpu = self.device.type == "cpu"
         if on_cpu:  # the model's activations live in host memory only on the CPU
@@ -179,6 +192,7 @@ class Explainer:
         std = torch.tensor(self.classifier.std, device=self.device).view(1, 3, 1, 1) * 255
         engine = Engine(self.session.explainer, self.target, self.plan, writer, self.device, mean, std, self.timings,
                         self.session.channels_last)  # fmt: skip
+        self.session.explainer.on_passes = on_passes
         self.timings.add("start", time.perf_counter() - started)
         try:
             engine.run(todo, loader, journal, summary, on_cpu, progress, stop)
