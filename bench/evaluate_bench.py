@@ -40,8 +40,9 @@ FLOOR = """
 import sys, time, json
 from pathlib import Path
 import torch
-from cam_cli import images
-from cam_cli.jobs.data import make_loader
+from cam_cli.images import DEFAULT_MAX_PIXELS, discover
+from cam_cli.jobs.base import loader
+from cam_cli.jobs.data import ImageDataset, collate
 from cam_cli.device import resolve_device, tune_allocator
 from cam_cli.models import load_classifier
 
@@ -52,12 +53,12 @@ if device.type == "cpu":
     tune_allocator()
 classifier = load_classifier(model_name, "NONE")
 classifier.module.to(device)
-images = images.discover([Path(images_dir)])
+images = discover([Path(images_dir)])
 size = classifier.input_size
 mean = torch.tensor(classifier.mean, device=device).view(1, 3, 1, 1) * 255
 std = torch.tensor(classifier.std, device=device).view(1, 3, 1, 1) * 255
 decoded = []
-for batch in make_loader(images, size, images.DEFAULT_MAX_PIXELS, 4, workers, False):
+for batch in loader(ImageDataset(images, size, DEFAULT_MAX_PIXELS), 4, workers, collate):
     decoded.append(batch.images.to(device).float().sub_(mean).div_(std))
 pool = torch.cat(decoded)
 done = 0

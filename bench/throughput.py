@@ -92,7 +92,8 @@ def _loader(args: argparse.Namespace, size: int):
     from torch.utils.data import DataLoader
 
     from cam_cli import images as camx_images
-    from cam_cli.jobs.data import ImageDataset, collate, default_workers
+    from cam_cli.jobs.base import default_workers
+    from cam_cli.jobs.data import ImageDataset, collate
 
     images = camx_images.discover([Path(args.dir)])
     workers = default_workers() if args.workers is None else args.workers

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from cam_cli.errors import DecodeError
 from cam_cli.images import InputImage, decode_image
 
 _PR_SET_PDEATHSIG = 1
-
-
-def default_workers() -> int:
-    """Decoding workers: the cores the model leaves over, at least one, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
@@ -99,27 +93,3 @@ def ignore_stop_signals(_: int) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def make_loader(
-    images: Sequence[InputImage],
-    size: int,
-    max_pixels: int,
-    batch_size: int,
-    workers: int,
-    pin: bool,
-    interpolation: str = "bilinear",
-) -> DataLoader[Item]:
-    """Batches of ``images`` decoded and resized to ``size`` by ``workers`` processes (0: in this one)."""
-    workers = workers if images else 0
-    return DataLoader(
-        ImageDataset(images, size, max_pixels, interpolation),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin,
-        worker_init_fn=ignore_stop_signals if workers else None,
-        prefetch_factor=2 if workers else None,
-        persistent_workers=False,
-    )

@@ -20,6 +20,7 @@ import torch
 
 from cam_cli import rundir
 from cam_cli.images import InputImage
+from cam_cli.jobs.base import ModelRunner, Tally, Timings
 from cam_cli.jobs.data import Batch
 from cam_cli.jobs.explain.writer import MethodResult, Writer, writer_pool
 from cam_cli.methods import BatchExplainer
@@ -33,21 +34,15 @@ Progress = Callable[[list[dict[str, Any]]], None]
 
 
 @dataclass
-class Summary:
+class Summary(Tally):
     """What a run did, counted in inputs; ``as_dict`` is the ``--json`` output."""
 
-    total: int
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    seconds: float = 0.0
     out_dir: str = ""
     manifest: str = ""
     interrupted: bool = False
     #: (input, method) maps that came out constant, hence all zero after min-max
     flat: int = 0
     methods: list[str] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
     #: seconds spent per stage. Main thread: start (reading manifests, opening the
     #: journal), wait_for_data, model, wait_for_writes (the bounded queue is full),
     #: final_writes (the last batches' writes), finish (manifest, clean-up).
@@ -64,9 +59,9 @@ class Summary:
         self.flat += sum(1 for r in records if r.get("flat"))
         errors = [r for r in records if r["status"] != "ok"]
         if errors:
-            self.failed += 1
-            self.failures.append((errors[0]["input"], f"{errors[0]['method']}: {errors[0]['error']}"
-                                  if len(self.methods) > 1 else errors[0]["error"]))  # fmt: skip
+            first = errors[0]
+            reason = f"{first['method']}: {first['error']}" if len(self.methods) > 1 else first["error"]
+            self.fail(first["input"], reason)
         else:
             self.done += 1
 
@@ -87,18 +82,6 @@ class Summary:
         }
 
 
-class Timings:
-    """Seconds per stage, added from the main thread and the writer threads."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-
 @dataclass
 class Engine:
     """Everything a run loop needs; ``run`` streams ``todo`` through it."""
@@ -107,17 +90,8 @@ class Engine:
     target: TargetSpec
     plan: ResumePlan
     writer: Writer
-    device: torch.device
-    mean: torch.Tensor  # (1, 3, 1, 1) on the device, in 0..255 units
-    std: torch.Tensor
+    runner: ModelRunner
     timings: Timings
-    channels_last: bool = False
-
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
 
     def explain_batch(self, todo: list[InputImage], batch: Batch) -> list[tuple[InputImage, torch.Tensor,
                                                                                list[MethodResult]]]:  # fmt: skip
@@ -125,7 +99,7 @@ class Engine:
         assert batch.images is not None
         keys = [todo[i].key for i in batch.indices]
         wanted = {m for key in keys for m in self.plan.missing[key]}
-        result = self.explainer.explain(self.normalise(batch.images), self.target.chooser(), wanted)
+        result = self.explainer.explain(self.runner.normalise(batch.images), self.target.chooser(), wanted)
         per_method = {}
         for method in self.explainer.methods:
             if method.name not in wanted:

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cam_cli import rundir
-from cam_cli.device import freeze_imported_objects, tune_allocator
 from cam_cli.errors import OutputError
 from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
-from cam_cli.jobs.data import default_workers, make_loader
-from cam_cli.jobs.explain.engine import Engine, Progress, Summary, Timings
+from cam_cli.jobs.base import Timings, default_workers, journalled, loader, prepare_process
+from cam_cli.jobs.data import ImageDataset, collate
+from cam_cli.jobs.explain.engine import Engine, Progress, Summary
 from cam_cli.jobs.explain.session import open_session, parse_method_list, select_images
 from cam_cli.jobs.explain.writer import Writer
 from cam_cli.methods import info
@@ -74,7 +72,7 @@ class Explainer:
     """A prepared run: inputs found, model loaded and probed, methods checked, nothing written yet."""
 
     def __init__(self, config: ExplainConfig) -> None:
-        freeze_imported_objects()
+        prepare_process()
         self.config = config
         self.method_names = parse_method_list(config.method)
         self.all_images, self.images = select_images(config)
@@ -85,8 +83,7 @@ class Explainer:
         self.target_layer = self.session.target_layer
         self.target = self.session.target
         rundir.check_writable(config.out_dir)
-        k, n = config.shard
-        self.manifest = config.out_dir / ("manifest.jsonl" if n == 1 else f"manifest.shard-{k}-of-{n}.jsonl")
+        self.manifest = config.out_dir / rundir.manifest_name(config.shard)
         self.plan = ResumePlan(
             out_dir=config.out_dir,
             manifest=self.manifest,
@@ -153,9 +150,7 @@ class Explainer:
         ``progress`` is called with the records of each finished batch; ``on_passes``
         with the count of each group of extra forward passes a method ran."""
         config = self.config
-        on_cpu = self.device.type == "cpu"
-        if on_cpu:  # the model's activations live in host memory only on the CPU
-            tune_allocator()
+        prepare_process(self.device)
         started = time.perf_counter()
         todo, skipped = self.pending()
         summary = Summary(
@@ -167,46 +162,29 @@ class Explainer:
         )
         try:
             config.out_dir.mkdir(parents=True, exist_ok=True)
-            journal = rundir.Journal(self.manifest)
-            # Records live in the journal on disk, not in memory: memory stays flat
-            # however many images there are; the manifest is rebuilt from it at the end.
-            if self.plan.carried:
-                journal.append(self.plan.carried.values())
         except OSError as exc:
             raise OutputError(f"cannot write to {config.out_dir}: {exc.strerror or exc}") from None
         workers = default_workers() if config.workers is None else config.workers
         if config.workers is None and len(todo) <= config.batch_size:
             workers = 0  # one batch: a worker would only add its start-up before the model can begin
-        loader = make_loader(
-            todo,
-            self.classifier.input_size,
-            config.max_pixels,
-            config.batch_size,
-            workers,
-            self.device.type == "cuda",
-            self.classifier.interpolation,
-        )
+        dataset = ImageDataset(todo, self.classifier.input_size, config.max_pixels, self.classifier.interpolation)
+        batches = loader(dataset, config.batch_size, workers, collate, pin=self.device.type == "cuda")
         writer = Writer(self.plan, config.out_dir, config.fmt, config.alpha, config.boxes, config.draw_boxes,
                         config.box_threshold, self.timings.add)  # fmt: skip
-        mean = torch.tensor(self.classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.classifier.std, device=self.device).view(1, 3, 1, 1) * 255
-        engine = Engine(self.session.explainer, self.target, self.plan, writer, self.device, mean, std, self.timings,
-                        self.session.channels_last)  # fmt: skip
+        engine = Engine(self.session.explainer, self.target, self.plan, writer, self.session.runner, self.timings)
         self.session.explainer.on_passes = on_passes
-        self.timings.add("start", time.perf_counter() - started)
-        try:
-            engine.run(todo, loader, journal, summary, on_cpu, progress, stop)
-        finally:
-            finishing = time.perf_counter()
-            try:  # whatever happened, keep what was completed
-                rundir.finalise_manifest(self.manifest, {})
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.manifest}: {exc.strerror or exc}") from None
+        # all of this shard's temporaries are cleared at the end, also those an interrupted --overwrite left
+        with journalled(self.manifest, self.plan.all_outputs) as journal:
+            # Records live in the journal on disk, not in memory: memory stays flat
+            # however many images there are; the manifest is rebuilt from it at the end.
+            if self.plan.carried:
+                journal.append(self.plan.carried.values())
+            self.timings.add("start", time.perf_counter() - started)
+            try:
+                engine.run(todo, batches, journal, summary, self.device.type == "cpu", progress, stop)
             finally:
-                journal.close()  # the lock goes with it, once the journal is folded in
-            # all of this shard's temporaries, also those an interrupted --overwrite left
-            rundir.remove_temporaries(self.plan.all_outputs())
-            self.timings.add("finish", time.perf_counter() - finishing)
+                finishing = time.perf_counter()
+        self.timings.add("finish", time.perf_counter() - finishing)
         summary.seconds = time.perf_counter() - started
         summary.timings = dict(self.timings.seconds)
         return summary

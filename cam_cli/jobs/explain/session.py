@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from cam_cli.device import PRECISIONS, resolve_device, use_channels_last, use_ieee_fp32
+from cam_cli.device import use_channels_last
 from cam_cli.errors import CamxError, ModelError
 from cam_cli.images import InputImage, discover, select_shard
+from cam_cli.jobs.base import ModelRunner, check_precision, open_device, place_model
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
 from cam_cli.methods.base import TargetLayer
 from cam_cli.models import Classifier, load_classifier
@@ -40,15 +41,26 @@ class Session:
     """A prepared run: model loaded and probed, methods checked, nothing written yet."""
 
     classifier: Classifier
-    device: torch.device
-    module: torch.nn.Module
+    #: the model on its device, its autocast forward and input normalisation
+    runner: ModelRunner
     target_layer: TargetLayer | None
     target: TargetSpec
     methods: list[Method]
     explainer: BatchExplainer
     num_classes: int
-    #: the model and its batches in channels-last memory format
-    channels_last: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.runner.module
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model and its batches are in channels-last memory format."""
+        return self.runner.channels_last
 
 
 def open_session(config: Any) -> Session:
@@ -58,13 +70,8 @@ def open_session(config: Any) -> Session:
     uses_layer = [n for n in names if info(n).uses_layer]
     if config.layer is not None and not uses_layer:
         raise CamxError(f"--layer does not apply to {', '.join(names)} (it reads every biased layer, not one)")
-    device = resolve_device(config.device)
-    if config.precision not in PRECISIONS:
-        raise CamxError(f"unknown precision {config.precision!r}")
-    if device.type == "cuda":
-        use_ieee_fp32()
-        if device.index is not None:  # or the loader's pinning thread opens a context on GPU 0
-            torch.cuda.set_device(device)
+    device = open_device(config.device)
+    check_precision(config.precision)
     classifier = load_classifier(
         config.model,
         config.weights,
@@ -82,8 +89,9 @@ def open_session(config: Any) -> Session:
         raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
     target_layer = resolve_target(probe, config.layer) if uses_layer else None
     target = parse_target(config.target, classifier, num_classes)
-    module = classifier.module.to(device)
-    forward = logits_function(classifier, device, config.precision)
+    runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, device,
+                         config.precision, channels_last)  # fmt: skip
+    module, forward = runner.module, runner.forward
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)
     methods = [create(name, options) for name in names]
     setup = Setup(probe, target_layer, module, forward, device)
@@ -94,7 +102,7 @@ def open_session(config: Any) -> Session:
     if probe.input is not None and not vouched_for(probe, target_layer, methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
-    return Session(classifier, device, module, target_layer, target, methods, explainer, num_classes, channels_last)
+    return Session(classifier, runner, target_layer, target, methods, explainer, num_classes)
 
 
 def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
@@ -154,23 +162,6 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
             message = " ".join(str(exc).split())[:240]
             raise ModelError(f"{method.name} cannot run on this model: {message}") from None
     explainer.explain(x, target.chooser(), names=names)  # together only: let it raise as it is
-
-
-def logits_function(classifier: Classifier, device: torch.device, precision: str) -> Any:
-    """The model's forward, under autocast for ``--precision fp16/bf16``.
-
-    Only the model runs in reduced precision: the methods compute the maps
-    from its activations and gradients in float32, outside autocast.
-    """
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return classifier.logits
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=dtype):
-            return classifier.logits(x)
-
-    return forward
 
 
 def select_images(config: Any) -> tuple[list[InputImage], list[InputImage]]:
