@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+#: the checkout camx is imported from: this one, or --baseline's in its children
+sys.path.insert(0, os.environ.get("CAMX_BENCH_CHECKOUT", str(ROOT)))
 
 #: the gradient methods that share one backward pass (``camx-seven`` runs them together)
 SEVEN = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam"]
@@ -194,7 +195,10 @@ def child_camx(args: argparse.Namespace, method: str) -> dict:
     if method.endswith("-nchw"):  # camx with channels-last turned off, to compare
         os.environ["CAMX_CHANNELS_LAST"] = "0"
         method = method[: -len("-nchw")]
-    from cam_cli.jobs.explain import ExplainConfig, Explainer
+    try:
+        from cam_cli.jobs.explain import ExplainConfig, Explainer
+    except ImportError:  # a --baseline checkout from before the restructure
+        from cam_cli.pipeline import ExplainConfig, Explainer  # type: ignore[no-redef]
 
     def config(out: Path) -> ExplainConfig:
         return ExplainConfig(
@@ -386,6 +390,7 @@ def child_main(args: argparse.Namespace) -> None:
     else:
         result = child_torchcam(args, name.split("-", 1)[1])
     result["peak_rss_mb"] = peak_rss_mb()
+    result["camx_from"] = str(Path(sys.modules["cam_cli"].__file__).parent.parent) if "cam_cli" in sys.modules else None
     print("RESULT " + json.dumps(result))
 
 
@@ -412,7 +417,7 @@ def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> d
     env = None
     if name.startswith(BASELINE):  # the same pipeline with camx imported from the --baseline checkout
         name = name[len(BASELINE) :]
-        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+        env = {**os.environ, "CAMX_BENCH_CHECKOUT": str(args.baseline.resolve())}
     command = [
         sys.executable,
         __file__,

@@ -279,8 +279,7 @@ def test_an_interrupted_run_keeps_complete_batches_and_resumes_to_the_same_maps(
         if passes[0] > 2 * 6:  # into the second batch (two images of six channels each)
             stop.set()
 
-    run.session.explainer.on_passes = count
-    summary = run.run(None, stop)
+    summary = run.run(None, stop, on_passes=count)
     assert summary.interrupted and summary.done == 2
     assert len(rundir.load_manifest(tmp_path / "out" / "manifest.jsonl")) == 2
     assert summary.timings["extra_passes"] > 0

@@ -114,11 +114,30 @@ class Engine:
         for j, index in enumerate(batch.indices):
             image = todo[index]
             results = [
-                MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j], {})
+                MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j])
                 for name in self.plan.missing[image.key]
             ]
             jobs.append((image, batch.originals[j], results))
         return jobs
+
+    def decode_errors(self, todo: list[InputImage], batch: Batch) -> list[list[dict[str, Any]]]:
+        """The ``error`` records of the batch's inputs that could not be decoded."""
+        return [
+            [self.plan.record(todo[i], m, status="error", error=message) for m in self.plan.missing[todo[i].key]]
+            for i, message in batch.errors
+        ]
+
+    def timed_batch(self, todo: list[InputImage], batch: Batch) -> list[tuple[InputImage, torch.Tensor,
+                                                                            list[MethodResult]]]:  # fmt: skip
+        """:meth:`explain_batch`, its time added to ``model`` (and ``extra_passes``, its part)."""
+        computed = time.perf_counter()
+        extra = self.explainer.extra_seconds
+        try:
+            return self.explain_batch(todo, batch)
+        finally:
+            self.timings.add("model", time.perf_counter() - computed)
+            if self.explainer.extra_seconds > extra:  # included in "model"
+                self.timings.add("extra_passes", self.explainer.extra_seconds - extra)
 
     def run(
         self, todo: list[InputImage], loader: Any, journal: rundir.Journal, summary: Summary, on_cpu: bool,
@@ -148,26 +167,14 @@ class Engine:
                 add("wait_for_data", time.perf_counter() - waited)
                 if batch is None:
                     break
-                ready = [
-                    [
-                        self.plan.record(todo[i], m, status="error", error=message)
-                        for m in self.plan.missing[todo[i].key]
-                    ]
-                    for i, message in batch.errors
-                ]
+                ready = self.decode_errors(todo, batch)
                 futures: list[Future[list[dict[str, Any]]]] = []
                 if batch.images is not None:
-                    computed = time.perf_counter()
-                    extra = self.explainer.extra_seconds
                     try:
-                        jobs = self.explain_batch(todo, batch)
+                        jobs = self.timed_batch(todo, batch)
                     except Stopped:  # a method's own passes saw the stop: drop this batch, keep the rest
                         summary.interrupted = True
                         break
-                    finally:
-                        add("model", time.perf_counter() - computed)
-                        if self.explainer.extra_seconds > extra:  # included in "model"
-                            add("extra_passes", self.explainer.extra_seconds - extra)
                     futures = [pool.submit(self.writer.write_image, *job) for job in jobs]
                 in_flight.append((ready, futures))
                 waited = time.perf_counter()

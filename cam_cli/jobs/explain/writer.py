@@ -41,7 +41,6 @@ class MethodResult:
     maps: torch.Tensor
     classes: list[int]
     scores: list[float]
-    extra: dict[str, Any]
 
 
 def encode(bgr: np.ndarray, fmt: str) -> bytes:
@@ -169,5 +168,4 @@ class Writer:
             height=height,
             targets=targets,
             **extra,
-            **result.extra,
         )
