@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from cam_cli import rundir
 from cam_cli.device import PRECISIONS, freeze_imported_objects, resolve_device, tune_allocator
 from cam_cli.errors import CamxError, InputError, ModelError, OutputError
 from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
-from cam_cli.jobs.data import ImageDataset, default_workers, ignore_stop_signals
+from cam_cli.jobs.base import default_workers, loader
+from cam_cli.jobs.data import ImageDataset
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, MetricOptions, fields_of, plan_factory
 from cam_cli.metrics.base import Group, Samples, Scheduler
 from cam_cli.metrics.localisation import GroundTruth, localise, read_boxes
@@ -650,15 +650,7 @@ class Evaluator:
             bool(self.localising),
             getattr(classifier, "interpolation", None),
         )
-        loader = DataLoader(
-            dataset,
-            batch_size=IMAGES_PER_LOAD,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=_collate,
-            worker_init_fn=ignore_stop_signals if workers else None,
-            prefetch_factor=2 if workers else None,
-        )
+        batches = loader(dataset, IMAGES_PER_LOAD, workers, _collate)
         scheduler = Scheduler(self._forward(classifier), self.config.batch_size) if classifier else None
         if classifier is not None:
             mean = torch.tensor(classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
@@ -684,7 +676,7 @@ class Evaluator:
 
             return done
 
-        for batch in loader:
+        for batch in batches:
             errors: list[dict[str, Any]] = []
             group_pairs: list[Pair] = []
             images: list[torch.Tensor] = []
