@@ -32,18 +32,25 @@ import torch
 import torch.nn.functional as F
 
 from cam_cli import rundir
-from cam_cli.device import PRECISIONS, freeze_imported_objects, resolve_device, tune_allocator
 from cam_cli.errors import CamxError, InputError, ModelError, OutputError
 from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
-from cam_cli.jobs.base import default_workers, loader
+from cam_cli.jobs.base import (
+    ModelRunner,
+    Tally,
+    check_precision,
+    default_workers,
+    journalled,
+    loader,
+    open_device,
+    place_model,
+    prepare_process,
+)
 from cam_cli.jobs.data import ImageDataset
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, MetricOptions, fields_of, plan_factory
 from cam_cli.metrics.base import Group, Samples, Scheduler
 from cam_cli.metrics.localisation import GroundTruth, localise, read_boxes
 from cam_cli.models import Classifier, load_classifier
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "metrics-summary.json"
 BOOTSTRAP_SAMPLES = 2000
 #: a rebuilt model whose probability differs from the manifest's by more than this share of it is reported
 SCORE_TOLERANCE = 0.02
@@ -83,20 +90,14 @@ class EvaluateConfig:
 
 
 @dataclass
-class EvaluateResult:
-    """What a run did; ``as_dict`` is the ``--json`` output."""
+class EvaluateResult(Tally):
+    """What a run did, counted in lines; ``as_dict`` is the ``--json`` output."""
 
-    total: int
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
     not_evaluated: int = 0
-    seconds: float = 0.0
     passes: int = 0
     batches: int = 0
     metrics_file: str = ""
     summary_file: str = ""
-    failures: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -123,27 +124,6 @@ class EvaluateResult:
 
 
 # ------------------------------------------------------------------- manifest
-
-
-def read_run(out_dir: Path) -> dict[rundir.RecordKey, dict[str, Any]]:
-    """Every record of OUT: shard parts (and their journals), the manifest on top."""
-    manifest = out_dir / "manifest.jsonl"
-    parts = rundir.shard_parts(out_dir) if out_dir.is_dir() else []
-    if not out_dir.exists():
-        raise InputError(f"no such folder: {out_dir}")
-    if not out_dir.is_dir():
-        raise InputError(f"{out_dir} is not a folder of a camx explain run")
-    if not manifest.exists() and not rundir.journal_path(manifest).exists() and not parts:
-        raise InputError(
-            f"no manifest in {out_dir} (manifest.jsonl or shard parts): run camx explain IMAGES -o {out_dir} first"
-        )
-    records: dict[rundir.RecordKey, dict[str, Any]] = {}
-    for part in parts:
-        records.update(rundir.load_manifest(part))
-    records.update(rundir.load_manifest(manifest))
-    if not records:
-        raise InputError(f"the manifest of {out_dir} has no lines")
-    return records
 
 
 def _digest(path: Path) -> str:
@@ -176,6 +156,7 @@ class ModelSetup:
     num_classes: int | None
     seed: int
     classifier: Classifier | None = None
+    runner: ModelRunner | None = None
     outputs: int = 0
 
 
@@ -281,21 +262,20 @@ class Evaluator:
     """A prepared evaluation: manifest read, models rebuilt, nothing written yet."""
 
     def __init__(self, config: EvaluateConfig) -> None:
-        freeze_imported_objects()
+        prepare_process()
         self.config = config
         self.out_dir = config.out_dir
-        self.metrics_path = self.out_dir / METRICS_FILE
-        self.summary_path = self.out_dir / SUMMARY_FILE
+        self.metrics_path = self.out_dir / rundir.METRICS
+        self.summary_path = self.out_dir / rundir.METRICS_SUMMARY
         unknown = [m for m in config.metrics if m not in METRICS]
         if unknown or not config.metrics:
             raise InputError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
         self.names = [m for m in METRICS if m in config.metrics]
         self.localising = [m for m in self.names if METRICS[m].family == "localisation"]
         self.perturbing = [m for m in self.names if METRICS[m].family == "perturbation"]
-        if config.precision not in PRECISIONS:
-            raise CamxError(f"unknown precision {config.precision!r}")
+        check_precision(config.precision)
         self.warnings: list[str] = []
-        records = read_run(self.out_dir)
+        records = rundir.read_run(self.out_dir).records
         ok = [r for k, r in sorted(records.items()) if r.get("status") == "ok"]
         self.not_evaluated = len(records) - len(ok)
         if not ok:
@@ -315,7 +295,7 @@ class Evaluator:
                 raise InputError(f"the metrics {', '.join(self.localising)} need ground-truth boxes: pass --boxes-from")
             self.boxes = self._match_boxes(read_boxes(config.boxes_from), ok)
             self.boxes_digest = _digest(config.boxes_from)
-        self.device = resolve_device(config.device)
+        self.device = open_device(config.device)
         self.setups: dict[tuple[Any, ...], ModelSetup] = {}
         # The run's --seed (which seeds random weights) is recorded on some lines only (random's):
         # it holds for every line of the same model and weights.
@@ -401,24 +381,28 @@ class Evaluator:
             classifier = replace(classifier, mean=tuple(setup.mean))  # type: ignore[arg-type]
         if setup.std and not c.std and not _close(setup.std, classifier.std):
             classifier = replace(classifier, std=tuple(setup.std))  # type: ignore[arg-type]
-        module = classifier.module.to(self.device)
-        if self.device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-        size = classifier.input_size
-        try:
-            with torch.inference_mode():
-                logits = classifier.logits(torch.zeros(1, 3, size, size, device=self.device))
-        except CamxError as exc:
-            raise ModelError(f"the rebuilt model {setup.model}: {exc}") from None
-        except Exception as exc:
-            message = " ".join(str(exc).split())[:200]
-            raise ModelError(f"the rebuilt model {setup.model} fails on a {size}x{size} input: {message}") from None
-        if logits.ndim != 2:
-            raise ModelError(
-                f"the rebuilt model {setup.model} gives outputs of shape {tuple(logits.shape)}, not logits"
-            )
+        outputs = [0]
+
+        def check(runner: ModelRunner) -> None:
+            size = classifier.input_size
+            try:
+                with torch.inference_mode():
+                    logits = runner.forward(runner.normalise(torch.zeros(1, 3, size, size, dtype=torch.uint8)))
+            except CamxError as exc:
+                raise ModelError(f"the rebuilt model {setup.model}: {exc}") from None
+            except Exception as exc:
+                message = " ".join(str(exc).split())[:200]
+                raise ModelError(f"the rebuilt model {setup.model} fails on a {size}x{size} input: {message}") from None
+            if logits.ndim != 2:
+                raise ModelError(
+                    f"the rebuilt model {setup.model} gives outputs of shape {tuple(logits.shape)}, not logits"
+                )
+            outputs[0] = int(logits.shape[1])
+
+        setup.runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, self.device,
+                                   self.config.precision, check=check)  # fmt: skip
         setup.classifier = classifier
-        setup.outputs = int(logits.shape[1])
+        setup.outputs = outputs[0]
 
     def _match_boxes(
         self, boxes: dict[str, list[GroundTruth]], records: Sequence[dict[str, Any]]
@@ -569,16 +553,6 @@ class Evaluator:
             summary_file=str(self.summary_path),
             warnings=self.warnings,
         )
-        if self.device.type == "cpu":
-            tune_allocator()
-        try:
-            journal = rundir.Journal(self.metrics_path)
-        except OutputError:
-            raise OutputError(
-                f"another camx evaluate is writing {self.metrics_path} right now; let it finish first"
-            ) from None
-        except OSError as exc:
-            raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
         mismatched = [0]
 
         def emit(lines: list[dict[str, Any]], passes: int) -> None:
@@ -587,12 +561,13 @@ class Evaluator:
                 if line["status"] == "ok":
                     result.done += 1
                 else:
-                    result.failed += 1
-                    result.failures.append((f"{line['key']} ({line['method']})", line["error"]))
+                    result.fail(f"{line['key']} ({line['method']})", line["error"])
             if progress is not None:
                 progress(lines, passes)
 
-        try:
+        prepare_process(self.device)
+        busy = f"another camx evaluate is writing {self.metrics_path} right now; let it finish first"
+        with journalled(self.metrics_path, lambda: [self.metrics_path, self.summary_path], busy) as journal:
             by_setup: dict[int, list[Pair]] = {}
             for pair in pairs:
                 by_setup.setdefault(id(pair.setup), []).append(pair)
@@ -600,14 +575,6 @@ class Evaluator:
                 if stop is not None and stop.is_set():
                     break
                 self._run_setup(group, emit, stop, result, mismatched)
-        finally:
-            try:
-                rundir.finalise_manifest(self.metrics_path, {})
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
-            finally:
-                journal.close()
-            rundir.remove_temporaries([self.metrics_path, self.summary_path])
         if mismatched[0]:
             self.warnings.append(
                 f"for {mismatched[0]} lines the rebuilt model's probability of the explained class differs from the "
@@ -651,10 +618,8 @@ class Evaluator:
             getattr(classifier, "interpolation", None),
         )
         batches = loader(dataset, IMAGES_PER_LOAD, workers, _collate)
-        scheduler = Scheduler(self._forward(classifier), self.config.batch_size) if classifier else None
-        if classifier is not None:
-            mean = torch.tensor(classifier.mean, device=self.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(classifier.std, device=self.device).view(1, 3, 1, 1) * 255
+        runner = setup.runner
+        scheduler = Scheduler(runner.forward, self.config.batch_size) if runner else None
         passes_before = [0]
 
         def finished(group_pairs: list[Pair], local: list[dict[str, Any]]) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -721,10 +686,10 @@ class Evaluator:
                 emit(errors, 0)
             if group_pairs:
                 todo_perturbing = sorted({n for p in group_pairs for n in p.todo if n in self.perturbing})
-                if scheduler is None or not todo_perturbing:
+                if scheduler is None or runner is None or not todo_perturbing:
                     emit([self._line(p, local[j], None, None) for j, p in enumerate(group_pairs)], 0)
                 else:
-                    x = torch.stack(images).to(self.device, non_blocking=True).float().sub_(mean).div_(std)
+                    x = runner.normalise(torch.stack(images))
                     index = torch.tensor(image_of, device=self.device)
                     samples = Samples(
                         x[index],
@@ -742,20 +707,6 @@ class Evaluator:
                 break
         if scheduler is not None:
             scheduler.run(final=True)
-
-    def _forward(self, classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
-        dtype = PRECISIONS[self.config.precision]
-        device = self.device
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if dtype is None:
-                return classifier.logits(x)
-            with torch.autocast(device_type=device.type, dtype=dtype):
-                return classifier.logits(x)
-
-        return forward
 
     # -- summary
     def summarise(self) -> dict[str, Any]:
