@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import GradCAMRunner as GradCAM
 from torch import nn
 from torchvision.models import VisionTransformer
 
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
-from cam_cli.methods import GradCAM, TargetLayer
+from cam_cli.methods import TargetLayer
 from cam_cli.methods.base import ActivationCapture
 from cam_cli.models import Classifier, load_classifier
 from cam_cli.probe import default_target, list_layers, resolve_target, run_probe

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
+from helpers import CAMRunner as CAM
+from helpers import GradCAMRunner as GradCAM
 
-from cam_cli.methods import CAM, GradCAM, TargetLayer
+from cam_cli.methods import TargetLayer
 from cam_cli.models import Classifier
 from cam_cli.probe import cam_head, default_target, run_probe
 from cam_cli.render import upsample_normalise

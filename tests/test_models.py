@@ -16,10 +16,11 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from helpers import CAMRunner as CAM
+from helpers import GradCAMRunner as GradCAM
 
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
-from cam_cli.methods import CAM, GradCAM
 from cam_cli.methods.base import to_feature_map
 from cam_cli.models import load_classifier, supported_models
 from cam_cli.probe import cam_head, resolve_target, run_probe

@@ -30,12 +30,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from click.testing import CliRunner
 from conftest import SAMPLES
+from helpers import CAMRunner as CAM
+from helpers import GradCAMRunner as GradCAM
 from PIL import Image
 from torch import nn
 
 from cam_cli import images
 from cam_cli.cli import main
-from cam_cli.methods import CAM, GradCAM
 from cam_cli.models import imagenet_categories, load_classifier
 from cam_cli.probe import cam_head, resolve_target, run_probe
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from cam_cli.cli import EXIT_FAILED_INPUTS, FiniteFloat, _device, reported_errors
+from cam_cli.cli import options as opt
+from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics
 from cam_cli.metrics.options import BASELINES
 
@@ -27,7 +28,7 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
         raise click.BadParameter(str(exc)) from None
 
 
-@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("evaluate", context_settings=CONTEXT)
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--metrics",
@@ -66,57 +67,25 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
 )
-@click.option("--model", default=None, help="Rebuild this model instead of the one the manifest records.")
-@click.option("--weights", default=None, help="Weights for the rebuilt model [default: the manifest's].")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classes of a fine-tuned head.")
-@click.option(
-    "--labels",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="Class names, one per line (matched against the classes of --boxes-from).",
+@opt.model_options(
+    None,
+    "Rebuild this model instead of the one the manifest records.",
+    None,
+    "Weights for the rebuilt model [default: the manifest's].",
+    "Classes of a fine-tuned head.",
+    "Class names, one per line (matched against the classes of --boxes-from).",
 )
-@click.option(
-    "--input-size", type=click.IntRange(min=16), default=None, help="Model input size [default: the manifest's]."
+@opt.preprocessing_options(
+    "Model input size [default: the manifest's].",
+    "Normalisation mean [default: the manifest's].",
+    "Normalisation std [default: the manifest's].",
+    "Which output holds the logits [default: the manifest's].",
 )
-@click.option("--mean", type=FiniteFloat(), nargs=3, default=None, help="Normalisation mean [default: the manifest's].")
-@click.option(
-    "--std",
-    type=FiniteFloat(min=0, min_open=True),
-    nargs=3,
-    default=None,
-    help="Normalisation std [default: the manifest's].",
-)
-@click.option("--output-key", default=None, help="Which output holds the logits [default: the manifest's].")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    callback=_device,
-    help="auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Perturbed images per forward pass (of several images, steps and metrics).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Decoding worker processes [default: CPU count - 1, 1 to 8].",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help="Autocast precision for the model.",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings or status line (the table still prints).")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON object (the run and its summary) instead of the table."
+@opt.device_options(32, "Perturbed images per forward pass (of several images, steps and metrics).")
+@opt.precision_option("Autocast precision for the model.")
+@opt.output_options(
+    "No progress bar, warnings or status line (the table still prints).",
+    "Print one JSON object (the run and its summary) instead of the table.",
 )
 def evaluate(out_dir: Path, **options: Any) -> None:
     """Measure how faithful the maps of a camx explain run in OUT are.

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from cam_cli.errors import CamxError
+from cam_cli.cli.common import CONTEXT, reported_errors
 
 
-@click.command("report")
+@click.command("report", context_settings=CONTEXT)
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path, file_okay=True, dir_okay=True))
 @click.option(
     "-o",
@@ -39,13 +38,8 @@ def report(out_dir: Path, dest: Path | None, quiet: bool, as_json: bool) -> None
     """
     from cam_cli.report import make_report
 
-    try:
+    with reported_errors(as_json):
         summary = make_report(out_dir, dest, quiet=quiet or as_json)
-    except CamxError as exc:
-        click.echo(f"camx: error: {exc}", err=True)
-        if as_json:
-            click.echo(json.dumps({"error": str(exc), "exit_status": exc.exit_code}))
-        sys.exit(exc.exit_code)
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     else:

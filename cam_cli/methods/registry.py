@@ -41,6 +41,9 @@ class MethodInfo:
     #: the forward passes per image where they depend on the model (``K`` = the target
     #: layer's channels), e.g. ``"1+K"``; ``forwards`` is then the shared pass alone
     forwards_note: str | None = None
+    #: needs nothing but the gradient of a class score at the target layer: the probe's
+    #: backward pass reaching the layer shows that it can run (no dry run at start-up)
+    plain_gradient: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,39 +74,40 @@ _ENTRIES = (
     MethodInfo(
         "gradcam", "gradient", f"{_GRAD}:GradCAM", True,
         "Selvaraju et al., Grad-CAM, ICCV 2017",
-        "w_k = mean_ij g; ReLU(sum_k w_k A_k)", backwards=1, shares_backward=True,
+        "w_k = mean_ij g; ReLU(sum_k w_k A_k)", backwards=1, shares_backward=True, plain_gradient=True,
     ),
     MethodInfo(
         "gradcam++", "gradient", f"{_GRAD}:GradCAMPlusPlus", True,
         "Chattopadhyay et al., Grad-CAM++, WACV 2018",
         "a = g^2 / (2g^2 + sum_ij(A) g^3 + 1e-6); w_k = sum_ij ReLU(g) a; ReLU(sum_k w_k A_k)",
-        backwards=1, shares_backward=True,
+        backwards=1, shares_backward=True, plain_gradient=True,
     ),
     MethodInfo(
         "xgradcam", "gradient", f"{_GRAD}:XGradCAM", True,
         "Fu et al., Axiom-based Grad-CAM, BMVC 2020",
         "w_k = sum_ij g A / (sum_ij A + 1e-7); ReLU(sum_k w_k A_k)", backwards=1, shares_backward=True,
+        plain_gradient=True,
     ),
     MethodInfo(
         "layercam", "gradient", f"{_GRAD}:LayerCAM", True,
         "Jiang et al., LayerCAM, IEEE TIP 2021",
-        "ReLU(sum_k ReLU(g_k) * A_k)", backwards=1, shares_backward=True,
+        "ReLU(sum_k ReLU(g_k) * A_k)", backwards=1, shares_backward=True, plain_gradient=True,
     ),
     MethodInfo(
         "hirescam", "gradient", f"{_GRAD}:HiResCAM", True,
         "Draelos & Carin, HiResCAM, 2020 (arXiv:2011.08891)",
-        "ReLU(sum_k g_k * A_k)", backwards=1, shares_backward=True,
+        "ReLU(sum_k g_k * A_k)", backwards=1, shares_backward=True, plain_gradient=True,
     ),
     MethodInfo(
         "gradcam-elementwise", "gradient", f"{_GRAD}:GradCAMElementWise", True,
         "pytorch-grad-cam's element-wise Grad-CAM (Gildenblat et al.)",
-        "ReLU(sum_k ReLU(g_k * A_k))", backwards=1, shares_backward=True,
+        "ReLU(sum_k ReLU(g_k * A_k))", backwards=1, shares_backward=True, plain_gradient=True,
     ),
     MethodInfo(
         "eigengradcam", "gradient", f"{_GRAD}:EigenGradCAM", True,
         "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020 (on g * A)",
         "ReLU(first principal component of g * A, sign-corrected)", backwards=1, shares_backward=True,
-        eigen_smooth=False,
+        eigen_smooth=False, plain_gradient=True,
     ),
     MethodInfo(
         "shapleycam", "gradient", f"{_GRAD}:ShapleyCAM", True,
@@ -114,6 +118,7 @@ _ENTRIES = (
         "finercam", "gradient", f"{_GRAD}:FinerCAM", True,
         "Zhang et al., Finer-CAM, CVPR 2025",
         "Grad-CAM of y_c - gamma * y_r, r the nearest other class by logit", backwards=1, aug_smooth=False,
+        plain_gradient=True,
     ),
     MethodInfo(
         "fullgrad", "gradient", "cam_cli.methods.fullgrad:FullGrad", True,

@@ -119,19 +119,13 @@ def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]
     return run_probe(classifier), False
 
 
-#: gradient methods that need nothing but the gradient of a class score at the target layer
-PLAIN_GRADIENT = frozenset(
-    ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam", "finercam"]
-)
-
-
 def vouched_for(probe: Any, target: TargetLayer | None, methods: list[Method]) -> bool:
     """Whether the probe pass already showed that every method can run, so that the dry
     run can be skipped (it costs a forward and backward pass at start-up): methods
     without a backward pass read only the activation the probe saw, and the plain
     gradient methods need only that the probe's backward pass reached the layer."""
     gradient = [m for m in methods if m.needs_gradient]
-    if any(m.name not in PLAIN_GRADIENT or not m.info.uses_layer for m in gradient):
+    if any(not m.info.plain_gradient or not m.info.uses_layer for m in gradient):
         return False
     if not gradient:
         return True

@@ -1,0 +1,252 @@
+"""``camx explain``: maps and overlays for every input and method."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cam_cli.cli import options as opt
+from cam_cli.cli import signals
+from cam_cli.cli.common import (
+    CONTEXT,
+    EXIT_FAILED_INPUTS,
+    FiniteFloat,
+    fail,
+    parse_methods,
+    parse_shard,
+    reported_errors,
+)
+from cam_cli.cli.signals import current_handlers, graceful_stop
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder (created if missing).",
+)
+@click.option(
+    "--files-from",
+    type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
+    help="Read input paths from FILE, one per line ('-' for stdin).",
+)
+@click.option(
+    "--method",
+    "method",
+    multiple=True,
+    callback=parse_methods,
+    metavar="NAME[,NAME...]",
+    help="CAM method(s): a comma list, or repeat the option; all from one pass [default: gradcam]. "
+    "`camx methods` lists them.",
+)
+@opt.model_options(
+    "resnet50",
+    "torchvision model name, efficientnet_lite0, an exported program (.pt2, dynamic batch), or package.module:factory.",
+    "DEFAULT",
+    "DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, "
+    "or a .pth path.",
+    "Classes of a fine-tuned head (inferred from --weights PATH when omitted).",
+    "Class names, one per line, for weights that carry none.",
+)
+@opt.device_options(16, "Images per batch.")
+@click.option(
+    "--layer",
+    default=None,
+    help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure].",
+)
+@click.option(
+    "--target",
+    default="top1",
+    show_default=True,
+    help="Class to explain: top1, topK (K maps per image), a class index, or a class name.",
+)
+@click.option("--alpha", type=FiniteFloat(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True, help="Overlay image format."
+)
+@opt.preprocessing_options(
+    "Model input size in pixels [default: from the weights' transforms, else 224].",
+    "Normalisation mean (3 floats) for models that carry none.",
+    "Normalisation std (3 positive floats) for models that carry none.",
+    "Which output holds the logits, for models returning a dict or tuple.",
+)
+@opt.precision_option("Autocast precision for the model (maps are always float32).")
+@click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs are already complete.")
+@click.option("--shard", callback=parse_shard, default=None, help="Process slice K of N of the sorted inputs (K/N).")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest image (width x height) to decode [default: 178956970, Pillow's limit].",
+)
+@click.option("--boxes", is_flag=True, help="Add the CAM paper's localisation box to each manifest line.")
+@click.option(
+    "--box-threshold",
+    type=FiniteFloat(0, 1),
+    default=0.2,
+    show_default=True,
+    help="Box threshold, as a fraction of the map's maximum.",
+)
+@click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random method's channel weights.")
+@click.option(
+    "--finer-gamma",
+    type=FiniteFloat(min=0),
+    default=1.0,
+    show_default=True,
+    help="finercam: weight of the nearest other class's score.",
+)
+@click.option("--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes).")
+@click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
+@click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")
+@opt.output_options(
+    "No progress bar or summary line (errors still go to stderr).", "Print a JSON summary to stdout at the end."
+)
+def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
+    """Write a CAM overlay and raw map for every image in INPUTS (folders or files).
+
+    Folders are searched recursively. For an input with key KEY (its path
+    relative to the folder given, or its file name) the outputs are
+    OUT/KEY.METHOD.jpg and OUT/KEY.METHOD.npy for each method, and one line
+    per input and method in OUT/manifest.jsonl. Re-running the same command
+    resumes; adding a method computes only the new one. `camx methods` lists
+    the methods.
+
+    \b
+    Examples:
+        camx explain ./imgs -o ./out
+        camx explain ./imgs --method gradcam,gradcam++,layercam,eigencam -o ./out
+        camx explain ./imgs --method cam --model resnet18 --device cuda -o ./out
+        find data -name '*.png' | camx explain --files-from - -o ./out --json
+    """
+    handlers = current_handlers()
+    try:
+        _explain(inputs, out_dir, files_from, options)
+    finally:
+        for signum, handler in handlers.items():  # for callers in this process (tests, scripts)
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+
+
+def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, options: dict[str, Any]) -> None:
+    from cam_cli import images
+    from cam_cli.jobs.explain import ExplainConfig, Explainer
+    from cam_cli.jobs.explain.distributed import distributed_context
+
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one INPUT folder or file, or --files-from")
+    quiet = options.pop("quiet")
+    as_json = options.pop("as_json")
+    make_report = options.pop("make_report")
+    shard = options.pop("shard")
+    max_pixels = options.pop("max_pixels")
+    with reported_errors(as_json):
+        listed: list[Path] = []
+        if files_from is not None:
+            try:
+                if str(files_from) == "-":
+                    listed = images.read_file_list(sys.stdin.read())
+                else:
+                    listed = images.read_file_list(Path(files_from).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                fail(f"cannot read --files-from {files_from}: {exc}", 1, as_json)
+        with distributed_context(shard, options["device"]) as dist:
+            config = ExplainConfig(
+                inputs=list(inputs),
+                out_dir=out_dir,
+                listed=listed,
+                shard=dist.shard,
+                max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
+                **{**options, "device": dist.device},
+            )
+            explainer = Explainer(config)
+            # under torchrun only rank 0 draws a progress bar; every rank names its failures
+            bar_off = quiet or dist.rank not in (None, 0)
+            summary = _run_with_progress(explainer, bar_off)
+            interrupt_code = dist.finish(out_dir, summary, signals.interrupt_code[0])
+    for path, reason in summary.failures if bar_off else []:
+        click.echo(f"camx: failed: {path}: {reason}", err=True)
+    if dist.rank not in (None, 0):
+        return  # under torchrun, rank 0 reports the whole run and gives its exit status
+    if not quiet:
+        click.echo(
+            f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
+            f"{summary.skipped} skipped (already complete) in {summary.seconds:.1f} s "
+            f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
+            err=True,
+        )
+    if summary.flat:
+        click.echo(
+            f"camx: warning: {summary.flat} map(s) are flat (constant before normalisation, so all zero): "
+            'the model does not depend on the layer there, or its weights are untrained; see "flat" in the manifest',
+            err=True,
+        )
+    if summary.interrupted:
+        left = summary.total - summary.done - summary.skipped - summary.failed
+        click.echo(
+            f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
+        )
+    result = summary.as_dict()
+    if make_report and not summary.interrupted:
+        from cam_cli.report import build_report
+
+        with reported_errors(as_json):
+            page = build_report(out_dir, quiet=True)
+        result["report"] = str(page)
+        if not quiet:
+            click.echo(f"camx: report: {page}", err=True)
+    if as_json:
+        click.echo(json.dumps(result))
+    if summary.interrupted:
+        sys.exit(interrupt_code)
+    if summary.failed:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+def _run_with_progress(explainer: Any, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    todo, skipped = explainer.pending()
+    stop = threading.Event()
+    with tqdm(
+        total=len(todo),
+        unit="img",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc=f"camx {','.join(explainer.method_names)}",
+    ) as bar:
+
+        def progress(records: list[dict[str, Any]]) -> None:
+            bar.update(len({record["key"] for record in records}))
+            if not quiet:
+                for record in records:
+                    if record["status"] != "ok":
+                        where = f"{record['input']} ({record['method']})" if len(explainer.method_names) > 1 else \
+                            record["input"]  # fmt: skip
+                        bar.write(f"camx: failed: {where}: {record['error']}", file=sys.stderr)
+
+        def on_first(name: str) -> None:
+            bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
+
+        on_passes = None
+        if explainer.counts_passes and not quiet:
+            # Score-CAM and Ablation-CAM run many forward passes per image: count those too
+            passes = [0]
+
+            def on_passes(count: int) -> None:
+                passes[0] += count
+                bar.set_postfix_str(f"{passes[0]} forward passes", refresh=True)
+
+        with graceful_stop(stop, on_first):
+            return explainer.run(progress, stop, on_passes)

@@ -1,0 +1,131 @@
+"""``camx models``, ``camx layers`` and ``camx methods``: what camx can explain, and how."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cam_cli.cli.common import CONTEXT, reported_errors
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+@click.option(
+    "--source",
+    type=click.Choice(["torchvision", "timm"]),
+    default="torchvision",
+    show_default=True,
+    help="Which models: torchvision's (and the demo model), or timm's (camx[timm]; use them as timm:NAME).",
+)
+@click.argument("pattern", required=False)
+def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None:
+    """List the supported models: the methods that apply, the input size and the default layer.
+
+    CAM needs a head of global average pooling then one linear layer; for the
+    other models the head that rules it out is shown. PATTERN (e.g. 'vit_*')
+    keeps the names it matches. timm's models are listed with their input
+    size; --probe builds and inspects them (slow: give a PATTERN).
+
+    \b
+    Example:
+        camx models | grep resnet
+        camx models --source timm 'convnext_*'
+    """
+    import fnmatch
+
+    from cam_cli.device import freeze_imported_objects
+    from cam_cli.probe.catalog import describe_models, describe_timm_models
+
+    freeze_imported_objects()
+    with reported_errors():
+        if source == "timm":
+            rows = describe_timm_models(pattern, live=probe)
+        else:
+            rows = [r for r in describe_models(live=probe) if pattern is None or fnmatch.fnmatch(r["model"], pattern)]
+    if not as_json:
+        click.echo(f"{'model':<20} {'methods':<12} {'size':>4}  default layer")
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row))
+        elif row["cam"] is None:
+            click.echo(f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})")
+        else:
+            cam = "cam+gradcam" if row["cam"] else "gradcam"
+            why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
+            click.echo(f"{row['model']:<20} {cam:<12} {row['input_size']:>4}  {row['layer']}{why}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--input-size", type=click.IntRange(min=16), default=None, help="Input size [default: the model's].")
+@click.option(
+    "--weights",
+    default="NONE",
+    show_default=True,
+    help="Weights to build the model with (layers do not depend on them).",
+)
+def layers(model: str, input_size: int | None, weights: str) -> None:
+    """Print MODEL's candidate target layers with their output shapes.
+
+    MODEL is anything --model takes: resnet50, timm:NAME, hf:PATH, a factory or a file.
+
+    \b
+    Example:
+        camx layers resnet50 --input-size 320
+        camx layers timm:vit_small_patch16_224
+    """
+    from cam_cli.device import freeze_imported_objects
+    from cam_cli.models import load_classifier
+    from cam_cli.probe import list_layers, run_probe
+
+    freeze_imported_objects()
+    with reported_errors():
+        classifier = load_classifier(model, weights, input_size=input_size)
+        rows = list_layers(run_probe(classifier))
+    click.echo(f"{'layer':<48} {'type':<24} shape")
+    for row in rows:
+        marker = "  (default)" if row.is_default else ""
+        shape = "x".join(str(s) for s in row.shape[1:])
+        click.echo(f"{row.label:<48} {row.module_type:<24} {shape}{marker}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per method.")
+def methods(as_json: bool) -> None:
+    """List every CAM method: family, passes per image, class-specific or not, paper.
+
+    Methods of one run share the forward pass; the gradient methods marked
+    "shared" also share one backward pass. `camx explain --method a,b,c` runs
+    several at once.
+
+    \b
+    Example:
+        camx methods --json | jq -r .name
+    """
+    from cam_cli.methods.registry import METHODS
+
+    if as_json:
+        for entry in METHODS.values():
+            click.echo(json.dumps(entry.as_dict()))
+        return
+    click.echo(f"{'method':<20} {'family':<12} {'fwd':>4} {'bwd':>3}  {'class':<8} {'smoothing':<12} paper")
+    for entry in METHODS.values():
+        backwards = f"{entry.backwards}" + ("*" if entry.shares_backward else "")
+        smooth = "/".join(s for s, ok in (("aug", entry.aug_smooth), ("eigen", entry.eigen_smooth)) if ok) or "-"
+        specific = "specific" if entry.class_specific else "agnostic"
+        forwards = entry.forwards_note or str(entry.forwards)
+        click.echo(
+            f"{entry.name:<20} {entry.family:<12} {forwards:>4} {backwards:>3}  {specific:<8} {smooth:<12} "
+            f"{entry.paper}"
+        )
+    click.echo("* one backward pass shared by every method so marked; fwd/bwd are per image, the method alone")
+    if any(entry.forwards_note for entry in METHODS.values()):
+        click.echo("* K = the target layer's channels (2048 for resnet50's layer4): the passes one image costs")
+        click.echo(
+            "* ^ ablationcam: 1 where global average pooling and one linear layer follow the layer (closed form);"
+            " else K passes of the layers after it, or K whole passes where the network cannot be cut there"
+        )
