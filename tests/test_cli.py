@@ -213,7 +213,8 @@ def test_usage_errors_exit_2(args):
 
 
 def test_every_command_has_help_and_is_in_the_readme():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    root = Path(__file__).parent.parent
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     ctx = click.Context(main)
     names = main.list_commands(ctx)
     assert {"explain", "methods", "evaluate", "report", "models", "layers", "merge"} <= set(names)
