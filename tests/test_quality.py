@@ -243,8 +243,8 @@ def test_each_class_peaks_on_its_own_photo(runs, method, pair):
 
 def model_input(paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """What ``camx explain`` feeds the model: the whole image resized to ``size``, normalised."""
-    images = [torch.from_numpy(images.decode_image(p)).permute(2, 0, 1) for p in paths]
-    x = torch.stack([TF.resize(im, [size, size], antialias=True) for im in images]).float()
+    decoded = [torch.from_numpy(images.decode_image(p)).permute(2, 0, 1) for p in paths]
+    x = torch.stack([TF.resize(im, [size, size], antialias=True) for im in decoded]).float()
     return (x - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
 
 

@@ -131,12 +131,12 @@ def test_a_second_sigint_quits_at_once_and_the_journal_resumes(tmp_path, monkeyp
 def test_a_first_signal_after_a_complete_run_leaves_its_exit_status(image_dir, tiny_factory, tmp_path):
     import threading
 
-    from cam_cli import cli
+    from cam_cli.cli import signals as cli
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stop = threading.Event()
     try:
-        with cli._graceful_stop(stop, lambda name: None):
+        with cli.graceful_stop(stop, lambda name: None):
             pass  # the run finished without a signal
         assert signal.getsignal(signal.SIGINT) is cli._after_the_run
         os.kill(os.getpid(), signal.SIGINT)  # while the finished run reports: no KeyboardInterrupt, no 130
