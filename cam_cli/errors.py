@@ -6,6 +6,9 @@ one-line message and an exit status (``CamxError.exit_code``).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class CamxError(Exception):
     """Base class: a fatal, user-facing error with a one-line message."""
@@ -35,3 +38,15 @@ class OutputError(CamxError):
 
 class DecodeError(Exception):
     """One input could not be turned into an image (not fatal to the run)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc``'s message on one line, cut to ``limit`` characters (ending ``...`` when cut)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def suggest(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean a, b, c?)`` with up to three close names, or nothing."""
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -26,8 +26,8 @@ from cam_cli import rundir
 from cam_cli.cli import main
 from cam_cli.jobs.explain import ExplainConfig, Explainer
 from cam_cli.methods import BatchExplainer, MethodOptions, Setup, create
+from cam_cli.methods.ablation import TAIL_ROWS
 from cam_cli.methods.base import Stopped
-from cam_cli.methods.perturbation import TAIL_ROWS
 from cam_cli.models import Classifier
 from cam_cli.probe import resolve_target, run_probe
 from cam_cli.render import upsample_normalise

@@ -4,26 +4,13 @@ Both methods run after the hooked pass, with the hook off, in inference mode
 (``Method.after_pass``), and batch their passes across the channels *and* the
 images of a batch, so the model always sees full batches of ``--batch-size``;
 each chunk is built when it runs, so memory stays flat. One pass gives the
-scores of every explained class (``--target topK``) at once.
+scores of every explained class (``--target topK``) at once. This module holds
+what both share and Score-CAM; Ablation-CAM is in :mod:`cam_cli.methods.ablation`.
 
 - Score-CAM (Wang et al., CVPR Workshops 2020), as pytorch-grad-cam 1.5.7's
   ``ScoreCAM``: ``M_k = minmax(upsample(A_k))`` (bilinear, ``align_corners=True``,
   min-max per image and channel with 1e-8 in the denominator), ``s_k = y_c(x * M_k)``
   with ``x`` the normalised input and ``y_c`` the logit, ``w = softmax_k(s)``.
-- Ablation-CAM (Desai & Ramaswamy, WACV 2020), as pytorch-grad-cam's
-  ``AblationCAM``: ``y_k`` the logit with channel ``k`` of the target activation
-  set to 0, ``w_k = (y_c - y_k) / y_c``. Three ways to ``y_k``, all exact:
-
-  * **closed form**, where global average pooling and one linear layer follow the
-    target (the CAM head check): ``y_c - y_k = W[c, k] * mean_ij(f(A_k))`` with ``f``
-    the element-wise pre-activation between them (DenseNet's ReLU), no extra pass;
-  * **cut**: the model traced with ``torch.fx`` and split at the target; the part
-    before it runs once per batch, the part after it once per ablated channel, on
-    copies of the activation with one channel zeroed. Every other value that crosses
-    the cut (a skip connection around the target) is carried along, per image;
-  * **full passes** where the model cannot be traced or split (``settings()``
-    says why, and the manifest records it): the whole model runs on the image once
-    per ablated channel, a forward hook zeroing the channel in the target's output.
 
 Both finish as every channel-weight method does (``Method.maps``): ``sum_k w_k A_k``
 or, with ``eigen_smooth``, its first principal component; then ReLU.
@@ -33,25 +20,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from cam_cli.errors import ModelError
-from cam_cli.methods.base import Capture, Method, Setup, Stopped, TargetLayer, resolve_module
+from cam_cli.methods.base import Capture, Method, Setup, Stopped
 
 #: pytorch-grad-cam's epsilon in Score-CAM's per-channel min-max
 MASK_EPS = 1e-8
-#: Ablation-CAM's passes of the part after a cut take up to this many times ``--batch-size``
-#: ablated copies at once, within this many bytes of them
-TAIL_ROWS = 4
-TAIL_BYTES = 256 * 2**20
 
 
-def _tick(capture: Capture, passes: int) -> None:
+def tick(capture: Capture, passes: int) -> None:
     """Count ``passes`` forward passes done; raise :class:`Stopped` when the run is stopping."""
     if capture.on_passes is not None:
         capture.on_passes(passes)
@@ -59,7 +41,7 @@ def _tick(capture: Capture, passes: int) -> None:
         raise Stopped
 
 
-def _chunks(capture: Capture, step: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+def chunks(capture: Capture, step: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """``(start, end, image, channel)`` over the ``N * K`` (image, channel) rows, ``step`` at a time;
     ``image`` and ``channel`` are ``(B,)`` index tensors on the features' device."""
     n, k = capture.features.shape[:2]
@@ -72,7 +54,7 @@ def _chunks(capture: Capture, step: int) -> Iterator[tuple[int, int, torch.Tenso
 
 
 @contextlib.contextmanager
-def _standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+def standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
     """``module(...)`` calls ``forward`` instead for the duration: the run's own forward
     (autocast, reading the logits out of the output) then drives a part of the network."""
     saved = module.__dict__.get("forward")
@@ -107,7 +89,7 @@ def masked_scores(capture: Capture) -> torch.Tensor:
     flat = features.reshape(n * k, 1, h, w)
     scores = torch.empty(n * k, ranks, device=features.device, dtype=torch.float32)
     layout = _memory_format(x)
-    for start, end, image, _ in _chunks(capture, capture.batch_size):
+    for start, end, image, _ in chunks(capture, capture.batch_size):
         masks = F.interpolate(flat[start:end], size=size, mode="bilinear", align_corners=True)  # (B, 1, S, S)
         low = masks.amin(dim=(2, 3), keepdim=True)
         high = masks.amax(dim=(2, 3), keepdim=True)
@@ -117,7 +99,7 @@ def masked_scores(capture: Capture) -> torch.Tensor:
         torch.mul(rows, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
         logits = capture.forward(batch).float()
         scores[start:end] = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(scores.device)
-        _tick(capture, end - start)
+        tick(capture, end - start)
     return scores.view(n, k, ranks).transpose(1, 2)
 
 
@@ -168,7 +150,7 @@ class ScoreCAM(Method):
         folded = self.folded
         if folded is not None and probe_input is not None and logits is not None:
             try:  # the folded copy must give the model's own logits, or it is not used
-                with torch.inference_mode(), _standing_in(setup.module, lambda t, *_, **__: folded(t)):
+                with torch.inference_mode(), standing_in(setup.module, lambda t, *_, **__: folded(t)):
                     again = setup.forward(probe_input.to(setup.device)).float()
                 expected = logits.detach().float().to(again.device)
                 scale = float(expected.abs().max()) + 1.0
@@ -180,7 +162,7 @@ class ScoreCAM(Method):
     def maps(self, capture: Capture) -> torch.Tensor:
         if self.folded is not None and self.module is not None:
             folded = self.folded
-            with _standing_in(self.module, lambda t, *_, **__: folded(t)):
+            with standing_in(self.module, lambda t, *_, **__: folded(t)):
                 capture._cache[(self.name, "scores")] = masked_scores(capture)
         else:
             capture._cache[(self.name, "scores")] = masked_scores(capture)
@@ -188,271 +170,3 @@ class ScoreCAM(Method):
 
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         return torch.softmax(capture._cache[(self.name, "scores")][:, r], dim=1)
-
-
-# ---------------------------------------------------------------------------------------------- Ablation-CAM
-
-
-class CutError(Exception):
-    """The network cannot be split at the target layer (the message says why)."""
-
-
-def _channel_axis(target: TargetLayer) -> int:
-    """The channel axis of the target's raw tensor: 1 for NCHW, the last for NHWC and tokens."""
-    return 1 if target.layout == "nchw" else -1
-
-
-def _zero_channels(batch: torch.Tensor, channel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Row ``j`` of ``batch`` with channel ``channel[j]`` (along ``axis``) set to 0, in place."""
-    rows = torch.arange(batch.shape[0], device=batch.device)
-    batch.movedim(axis, 1)[rows, channel.to(batch.device)] = 0
-    return batch
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer with the target module kept whole (one node)."""
-
-    def __init__(self, keep: str) -> None:
-        super().__init__()
-        self.keep = keep
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name == self.keep or super().is_leaf_module(m, module_qualified_name)
-
-
-@dataclass
-class Cut:
-    """The network split at the target layer.
-
-    ``prefix(x)`` returns ``(*live, source)``: every value the part after the target
-    needs from before it, and the tensor to ablate (the target's output, or for a
-    ``:input`` target the tensor entering it). ``tail(*live, ablated)`` returns the
-    model's output. ``batched[i]``: whether ``live[i]`` depends on the input (and so
-    has one row per image).
-    """
-
-    prefix: fx.GraphModule
-    tail: fx.GraphModule
-    batched: list[bool]
-
-
-def cut_at(module: nn.Module, target: TargetLayer) -> Cut:
-    """Split ``module`` at ``target`` with torch.fx; :class:`CutError` says why it cannot be."""
-    try:
-        graph = _Tracer(target.name).trace(module)
-    except Exception as exc:
-        message = " ".join(str(exc).split())[:160]
-        raise CutError(f"torch.fx cannot trace the model ({type(exc).__name__}: {message})") from None
-    nodes = list(graph.nodes)
-    calls = [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target == target.name]
-    if len(calls) != 1:
-        raise CutError(f"layer {target.name} runs {len(calls)} times in the traced model, not once")
-    (position,) = calls
-    call = nodes[position]
-    placeholders = [node for node in nodes if node.op == "placeholder"]
-    if not placeholders:
-        raise CutError("the traced model takes no input")
-    if target.point == "output":
-        before, after, source = nodes[: position + 1], nodes[position + 1 :], call
-    else:
-        if not call.args or not isinstance(call.args[0], fx.Node):
-            raise CutError(f"the input of {target.name} is not a traced value")
-        before, after, source = nodes[:position], nodes[position:], call.args[0]
-    depends: set[fx.Node] = {placeholders[0]}
-    for node in nodes:
-        if any(parent in depends for parent in node.all_input_nodes):
-            depends.add(node)
-    later = set(after)
-    live = [
-        node
-        for node in before
-        if node.op != "get_attr" and node is not call and any(user in later for user in node.users)
-    ]
-
-    head = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in before:
-        env[node] = head.node_copy(node, lambda n: env[n])
-    head.output((*(env[n] for n in live), env[source]))
-
-    rest = fx.Graph()
-    env = {}
-    for node in live:
-        env[node] = rest.placeholder(f"live_{len(env)}")
-    ablated = rest.placeholder("ablated")
-    for node in before:
-        if node.op == "get_attr" and any(user in later for user in node.users):
-            env[node] = rest.node_copy(node, lambda n: env[n])
-    if target.point == "output":
-        env[call] = ablated
-    for node in after:
-        if node is call:  # an ``:input`` target: only its first argument is ablated
-            args = (ablated, *fx.map_arg(call.args[1:], lambda n: env[n]))
-            env[node] = rest.create_node("call_module", call.target, args, fx.map_arg(call.kwargs, lambda n: env[n]))
-        else:
-            env[node] = rest.node_copy(node, lambda n: env[n])
-    try:
-        cut = Cut(fx.GraphModule(module, head), fx.GraphModule(module, rest), [n in depends for n in live])
-    except Exception as exc:
-        raise CutError(f"the split network does not compile ({type(exc).__name__})") from None
-    return cut
-
-
-class AblationCAM(Method):
-    """Desai & Ramaswamy 2020: ``w_k = (y_c - y_k) / y_c``, ``y_k`` with channel ``k`` of ``A`` set to 0."""
-
-    name = "ablationcam"
-    after_pass = True
-
-    head_weight: torch.Tensor | None = None  # (C, K): the closed form
-    pre_activation: Callable[[torch.Tensor], torch.Tensor] | None = None
-    cut: Cut | None = None
-    module: nn.Module | None = None
-    target: TargetLayer | None = None
-    mode: str = "full passes"
-
-    def prepare(self, setup: Setup) -> None:
-        from cam_cli.probe import cam_head
-
-        if setup.target is None:
-            raise ModelError("ablationcam needs a target layer")
-        self.module, self.target = setup.module, setup.target
-        resolve_module(setup.module, setup.target.name)
-        try:
-            head = cam_head(setup.probe, setup.target)
-        except ModelError:
-            pass
-        else:
-            self.head_weight = head.weight.to(setup.device).float()
-            self.pre_activation = head.pre_activation
-            self.mode = "closed form"
-            return
-        try:
-            self.cut = cut_at(setup.module, setup.target)
-            probe_input = getattr(setup.probe, "input", None)
-            if probe_input is not None:
-                self._check_cut(setup, probe_input.to(setup.device), getattr(setup.probe, "logits", None))
-        except CutError as exc:
-            self.cut = None
-            self.mode = f"full passes: {exc}"
-        else:
-            self.mode = f"cut at {setup.target.label}"
-
-    def _check_cut(self, setup: Setup, x: torch.Tensor, logits: torch.Tensor | None) -> None:
-        """The split network, unablated, must give the model's own ``logits`` on the probe's input ``x``."""
-        assert self.cut is not None
-        try:
-            with torch.inference_mode():
-                whole = setup.forward(x).float() if logits is None else logits.detach().float().to(x.device)
-                live, source = self._prefix(setup.forward, x)
-                for value, batched in zip(live, self.cut.batched, strict=True):
-                    if batched and not (isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(x)):
-                        kind = type(value).__name__ if not isinstance(value, torch.Tensor) else "a tensor without rows"
-                        raise CutError(f"a {kind} value crosses the cut, not a tensor with one row per image")
-                parts = self._tail(setup.forward, live, source, x).float()
-        except CutError:
-            raise
-        except Exception as exc:
-            raise CutError(
-                f"the split network fails ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-            ) from None
-        scale = float(whole.abs().max()) + 1.0
-        if parts.shape != whole.shape or not torch.allclose(parts, whole, rtol=1e-3, atol=1e-3 * scale):
-            raise CutError("the split network does not reproduce the model's logits")
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "ablation": self.mode}
-
-    def _prefix(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[list[Any], Any]:
-        """The part before the target on ``x``: ``(live values, the tensor to ablate)``."""
-        assert self.cut is not None and self.module is not None
-        kept: list[Any] = []
-
-        def run(*_: Any, **__: Any) -> torch.Tensor:
-            kept.extend(self.cut.prefix(x))  # type: ignore[union-attr]
-            return torch.zeros(1, 1, device=x.device)
-
-        with _standing_in(self.module, run):
-            forward(x[:1])
-        return kept[:-1], kept[-1]
-
-    def _tail(self, forward: Callable[[torch.Tensor], torch.Tensor], live: list[Any], ablated: torch.Tensor,
-              x: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The part after the target on ``live`` and ``ablated`` (rows already chosen): the logits."""
-        assert self.cut is not None and self.module is not None
-        with _standing_in(self.module, lambda *_, **__: self.cut.tail(*live, ablated)):  # type: ignore[union-attr]
-            return forward(x[:1])
-
-    def maps(self, capture: Capture) -> torch.Tensor:
-        y = capture.logits.gather(1, capture.classes)  # (N, R)
-        if self.head_weight is not None:
-            drop = self._closed_form(capture)
-        else:
-            drop = y[:, :, None] - self._ablated_scores(capture)
-        capture._cache[(self.name, "weights")] = drop / y[:, :, None]
-        return super().maps(capture)
-
-    def weights(self, capture: Capture, r: int) -> torch.Tensor:
-        return capture._cache[(self.name, "weights")][:, r]
-
-    def _closed_form(self, capture: Capture) -> torch.Tensor:
-        """``y_c - y_k = W[c, k] * (mean_ij f(A_k) - f(0))`` ``(N, R, K)``, no pass at all."""
-        assert self.head_weight is not None
-        features = capture.features
-        if self.pre_activation is not None:
-            pooled = self.pre_activation(features).mean(dim=(2, 3))
-            pooled = pooled - self.pre_activation(torch.zeros((), device=features.device))
-        else:
-            pooled = features.mean(dim=(2, 3))
-        weight = self.head_weight.to(features.device)[capture.classes]  # (N, R, K)
-        return weight * pooled[:, None, :]
-
-    def _ablated_scores(self, capture: Capture) -> torch.Tensor:
-        """``y_k`` ``(N, R, K)``: the explained classes' logits with channel ``k`` ablated."""
-        assert capture.x is not None and capture.forward is not None and self.target is not None
-        x, classes = capture.x, capture.classes
-        n, k = capture.features.shape[:2]
-        ranks = classes.shape[1]
-        axis = _channel_axis(self.target)
-        scores = torch.empty(n * k, ranks, device=capture.features.device, dtype=torch.float32)
-        step = capture.batch_size
-        if self.cut is not None:
-            live, source = self._prefix(capture.forward, x)
-            _tick(capture, 0)
-            # the part after the target is often bound by its weights (VGG's classifier): more rows
-            # per pass, as long as the ablated copies stay small
-            row = source[:1].numel() * source.element_size()
-            step = max(step, min(TAIL_ROWS * step, TAIL_BYTES // max(row, 1)))
-        for start, end, image, channel in _chunks(capture, step):
-            if self.cut is not None:
-                rows = image.to(source.device)
-                ablated = _zero_channels(source.index_select(0, rows), channel, axis)
-                chosen = [v.index_select(0, rows) if b else v for v, b in zip(live, self.cut.batched, strict=True)]
-                logits = self._tail(capture.forward, chosen, ablated, x).float()
-            else:
-                logits = self._full_passes(capture.forward, x.index_select(0, image.to(x.device)), channel, axis)
-            scores[start:end] = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(scores.device)
-            _tick(capture, end - start)
-        return scores.view(n, k, ranks).transpose(1, 2)
-
-    def _full_passes(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
-                     channel: torch.Tensor, axis: int) -> torch.Tensor:  # fmt: skip
-        """The whole model on ``batch``, channel ``channel[j]`` of row ``j`` zeroed at the target."""
-        assert self.module is not None and self.target is not None
-        layer = resolve_module(self.module, self.target.name)
-        if self.target.point == "input":
-
-            def pre_hook(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                return (_zero_channels(args[0].clone(), channel, axis), *args[1:])
-
-            handle = layer.register_forward_pre_hook(pre_hook)
-        else:
-
-            def hook(_: nn.Module, __: Any, output: torch.Tensor) -> torch.Tensor:
-                return _zero_channels(output.clone(), channel, axis)
-
-            handle = layer.register_forward_hook(hook)
-        try:
-            return forward(batch).float()
-        finally:
-            handle.remove()

@@ -8,10 +8,11 @@ registry and llm's plugins find their implementations.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from cam_cli.errors import suggest
 
 Family = Literal["gradient", "activation", "perturbation"]
 
@@ -134,7 +135,7 @@ _ENTRIES = (
         aug_smooth=True, forwards_note="1+K",
     ),
     MethodInfo(
-        "ablationcam", "perturbation", f"{_PERT}:AblationCAM", True,
+        "ablationcam", "perturbation", "cam_cli.methods.ablation:AblationCAM", True,
         "Desai & Ramaswamy, Ablation-CAM, WACV 2020",
         "y_k = y_c with channel k of A set to 0; w_k = (y_c - y_k) / y_c; ReLU(sum_k w_k A_k). "
         "Closed form (no extra pass) where GAP + one linear layer follow the layer; else K passes of the "
@@ -171,8 +172,7 @@ def info(name: str) -> MethodInfo:
     try:
         return METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(METHODS), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        hint = suggest(name, list(METHODS))
         raise ValueError(f"unknown method {name!r}{hint}; `camx methods` lists them") from None
 
 

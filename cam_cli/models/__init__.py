@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cam_cli.errors import ModelError
+from cam_cli.errors import ModelError, suggest
 from cam_cli.models.base import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
-    Loaded,
+    LoadedModel,
     checkpoint_dir,
     extract_logits,
     imagenet_categories,
@@ -35,7 +35,6 @@ from cam_cli.models.base import (
     looks_like_path,
     read_labels,
     seeded,
-    suggest,
 )
 from cam_cli.models.lite import LITE_MODELS
 from cam_cli.models.torchvision_models import classification_models
@@ -76,40 +75,40 @@ class Source:
 
     name: str
     matches: Callable[[str], bool]
-    load: Callable[[str, Request], Loaded]
+    load: Callable[[str, Request], LoadedModel]
 
 
-def _timm(spec: str, request: Request) -> Loaded:
+def _timm(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.timm_models import load_timm
 
     return load_timm(spec.partition(":")[2], request.weights, request.num_classes, request.input_size)
 
 
-def _hf(spec: str, request: Request) -> Loaded:
+def _hf(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.hf_models import load_hf
 
     return load_hf(spec.partition(":")[2], request.weights, request.num_classes, request.input_size)
 
 
-def _lite(spec: str, request: Request) -> Loaded:
+def _lite(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.lite import load_lite
 
     return load_lite(spec, request.weights, request.num_classes)
 
 
-def _torchvision(spec: str, request: Request) -> Loaded:
+def _torchvision(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.torchvision_models import load_torchvision
 
     return load_torchvision(spec, request.weights, request.num_classes, request.input_size)
 
 
-def _factory(spec: str, request: Request) -> Loaded:
+def _factory(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.factory import load_factory
 
     return load_factory(spec, request.weights)
 
 
-def _exported(spec: str, request: Request) -> Loaded:
+def _exported(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.exported import load_exported
 
     return load_exported(spec, request.weights, request.num_classes)

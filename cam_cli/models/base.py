@@ -4,11 +4,10 @@ logits out of a model's output, labels, and reading weights files safely."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cam_cli.errors import ModelError, WeightsError
+from cam_cli.errors import ModelError, WeightsError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,7 +54,7 @@ class Classifier:
 
 
 @dataclass
-class Loaded:
+class LoadedModel:
     """What a source hands back before camx freezes the module and applies the overrides."""
 
     module: nn.Module
@@ -122,17 +121,6 @@ def read_labels(path: Path) -> list[str]:
     if not labels:
         raise ModelError(f"labels file {path} has no class names")
     return labels
-
-
-def suggest(name: str, choices: Sequence[str]) -> str:
-    """`` (did you mean a, b, c?)`` with up to three close names, or nothing."""
-    close = difflib.get_close_matches(name, choices, n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cam_cli.errors import ModelError
-from cam_cli.models.base import DEFAULT_INPUT_SIZE, Loaded, is_keyword
+from cam_cli.models.base import DEFAULT_INPUT_SIZE, LoadedModel, is_keyword
 
 
 def _exported_input_size(program: Any, path: Path) -> int | None:
@@ -69,11 +69,11 @@ def _load_file(path: Path) -> tuple[nn.Module, int | None]:
     )
 
 
-def load_exported(model: str, weights: str, num_classes: int | None) -> Loaded:
+def load_exported(model: str, weights: str, num_classes: int | None) -> LoadedModel:
     if not (is_keyword(weights, "DEFAULT") or is_keyword(weights, "NONE")) or num_classes is not None:
         raise ModelError(
             f"--weights and --num-classes do not apply to {model}: an exported program carries its own "
             "weights and head; export the model again with the weights you want"
         )
     module, size = _load_file(Path(model))
-    return Loaded(module, "in file", size or DEFAULT_INPUT_SIZE)
+    return LoadedModel(module, "in file", size or DEFAULT_INPUT_SIZE)

@@ -11,10 +11,10 @@ from typing import Any
 from torch import nn
 
 from cam_cli.errors import ModelError
-from cam_cli.models.base import Loaded, apply_state_dict, is_keyword, load_state_dict
+from cam_cli.models.base import LoadedModel, apply_state_dict, is_keyword, load_state_dict
 
 
-def load_factory(spec: str, weights: str) -> Loaded:
+def load_factory(spec: str, weights: str) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -50,5 +50,5 @@ def load_factory(spec: str, weights: str) -> Loaded:
         from cam_cli.models.timm_models import timm_preprocessing
 
         size, mean, std, interpolation, notes = timm_preprocessing(built, None)
-        return Loaded(built, label, size, mean, std, interpolation=interpolation, notes=notes)
-    return Loaded(built, label)
+        return LoadedModel(built, label, size, mean, std, interpolation=interpolation, notes=notes)
+    return LoadedModel(built, label)

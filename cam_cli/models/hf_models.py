@@ -25,18 +25,17 @@ from typing import Any
 
 from torch import nn
 
-from cam_cli.errors import ModelError, WeightsError
+from cam_cli.errors import ModelError, WeightsError, one_line
 from cam_cli.models.base import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Loaded,
+    LoadedModel,
     apply_state_dict,
     head_name,
     is_keyword,
     load_state_dict,
     num_classes_in,
-    one_line,
 )
 from cam_cli.models.timm_models import cached_hub_file, hf_cache_dir
 
@@ -160,7 +159,7 @@ def _labels(module: nn.Module) -> list[str] | None:
     return [v for _, v in pairs] or None
 
 
-def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | None = None) -> Loaded:
+def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | None = None) -> LoadedModel:
     """Build ``hf:SPEC`` (see the module docstring)."""
     folder = resolve_folder(spec)
     config_json = refuse_remote_code(folder)  # before anything else is imported
@@ -202,4 +201,4 @@ def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | 
     if head_name(module) is None:
         raise ModelError(f"hf:{spec} has no classification head; camx needs an AutoModelForImageClassification")
     size, mean, std, interpolation, notes = preprocessing(folder, config_json)
-    return Loaded(module, label, input_size or size, mean, std, _labels(module), interpolation, notes)
+    return LoadedModel(module, label, input_size or size, mean, std, _labels(module), interpolation, notes)

@@ -25,18 +25,16 @@ from typing import Any
 
 from torch import nn
 
-from cam_cli.errors import ModelError, WeightsError
+from cam_cli.errors import ModelError, WeightsError, one_line, suggest
 from cam_cli.models.base import (
     DEFAULT_INPUT_SIZE,
     INTERPOLATIONS,
-    Loaded,
+    LoadedModel,
     apply_state_dict,
     checkpoint_dir,
     imagenet_categories,
     is_keyword,
     load_state_dict,
-    one_line,
-    suggest,
     weights_only_loading,
 )
 
@@ -185,7 +183,7 @@ def timm_preprocessing(
     return int(chosen), tuple(config["mean"]), tuple(config["std"]), interpolation, notes
 
 
-def load_timm(name: str, weights: str, num_classes: int | None, input_size: int | None = None) -> Loaded:
+def load_timm(name: str, weights: str, num_classes: int | None, input_size: int | None = None) -> LoadedModel:
     """Build ``timm:NAME`` with its weights, preprocessing and labels (see the module docstring)."""
     timm = import_timm()
     if not name:
@@ -226,4 +224,4 @@ def load_timm(name: str, weights: str, num_classes: int | None, input_size: int 
     size, mean, std, interpolation, notes = timm_preprocessing(module, input_size)
     classes = int(getattr(module, "num_classes", 0) or 0)
     categories = _labels(cfg, module, classes) if classes else None
-    return Loaded(module, label, size, mean, std, categories, interpolation, notes)
+    return LoadedModel(module, label, size, mean, std, categories, interpolation, notes)

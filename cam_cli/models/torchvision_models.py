@@ -19,7 +19,7 @@ from cam_cli.models.base import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Loaded,
+    LoadedModel,
     apply_state_dict,
     checkpoint_dir,
     load_state_dict,
@@ -59,72 +59,82 @@ def _build(name: str, size: int, **kwargs: Any) -> nn.Module:
     return module
 
 
-def load_torchvision(name: str, weights: str, num_classes: int | None, input_size: int | None = None) -> Loaded:
+def _chosen_weights(name: str, enum: Any, default: Any, spec: str) -> Any:
+    """The weights enum member ``--weights`` names (``DEFAULT`` or a member's name), or
+    ``None`` for ``NONE`` and a path."""
+    if spec.upper() == "DEFAULT":
+        if default is None:
+            raise WeightsError(f"{name} has no pretrained weights in torchvision; use --weights NONE or a path")
+        return default
+    if spec.upper() == "NONE" or looks_like_path(spec):
+        return None
+    if enum is None:
+        raise WeightsError(f"unknown weights {spec!r} for {name}")
+    member = spec.split(".")[-1]
+    try:
+        return enum[member]
+    except KeyError:
+        valid = ", ".join(["DEFAULT", "NONE", *(w.name for w in enum)])
+        raise WeightsError(
+            f"unknown weights {spec!r} for {name}; expected one of {valid}, or a path to a .pth file"
+        ) from None
+
+
+def _load_pretrained(name: str, chosen: Any, num_classes: int | None, input_size: int | None) -> LoadedModel:
+    """``name`` with torchvision's weights ``chosen``, from torch.hub's cache or downloaded."""
+    if num_classes is not None and num_classes != len(chosen.meta["categories"]):
+        raise WeightsError(
+            f"--num-classes {num_classes} does not match {chosen} "
+            f"({len(chosen.meta['categories'])} classes); pass fine-tuned weights as a path"
+        )
+    target = checkpoint_dir() / os.path.basename(chosen.url)
+    try:
+        # torch.hub announces a download on stdout, which belongs to --json: send it to stderr
+        with weights_only_loading(), contextlib.redirect_stdout(sys.stderr):
+            module = torchvision.models.get_model(name, weights=chosen, progress=False)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():
+            raise WeightsError(f"cannot read cached weights {target}: not a PyTorch checkpoint") from None
+        raise WeightsError(
+            f"refusing to load {target}: it holds objects other than tensors, and loading it could "
+            "run code (torch.load with weights_only=True rejected it)"
+        ) from None
+    except Exception as exc:
+        if target.exists():
+            raise WeightsError(f"cannot read cached weights {target}: {unreadable(target, exc)}") from None
+        raise WeightsError(
+            f"cannot download weights {chosen} for {name} (offline?): put "
+            f"{target.name} in {target.parent} or pass --weights PATH"
+        ) from None
+    size, mean, std = _transform_params(chosen)
+    fixed = getattr(module, "image_size", None)
+    if isinstance(fixed, int) and input_size is not None and input_size != fixed:
+        raise ModelError(
+            f"{name} with pretrained weights takes {fixed}x{fixed} inputs only (its position "
+            f"embeddings are learnt for that size): drop --input-size {input_size}, or use --weights NONE"
+        )
+    return LoadedModel(module, str(chosen), size, mean, std, list(chosen.meta["categories"]))
+
+
+def load_torchvision(name: str, weights: str, num_classes: int | None, input_size: int | None = None) -> LoadedModel:
     enum = _weights_enum(name)
     default = enum.DEFAULT if enum is not None else None
     size, mean, std = (
         _transform_params(default) if default is not None else (DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
     )
     spec = weights.strip()
-    chosen = None
-    if spec.upper() == "DEFAULT":
-        if default is None:
-            raise WeightsError(f"{name} has no pretrained weights in torchvision; use --weights NONE or a path")
-        chosen = default
-    elif spec.upper() != "NONE" and not looks_like_path(spec):
-        if enum is None:
-            raise WeightsError(f"unknown weights {spec!r} for {name}")
-        member = spec.split(".")[-1]
-        try:
-            chosen = enum[member]
-        except KeyError:
-            valid = ", ".join(["DEFAULT", "NONE", *(w.name for w in enum)])
-            raise WeightsError(
-                f"unknown weights {spec!r} for {name}; expected one of {valid}, or a path to a .pth file"
-            ) from None
+    chosen = _chosen_weights(name, enum, default, spec)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if chosen is not None:
-            if num_classes is not None and num_classes != len(chosen.meta["categories"]):
-                raise WeightsError(
-                    f"--num-classes {num_classes} does not match {chosen} "
-                    f"({len(chosen.meta['categories'])} classes); pass fine-tuned weights as a path"
-                )
-            target = checkpoint_dir() / os.path.basename(chosen.url)
-            try:
-                # torch.hub announces a download on stdout, which belongs to --json: send it to stderr
-                with weights_only_loading(), contextlib.redirect_stdout(sys.stderr):
-                    module = torchvision.models.get_model(name, weights=chosen, progress=False)
-            except pickle.UnpicklingError as exc:
-                if "unsupported global" not in str(exc).lower():
-                    raise WeightsError(f"cannot read cached weights {target}: not a PyTorch checkpoint") from None
-                raise WeightsError(
-                    f"refusing to load {target}: it holds objects other than tensors, and loading it could "
-                    "run code (torch.load with weights_only=True rejected it)"
-                ) from None
-            except Exception as exc:
-                if target.exists():
-                    raise WeightsError(f"cannot read cached weights {target}: {unreadable(target, exc)}") from None
-                raise WeightsError(
-                    f"cannot download weights {chosen} for {name} (offline?): put "
-                    f"{target.name} in {target.parent} or pass --weights PATH"
-                ) from None
-            size, mean, std = _transform_params(chosen)
-            fixed = getattr(module, "image_size", None)
-            if isinstance(fixed, int) and input_size is not None and input_size != fixed:
-                raise ModelError(
-                    f"{name} with pretrained weights takes {fixed}x{fixed} inputs only (its position "
-                    f"embeddings are learnt for that size): drop --input-size {input_size}, or use --weights NONE"
-                )
-            return Loaded(module, str(chosen), size, mean, std, list(chosen.meta["categories"]))
-
+            return _load_pretrained(name, chosen, num_classes, input_size)
         kwargs: dict[str, Any] = {}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         size = input_size or size
         if spec.upper() == "NONE":
-            return Loaded(_build(name, size, **kwargs), "NONE", size, mean, std)
+            return LoadedModel(_build(name, size, **kwargs), "NONE", size, mean, std)
         path = Path(spec)
         state = load_state_dict(path)
         module = _build(name, size, **kwargs)
@@ -132,4 +142,4 @@ def load_torchvision(name: str, weights: str, num_classes: int | None, input_siz
         if num_classes is None and found is not None and found != num_classes_in(module.state_dict(), module):
             module = _build(name, size, num_classes=found)
         apply_state_dict(module, state, str(path))
-        return Loaded(module, str(path), size, mean, std)
+        return LoadedModel(module, str(path), size, mean, std)

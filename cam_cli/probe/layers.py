@@ -5,14 +5,13 @@ listing ``camx layers`` prints. The rules are in :mod:`cam_cli.probe.probe`."""
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cam_cli.errors import ModelError
+from cam_cli.errors import ModelError, suggest
 from cam_cli.probe.capture import TargetLayer
 from cam_cli.probe.probe import MAX_EXTRA_TOKENS, Probe, Record, spatial_positions, spatial_size
 
@@ -202,8 +201,7 @@ def resolve_target(probe: Probe, layer: str | None) -> TargetLayer:
         return default_target(probe)
     name, _, point = layer.partition(":")
     if name not in probe.modules or not name:
-        close = difflib.get_close_matches(name, [n for n in probe.modules if n], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        hint = suggest(name, [n for n in probe.modules if n])
         raise ModelError(f"unknown layer {layer!r}{hint}; `camx layers MODEL` lists the layers")
     if point not in ("", "input", "output"):
         raise ModelError(f"layer {layer!r}: the part after ':' must be 'input' or 'output'")

@@ -223,6 +223,124 @@ def _pooled_size(shape: tuple[int, ...]) -> int:
     return -1
 
 
+class _Watcher:
+    """The probe's forward hooks and what they record, in the order the modules finish."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.records: list[Record] = []
+        self.calls: list[Call] = []
+        self.counts: dict[str, int] = {}
+        self.conv_inputs: list[tuple[int, int, torch.Tensor, int]] = []
+        self.linears: list[Head] = []
+        self.pooled: dict[str, int] = {}
+        self._nchw_ids: set[int] = set()
+        self._token_shapes: list[tuple[int, ...]] = []
+        self._attention = {name for name, module in modules.items() if name and _is_attention(name, module)}
+
+    def attach(self, modules: dict[str, nn.Module]) -> list[Any]:
+        """Hook every named module (and the input of every pooling module); the handles to remove."""
+        handles = []
+        for name, module in modules.items():
+            if not name:
+                continue
+            try:
+                handles.append(module.register_forward_hook(self._on_output(name, module)))
+                if _is_pooling(module):
+                    handles.append(module.register_forward_pre_hook(self._on_input(name, module)))
+            except (RuntimeError, AttributeError):  # TorchScript submodules take no hooks
+                continue
+        return handles
+
+    def _inside_attention(self, name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in self._attention for i in range(1, len(parts)))
+
+    def _record(self, name: str, point: Literal["output", "input"], module: nn.Module, x: torch.Tensor,
+                leaf: bool, calls_so_far: int) -> Record:  # fmt: skip
+        shape = tuple(x.shape)
+        known = id(x) in self._nchw_ids
+        layout: Layout = "nchw" if known else _guess_layout(shape)
+        is_map = _is_map(shape, layout, known, self._token_shapes) if len(shape) == 4 else shape[0] == PROBE_BATCH
+        if len(shape) == 3:
+            self._token_shapes.append(shape)
+        return Record(
+            name, point, type(module).__name__, shape, len(self.records) + len(self.calls), x,
+            is_pooling=_is_pooling(module), is_leaf=leaf, calls=calls_so_far, layout=layout, version=x._version,
+            is_map=is_map, in_attention=self._inside_attention(name),
+        )  # fmt: skip
+
+    def _on_output(self, name: str, module: nn.Module) -> Callable[..., None]:
+        leaf = not any(module.children())
+        weight = _linear_weight(module)
+        pooling = _is_pooling(module)
+
+        def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            order = len(self.records) + len(self.calls)
+            if leaf:
+                self.calls.append(Call(name, type(module).__name__, order))
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if not isinstance(output, torch.Tensor):
+                return
+            if pooling:
+                self.pooled[name] = _pooled_size(tuple(output.shape))
+            if isinstance(module, NCHW_MODULES):
+                self._nchw_ids.add(id(output))
+                if isinstance(module, nn.Conv2d) and first is not None and first.dim() == 4:
+                    self.conv_inputs.append((order, module.out_channels, first, first._version))
+            if weight is not None and first is not None and first.dim() == 2 and output.dim() == 2:
+                bias = module._parameters.get("bias", getattr(module, "bias", None))
+                self.linears.append(Head(name, weight, bias if isinstance(bias, torch.Tensor) else None, first, output))
+            if output.dim() >= 3:
+                if output.requires_grad and output.dim() in (3, 4):
+                    # which tokens reach the head (token models); whether the output depends on a layer
+                    output.retain_grad()
+                self.records.append(self._record(name, "output", module, output, leaf, self.counts[name]))
+
+        return hook
+
+    def _on_input(self, name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+                if args[0].requires_grad:
+                    args[0].retain_grad()
+                self.records.append(self._record(name, "input", module, args[0], True, 1))
+
+        return hook
+
+
+def _probe_input(size: int, channels_last: bool, generator: torch.Generator) -> torch.Tensor:
+    """The probe's seeded random image ``(1, 3, size, size)``, requiring a gradient."""
+    x = torch.randn(1, 3, size, size, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(True)
+
+
+def _forward(classifier: Classifier, x: torch.Tensor, linears: list[Head],
+             generator: torch.Generator) -> tuple[torch.Tensor, Head | None, torch.Tensor | None]:  # fmt: skip
+    """The hooked forward pass: the logits ``(1, C)``, the head that gave them, and the
+    scalar to run the backward pass from (``None`` when nothing needs a gradient)."""
+    size = x.shape[-1]
+    root = None
+    with torch.enable_grad():
+        logits = classifier.logits(x)
+        if logits.dim() != 2:
+            raise ModelError(f"the model's logits have shape {tuple(logits.shape)}, expected (N, classes)")
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelError(
+                f"{classifier.name} gives non-finite logits (NaN or inf) on a random {size}x{size} input; "
+                "check --weights"
+            )
+        head = _final_linear(linears, logits)
+        if head is not None and head.input.requires_grad:
+            direction = torch.randn(head.input.shape, generator=generator)
+            root = (head.input * direction).sum()
+        elif logits.requires_grad:
+            root = logits[0, int(logits[0].argmax())]
+    return logits, head, root
+
+
 def run_probe(classifier: Classifier, input_size: int | None = None, channels_last: bool = False) -> Probe:
     """One forward pass of a seeded random image, on the CPU, and the graph for a backward pass.
 
@@ -235,107 +353,13 @@ def run_probe(classifier: Classifier, input_size: int | None = None, channels_la
     """
     model = classifier.module
     size = input_size or classifier.input_size
-    records: list[Record] = []
-    calls: list[Call] = []
-    counts: dict[str, int] = {}
-    conv_inputs: list[tuple[int, int, torch.Tensor, int]] = []
-    linears: list[Head] = []
-    nchw_ids: set[int] = set()
-    handles = []
     modules = dict(model.named_modules())
-    pooled: dict[str, int] = {}
-    token_shapes: list[tuple[int, ...]] = []
-    attention = {name for name, module in modules.items() if name and _is_attention(name, module)}
-
-    def inside_attention(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in attention for i in range(1, len(parts)))
-
-    def record(name: str, point: Literal["output", "input"], module: nn.Module, x: torch.Tensor, leaf: bool,
-               calls_so_far: int) -> Record:  # fmt: skip
-        shape = tuple(x.shape)
-        known = id(x) in nchw_ids
-        layout: Layout = "nchw" if known else _guess_layout(shape)
-        is_map = _is_map(shape, layout, known, token_shapes) if len(shape) == 4 else shape[0] == PROBE_BATCH
-        if len(shape) == 3:
-            token_shapes.append(shape)
-        return Record(
-            name, point, type(module).__name__, shape, len(records) + len(calls), x,
-            is_pooling=_is_pooling(module), is_leaf=leaf, calls=calls_so_far, layout=layout, version=x._version,
-            is_map=is_map, in_attention=inside_attention(name),
-        )  # fmt: skip
-
-    def on_output(name: str, module: nn.Module) -> Callable[..., None]:
-        leaf = not any(module.children())
-        weight = _linear_weight(module)
-        pooling = _is_pooling(module)
-
-        def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            counts[name] = counts.get(name, 0) + 1
-            order = len(records) + len(calls)
-            if leaf:
-                calls.append(Call(name, type(module).__name__, order))
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if not isinstance(output, torch.Tensor):
-                return
-            if pooling:
-                shape = tuple(output.shape)
-                pooled[name] = _pooled_size(shape)
-            if isinstance(module, NCHW_MODULES):
-                nchw_ids.add(id(output))
-                if isinstance(module, nn.Conv2d) and first is not None and first.dim() == 4:
-                    conv_inputs.append((order, module.out_channels, first, first._version))
-            if weight is not None and first is not None and first.dim() == 2 and output.dim() == 2:
-                bias = module._parameters.get("bias", getattr(module, "bias", None))
-                linears.append(Head(name, weight, bias if isinstance(bias, torch.Tensor) else None, first, output))
-            if output.dim() >= 3:
-                if output.requires_grad and output.dim() in (3, 4):
-                    # which tokens reach the head (token models); whether the output depends on a layer
-                    output.retain_grad()
-                records.append(record(name, "output", module, output, leaf, counts[name]))
-
-        return hook
-
-    def on_input(name: str, module: nn.Module) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-                if args[0].requires_grad:
-                    args[0].retain_grad()
-                records.append(record(name, "input", module, args[0], True, 1))
-
-        return hook
-
-    for name, module in modules.items():
-        if not name:
-            continue
-        try:
-            handles.append(module.register_forward_hook(on_output(name, module)))
-            if _is_pooling(module):
-                handles.append(module.register_forward_pre_hook(on_input(name, module)))
-        except (RuntimeError, AttributeError):  # TorchScript submodules take no hooks
-            continue
+    watcher = _Watcher(modules)
+    handles = watcher.attach(modules)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, size, size, generator=generator)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    root = None
+    x = _probe_input(size, channels_last, generator)
     try:
-        with torch.enable_grad():
-            logits = classifier.logits(x)
-            if logits.dim() != 2:
-                raise ModelError(f"the model's logits have shape {tuple(logits.shape)}, expected (N, classes)")
-            if not bool(torch.isfinite(logits).all()):
-                raise ModelError(
-                    f"{classifier.name} gives non-finite logits (NaN or inf) on a random {size}x{size} input; "
-                    "check --weights"
-                )
-            head = _final_linear(linears, logits)
-            if head is not None and head.input.requires_grad:
-                direction = torch.randn(head.input.shape, generator=generator)
-                root = (head.input * direction).sum()
-            elif logits.requires_grad:
-                root = logits[0, int(logits[0].argmax())]
+        logits, head, root = _forward(classifier, x, watcher.linears, generator)
     except ModelError:
         raise
     except Exception as exc:
@@ -346,8 +370,8 @@ def run_probe(classifier: Classifier, input_size: int | None = None, channels_la
             handle.remove()
     prefix = getattr(model, "num_prefix_tokens", None)
     return Probe(
-        records, logits.detach(), size, modules, calls, counts, conv_inputs, head,
-        forward=classifier.logits, input=x.detach(), pooled=pooled,
+        watcher.records, logits.detach(), size, modules, watcher.calls, watcher.counts, watcher.conv_inputs, head,
+        forward=classifier.logits, input=x.detach(), pooled=watcher.pooled,
         prefix_tokens=prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None, root=root,
     )  # fmt: skip
 
