@@ -1,32 +1,47 @@
 """camx from Python: the same models, probe, methods and normalisation as the CLI,
-for notebooks and other programs. ``cam_cli.explain`` and ``cam_cli.load_model``
-are the public names; everything else in the package is internal."""
+for notebooks and other programs.
+
+:func:`load_model` gives the model ``camx explain --model NAME`` would use, with its
+preprocessing; :func:`explain` runs one or several methods on a batch of normalised
+images from one pass, as ``camx explain`` does, and returns the maps at the images'
+size. ``cam_cli.explain``, ``cam_cli.load_model`` and :class:`MethodMaps` are the
+public names; everything else in the package is internal.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cam_cli.errors import InputError
-from cam_cli.methods import BatchExplainer, MethodOptions, Setup, create, parse_methods
+from cam_cli.device import resolve_device, use_ieee_fp32
+from cam_cli.errors import CamxError, InputError, ModelError
+from cam_cli.jobs.base import autocast, check_precision
+from cam_cli.jobs.explain.session import check_smoothing, dry_run, parse_method_list
+from cam_cli.methods import BatchExplainer, MethodOptions, MultiExplanation, Setup, create, info
 from cam_cli.models import Classifier, load_classifier
 from cam_cli.probe import resolve_target, run_probe
 from cam_cli.render import upsample_normalise
-from cam_cli.targets import parse_target
+from cam_cli.targets import TargetSpec, parse_target
 
 
 @dataclass(frozen=True)
 class MethodMaps:
-    """One method's maps of a batch.
+    """One method's maps of a batch of ``N`` images of ``H x W`` pixels.
 
-    ``maps``: ``(N, H, W)`` float32 in [0, 1] at the inputs' size (``(N, K, H, W)`` for
-    ``target="topK"``, K > 1), min-max'ed as the CLI's ``.npy`` maps are (a flat map
-    is all zeros); ``classes``: the explained class of each map, ``(N,)`` or ``(N, K)``;
-    ``scores``: the softmax probability of that class, same shape.
+    ``maps``: float32 in [0, 1], min-max'ed per map as the CLI's ``.npy`` maps are
+    (the hottest pixel is exactly 1, the coldest 0; a flat map is all zeros);
+    ``(N, H, W)`` for ``target="top1"`` or one class, ``(N, K, H, W)`` for
+    ``target="topK"`` with ``K > 1``. ``classes``: the class each map explains, int64,
+    ``(N,)`` or ``(N, K)``. ``scores``: the softmax probability of that class, float32,
+    same shape as ``classes``. Methods that are not class-specific (Eigen-CAM) give one
+    map an image, of the top-1 class, whatever the target: ``(N, 1, H, W)`` for topK.
+    All three are on the device the model ran on.
     """
 
     maps: torch.Tensor
@@ -48,35 +63,36 @@ def load_model(
 ) -> Classifier:
     """The model ``camx explain --model NAME --weights WEIGHTS`` uses, with its preprocessing.
 
-    ``name`` is anything ``--model`` takes (``resnet50``, ``timm:NAME``, ``hf:PATH``,
-    ``package.module:factory``, a ``.pt2`` file); ``weights`` is ``DEFAULT`` (from the
-    local cache), ``NONE`` (random, seeded by ``seed``), a weights enum name or a
-    checkpoint path. Returns a :class:`~cam_cli.models.Classifier`: ``module`` (eval
-    mode, frozen), ``input_size``, ``mean`` and ``std`` (0..1 units), ``categories``.
-    Raises ``ModelError`` / ``WeightsError`` with a one-line reason.
+    Args:
+        name: anything ``--model`` takes: a torchvision name (``resnet50``),
+            ``timm:NAME``, ``hf:PATH``, ``package.module:factory``, a ``.pt2`` file.
+        weights: ``DEFAULT`` (from the local cache, downloaded when missing),
+            ``NONE`` (random, seeded by ``seed``), a weights enum name or a checkpoint.
+        num_classes, labels, input_size, mean, std, output_key: as the CLI's options
+            of the same names (``labels``: a file of class names, one a line).
+        seed: the seed of ``weights="NONE"``: the same seed builds the same model.
+
+    Returns:
+        A :class:`~cam_cli.models.Classifier`: ``module`` (on the CPU, eval mode,
+        parameters frozen), ``input_size`` ``S`` (images are resized to ``S x S``),
+        ``mean`` and ``std`` (per channel, in 0..1 units), ``categories`` (class names
+        or None) and ``logits(x)`` (``(N, 3, S, S)`` -> ``(N, C)``). Pass it to
+        :func:`explain` as the model; it reads its ``output_key`` and class names.
+
+    Raises:
+        ModelError: an unknown model name, or overrides that do not fit it.
+        WeightsError: weights that cannot be found, read or matched to the model.
 
     Example::
 
-        model = cam_cli.load_model("resnet18", weights="NONE")
+        model = cam_cli.load_model("resnet50")
+        mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+        std = torch.tensor(model.std).view(1, 3, 1, 1)
+        x = (images.float() / 255 - mean) / std  # images: uint8 (N, 3, S, S)
+        maps = cam_cli.explain(model, x)["gradcam"].maps
     """
     return load_classifier(name, weights, num_classes, Path(labels) if labels else None, input_size, mean, std,
                            output_key, seed=seed)  # fmt: skip
-
-
-def _as_classifier(model: nn.Module | Classifier, size: int, output_key: str | None) -> Classifier:
-    if isinstance(model, Classifier):
-        return model
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module or cam_cli.load_model's result, not {type(model).__name__}")
-    return Classifier(model, type(model).__name__, "as given", size, output_key=output_key)
-
-
-def _check_inputs(inputs: torch.Tensor) -> None:
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[1] != 3 or inputs.shape[0] == 0:
-        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise InputError(f"inputs must be a normalised float tensor of shape (N, 3, H, W), not {shape}")
-    if not inputs.is_floating_point():
-        raise InputError(f"inputs must be normalised floats, not {inputs.dtype} (apply the model's mean and std)")
 
 
 def explain(
@@ -87,76 +103,221 @@ def explain(
     target: str | int = "top1",
     *,
     output_key: str | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
     batch_size: int = 16,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+    finer_gamma: float = 1.0,
     seed: int = 0,
 ) -> dict[str, MethodMaps]:
-    """Explain a batch with one or several CAM methods, all from one forward pass.
+    """Explain a batch with one or several CAM methods, all from one forward pass a chunk.
 
-    ``model``: an ``nn.Module`` returning logits ``(N, C)`` (or a tuple/dict holding
-    them: name the entry with ``output_key``), or :func:`load_model`'s result.
-    ``inputs``: normalised float images ``(N, 3, H, W)`` on the model's device.
-    ``methods``: a name or names as ``camx methods`` lists them (``"gradcam,eigencam"``
-    works too). ``layer``: as ``--layer`` (default: chosen from the model's structure,
-    as the CLI chooses it). ``target``: ``"top1"``, ``"topK"``, a class index or name.
+    The model is probed and its layer chosen as ``camx explain`` does; every method
+    is checked before the run; each chunk of ``batch_size`` images gets one forward
+    and at most one backward pass shared by all the methods (Score-CAM and the other
+    perturbation methods add passes of their own).
 
-    Returns ``{method: MethodMaps}``, maps at the inputs' size, min-max'ed as the CLI's
-    ``.npy`` maps are. The model is left as it was (mode, hooks, device). Raises
-    ``InputError`` for inputs of the wrong shape, ``ModelError`` when a method cannot
-    apply (CAM on a head that is not GAP + linear) or a layer is unknown.
+    Args:
+        model: an ``nn.Module`` mapping ``(N, 3, H, W)`` to logits ``(N, C)`` (or to a
+            tuple/dict holding them: name the entry with ``output_key``), or
+            :func:`load_model`'s result. Left as it was: its mode (per submodule),
+            ``requires_grad`` flags and device are restored and no hook or ``.grad``
+            is left on it. The probe runs on the CPU, so a model on a GPU makes one
+            round trip to the CPU.
+        inputs: normalised float images ``(N, 3, H, W)`` (the model's mean and std
+            already applied), on any device.
+        methods: a name, a comma-separated list or a sequence of names, as
+            ``camx methods`` lists them (``"gradcam"``, ``"gradcam++"``, ``"eigencam"``...).
+        layer: the target layer, as ``--layer`` (``"layer4"``, ``"features.7"``,
+            ``"avgpool:input"``); by default the last spatial map before the pooling
+            head, chosen from the model's structure.
+        target: ``"top1"``, ``"topK"`` (the K best classes), a class index, or a class
+            name (for :func:`load_model`'s models with class names).
+        output_key: which entry of a tuple/dict output holds the logits.
+        device: where to run (``"cpu"``, ``"cuda:1"``, ``"auto"``); by default the
+            model's device. ``inputs`` are moved there.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast for the model only;
+            the maps are computed in float32).
+        batch_size: images per pass (and per masked pass of Score-CAM and the like).
+        aug_smooth, eigen_smooth, finer_gamma, seed: as the CLI's ``--aug-smooth``,
+            ``--eigen-smooth``, ``--finer-gamma`` and ``--seed``.
+
+    Returns:
+        ``{method: MethodMaps}`` in the order of ``methods``; see :class:`MethodMaps`
+        for the shapes: maps ``(N, H, W)`` (``(N, K, H, W)`` for topK) at the inputs'
+        size, classes and scores ``(N,)`` (``(N, K)``).
+
+    Raises:
+        InputError: ``inputs`` not a float tensor ``(N, 3, H, W)``, or ``model`` not a module.
+        ModelError: an unknown or unusable layer, a target the model does not have,
+            a method that cannot apply (CAM on a head that is not GAP + linear) or
+            fails on the model; the message names the reason in one line.
+        DeviceError: a ``device`` that is not present.
+        CamxError: an unknown method or precision, or an option that does not apply
+            to the methods asked for (``layer`` for FullGrad alone).
 
     Example::
 
         model = torchvision.models.resnet50(weights="DEFAULT").eval()
+        x = weights.transforms()(images)  # (N, 3, 224, 224), normalised
         result = cam_cli.explain(model, x, methods=["gradcam", "eigencam"])
-        result["gradcam"].maps  # (N, H, W) in [0, 1]
+        result["gradcam"].maps  # (N, 224, 224) in [0, 1]
+        result["gradcam"].classes, result["gradcam"].scores  # (N,): top-1 class, probability
+        cam_cli.explain(model, x, target="top3", layer="layer3")["gradcam"].maps  # (N, 3, 224, 224)
     """
     _check_inputs(inputs)
-    names = parse_methods([methods] if isinstance(methods, str) else list(methods))
+    names = _method_names(methods, layer, aug_smooth, eigen_smooth)
+    check_precision(precision)
+    if batch_size < 1:
+        raise CamxError(f"batch_size must be at least 1, not {batch_size}")
     classifier = _as_classifier(model, int(inputs.shape[-2]), output_key)
-    module = classifier.module
-    was_training = module.training
-    device = inputs.device
-    home = next((p.device for p in module.parameters()), device)
-    module.eval()
+    options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth)
+    with _borrowed(classifier.module) as home:
+        run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
+        text = _target_text(target)
+        explainer, spec = _prepare(classifier, names, layer, text, options, run_on, precision, inputs, aug_smooth)
+        explainer.batch_size = batch_size
+        with _ieee_fp32(run_on):
+            return _run(explainer, spec, inputs.detach().to(run_on), batch_size)
+
+
+def _check_inputs(inputs: torch.Tensor) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[1] != 3 or inputs.shape[0] == 0:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise InputError(f"inputs must be a normalised float tensor of shape (N, 3, H, W), not {shape}")
+    if not inputs.is_floating_point():
+        raise InputError(f"inputs must be normalised floats, not {inputs.dtype} (apply the model's mean and std)")
+
+
+def _method_names(methods: str | Sequence[str], layer: str | None, aug_smooth: bool, eigen_smooth: bool) -> list[str]:
+    """The methods asked for, checked against the options given (as the CLI checks them)."""
+    names = parse_method_list([methods] if isinstance(methods, str) else list(methods))
+    check_smoothing(names, aug_smooth, eigen_smooth)
+    if layer is not None and not any(info(n).uses_layer for n in names):
+        raise CamxError(f"layer does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+    return names
+
+
+def _target_text(target: str | int) -> str:
+    if isinstance(target, str):
+        return target
     try:
-        return _explain(classifier, inputs, names, layer, str(target), batch_size, seed)
+        return str(operator.index(target))
+    except TypeError:
+        raise CamxError(f"target must be 'top1', 'topK', a class index or name, not {target!r}") from None
+
+
+def _as_classifier(model: nn.Module | Classifier, size: int, output_key: str | None) -> Classifier:
+    if isinstance(model, Classifier):
+        return model if output_key is None else replace(model, output_key=output_key)
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module or cam_cli.load_model's result, not {type(model).__name__}")
+    return Classifier(model, type(model).__name__, "as given", size, output_key=output_key)
+
+
+@contextlib.contextmanager
+def _borrowed(module: nn.Module) -> Iterator[torch.device]:
+    """``module`` for one call: eval mode and frozen parameters (so that no gradient
+    lands in their ``.grad`` and autograd records only what follows the target layer),
+    then each submodule's mode, each parameter's ``requires_grad`` and the device as
+    they were. Yields the device the module is on."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    if len(devices) > 1:
+        raise ModelError(f"the model is spread over {len(devices)} devices; explain needs it on one")
+    home = devices.pop() if devices else torch.device("cpu")
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval()
+    module.requires_grad_(False)
+    try:
+        yield home
     finally:
         module.to(home)
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
-def _explain(
-    classifier: Classifier, inputs: torch.Tensor, names: list[str], layer: str | None, target: str, batch_size: int,
-    seed: int,
-) -> dict[str, MethodMaps]:  # fmt: skip
-    from cam_cli.methods.registry import info
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 convolutions in IEEE float32 rather than TF32 for the call, as the
+    CLI runs them (:func:`~cam_cli.device.use_ieee_fp32`); the caller's setting is restored."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    attribute = "fp32_precision" if conv is not None and hasattr(conv, "fp32_precision") else "allow_tf32"
+    owner = conv if attribute == "fp32_precision" else torch.backends.cudnn
+    saved = getattr(owner, attribute)
+    if device.type == "cuda":
+        use_ieee_fp32()
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, saved)
 
-    module = classifier.module.to("cpu")  # the probe runs on the CPU
+
+def _prepare(
+    classifier: Classifier,
+    names: list[str],
+    layer: str | None,
+    target: str,
+    options: MethodOptions,
+    device: torch.device,
+    precision: str,
+    inputs: torch.Tensor,
+    aug_smooth: bool,
+) -> tuple[BatchExplainer, TargetSpec]:
+    """What ``open_session`` does once the model is loaded: the probe (on the CPU, at
+    the inputs' height), the layer, the target, the methods prepared on ``device``."""
+    module = classifier.module.to("cpu")
     probe = run_probe(classifier, int(inputs.shape[-2]))
     num_classes = int(probe.logits.shape[1])
-    target_layer = resolve_target(probe, layer) if any(info(n).uses_layer for n in names) else None
+    if classifier.categories is not None and len(classifier.categories) != num_classes:
+        raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
+    uses_layer = any(info(n).uses_layer for n in names)
+    target_layer = resolve_target(probe, layer) if uses_layer else None
     spec = parse_target(target, classifier, num_classes)
-    module.to(inputs.device)
-    methods = [create(name, MethodOptions(seed=seed)) for name in names]
+    module.to(device)
+    forward = autocast(classifier.logits, device, precision)
+    methods = [create(name, options) for name in names]
+    setup = Setup(probe, target_layer, module, forward, device)
     for method in methods:
-        method.prepare(Setup(probe, target_layer, module, classifier.logits, inputs.device))
-    explainer = BatchExplainer(classifier.logits, module, target_layer, methods)
-    explainer.batch_size = batch_size
+        method.prepare(setup)
+    return BatchExplainer(forward, module, target_layer, methods, aug_smooth=aug_smooth), spec
+
+
+def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batch_size: int) -> dict[str, MethodMaps]:
+    """Every method's finished maps of ``inputs``, ``batch_size`` images a pass."""
     height, width = int(inputs.shape[-2]), int(inputs.shape[-1])
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    parts: dict[str, list[tuple[torch.Tensor, ...]]] = {m.name: [] for m in explainer.methods}
     for start in range(0, inputs.shape[0], batch_size):
-        result = explainer.explain(inputs[start : start + batch_size], spec.chooser())
-        for method in methods:
+        result = _explain_chunk(explainer, inputs[start : start + batch_size], spec, first=start == 0)
+        for method in explainer.methods:
+            raw = result.maps[method.name].detach()
+            n, r = raw.shape[:2]
+            maps = upsample_normalise(raw.flatten(0, 1), height, width).view(n, r, height, width)
             classes = result.classes_of(method)
-            maps = torch.stack([upsample_normalise(m, height, width) for m in result.maps[method.name].detach()])
-            parts[method.name].append((maps, classes, result.scores(classes)))
+            parts[method.name].append((maps, classes, result.scores(classes).float()))
     out = {}
     for name, chunks in parts.items():
-        maps, classes, scores = (torch.cat([c[i] for c in chunks]) for i in range(3))
-        if maps.shape[1] == 1:
+        maps, classes, scores = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
+        if spec.count == 1:
             maps, classes, scores = maps[:, 0], classes[:, 0], scores[:, 0]
-        out[name] = MethodMaps(maps, classes, scores.float())
+        out[name] = MethodMaps(maps, classes, scores)
     return out
+
+
+def _explain_chunk(explainer: BatchExplainer, x: torch.Tensor, spec: TargetSpec, first: bool) -> MultiExplanation:
+    """One pass; when the first fails, each method alone on one image names the one that
+    cannot run (``ModelError``), as the CLI's dry run does."""
+    try:
+        return explainer.explain(x, spec.chooser())
+    except CamxError:
+        raise
+    except Exception:
+        if first:
+            dry_run(explainer, x[:1], spec)
+        raise
 
 
 __all__ = ["MethodMaps", "explain", "load_model"]

@@ -17,7 +17,7 @@ import click
 
 from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
-from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics
+from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics, statistic
 from cam_cli.metrics.options import BASELINES
 
 
@@ -169,28 +169,16 @@ def _cell(stat: dict[str, Any] | None, digits: int, n: int) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]{count}"
 
 
-TITLES = {
-    "deletion_auc": ("deletion AUC", 3),
-    "insertion_auc": ("insertion AUC", 3),
-    "average_drop_pct": ("Avg Drop %", 1),
-    "increase_in_confidence_pct": ("Incr. Conf. %", 1),
-    "road_morf": ("ROAD MoRF", 3),
-    "road_lerf": ("ROAD LeRF", 3),
-    "road_combined": ("ROAD combined", 3),
-    "pointing_pct": ("pointing %", 1),
-    "iou": ("box IoU", 3),
-}
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as Markdown tables: methods by rank, then each method's gap to ``random``."""
     methods = summary.get("methods", {})
     if not methods:
         return "camx evaluate: no evaluated lines"
     stats = list(next(iter(methods.values()))["metrics"])
+    digits = {s: statistic(s).digits for s in stats}  # titles and digits: the metric registry's
     arrows = {"lower": "↓", "higher": "↑"}
     first = next(iter(methods.values()))["metrics"]
-    header = [f"{TITLES[s][0]} {arrows[first[s]['better']]}" for s in stats]
+    header = [f"{statistic(s).title} {arrows[first[s]['better']]}" for s in stats]
     options = summary.get("options", {})
     lines = [
         f"camx evaluate: {', '.join(summary.get('models', []))}, {options.get('steps')} steps, "
@@ -201,7 +189,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for method in summary.get("ranking", []):
         entry = methods[method]
-        cells = [_cell(entry["metrics"][s], TITLES[s][1], entry["n"]) for s in stats]
+        cells = [_cell(entry["metrics"][s], digits[s], entry["n"]) for s in stats]
         rank = f"{entry.get('rank', '')} ({entry['mean_rank']:.2f})" if "mean_rank" in entry else entry.get("rank", "")
         lines.append(f"| {rank} | {method} | {entry['n']} | " + " | ".join(cells) + " |")
     gaps = [m for m in summary.get("ranking", []) if "gap_to_random" in methods[m]]
@@ -211,7 +199,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for method in gaps:
             gap = methods[method]["gap_to_random"]
             n = max((g["n"] for g in gap.values()), default=0)
-            cells = [_cell(gap[s], TITLES[s][1], n) for s in stats]
+            cells = [_cell(gap[s], digits[s], n) for s in stats]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -151,15 +151,7 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
     shard = options.pop("shard")
     max_pixels = options.pop("max_pixels")
     with reported_errors(as_json):
-        listed: list[Path] = []
-        if files_from is not None:
-            try:
-                if str(files_from) == "-":
-                    listed = images.read_file_list(sys.stdin.read())
-                else:
-                    listed = images.read_file_list(Path(files_from).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                fail(f"cannot read --files-from {files_from}: {exc}", 1, as_json)
+        listed = _read_file_list(files_from, as_json) if files_from is not None else []
         with distributed_context(shard, options["device"]) as dist:
             config = ExplainConfig(
                 inputs=list(inputs),
@@ -178,6 +170,38 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
         click.echo(f"camx: failed: {path}: {reason}", err=True)
     if dist.rank not in (None, 0):
         return  # under torchrun, rank 0 reports the whole run and gives its exit status
+    _tell(summary, out_dir, quiet)
+    result = summary.as_dict()
+    if make_report and not summary.interrupted:
+        from cam_cli.report import build_report
+
+        with reported_errors(as_json):
+            page = build_report(out_dir, quiet=True)
+        result["report"] = str(page)
+        if not quiet:
+            click.echo(f"camx: report: {page}", err=True)
+    if as_json:
+        click.echo(json.dumps(result))
+    if summary.interrupted:
+        sys.exit(interrupt_code)
+    if summary.failed:
+        sys.exit(EXIT_FAILED_INPUTS)
+
+
+def _read_file_list(files_from: Path, as_json: bool) -> list[Path]:
+    """The input paths listed in ``--files-from`` (``-``: stdin)."""
+    from cam_cli import images
+
+    try:
+        if str(files_from) == "-":
+            return images.read_file_list(sys.stdin.read())
+        return images.read_file_list(Path(files_from).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --files-from {files_from}: {exc}", 1, as_json)
+
+
+def _tell(summary: Any, out_dir: Path, quiet: bool) -> None:
+    """The run's status line, then warnings about flat maps and an interrupted run, on stderr."""
     if not quiet:
         click.echo(
             f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
@@ -196,21 +220,6 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
         click.echo(
             f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
         )
-    result = summary.as_dict()
-    if make_report and not summary.interrupted:
-        from cam_cli.report import build_report
-
-        with reported_errors(as_json):
-            page = build_report(out_dir, quiet=True)
-        result["report"] = str(page)
-        if not quiet:
-            click.echo(f"camx: report: {page}", err=True)
-    if as_json:
-        click.echo(json.dumps(result))
-    if summary.interrupted:
-        sys.exit(interrupt_code)
-    if summary.failed:
-        sys.exit(EXIT_FAILED_INPUTS)
 
 
 def _run_with_progress(explainer: Any, quiet: bool) -> Any:

@@ -1,39 +1,72 @@
 """Faithfulness metrics for ``camx evaluate``, by the name used on the command line.
 
-The registry holds names, the fields each metric writes and the options that
-shape them; implementations are imported on first use (``plan_factory``), so
-importing this package costs nothing. Perturbation metrics give a plan of
-perturbed inputs (:mod:`cam_cli.metrics.base`); localisation metrics compare
-the map with ground-truth boxes and need no model.
+The registry owns every fact about a metric: its name, the fields it writes on a
+``metrics.jsonl`` line, which way each is better, the summary statistic made of
+each (its name, scale, title and digits in the table) and the options that shape
+its values. ``camx evaluate``, its table and ``camx report`` all read it.
+Implementations are imported on first use (``plan_factory``), so importing this
+package costs nothing (and no torch). Perturbation metrics give a plan of
+perturbed inputs (:mod:`cam_cli.metrics.base`); localisation metrics compare the
+map with ground-truth boxes and need no model.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from cam_cli.metrics.options import BASELINES, MetricOptions
+
+Better = Literal["lower", "higher"]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One field a metric writes on every ``metrics.jsonl`` line, and the summary
+    statistic made of it.
+
+    ``field``: its key on a line; ``name``: the statistic in ``metrics-summary.json``
+    (the mean of ``field`` times ``scale``, with its bootstrap interval); ``better``:
+    which way a more faithful map moves it; ``title`` and ``digits``: its column in
+    the evaluate table.
+    """
+
+    field: str
+    name: str
+    better: Better
+    title: str
+    digits: int = 3
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     """A metric's registry entry.
 
-    ``fields``: what it adds to a ``metrics.jsonl`` line; ``settings``: the
-    :class:`MetricOptions` fields its values depend on; ``entry``:
-    ``module:function`` of its plan factory (perturbation metrics; metrics of
-    one entry share one plan); ``better``: ``"lower"`` or ``"higher"`` per field.
+    ``statistics``: what it adds to a ``metrics.jsonl`` line and how each is
+    summarised; ``settings``: the :class:`MetricOptions` fields (and ``boxes``) its
+    values depend on; ``entry``: ``module:function`` of its plan factory
+    (perturbation metrics; metrics of one entry share one plan).
     """
 
     name: str
     family: Literal["perturbation", "localisation"]
-    fields: tuple[str, ...]
+    statistics: tuple[Statistic, ...]
     settings: tuple[str, ...]
-    better: tuple[str, ...]
     entry: str | None = None
     reference: str = ""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields it writes on a ``metrics.jsonl`` line."""
+        return tuple(s.field for s in self.statistics)
+
+    @property
+    def better(self) -> tuple[Better, ...]:
+        """``"lower"`` or ``"higher"`` per field."""
+        return tuple(s.better for s in self.statistics)
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -42,46 +75,66 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "deletion",
             "perturbation",
-            ("deletion_auc",),
+            (Statistic("deletion_auc", "deletion_auc", "lower", "deletion AUC"),),
             ("steps", "baseline"),
-            ("lower",),
             "cam_cli.metrics.rise:make_plan",
             "torchcam DeletionInsertionMetric",
         ),
         MetricSpec(
             "insertion",
             "perturbation",
-            ("insertion_auc",),
+            (Statistic("insertion_auc", "insertion_auc", "higher", "insertion AUC"),),
             ("steps", "baseline"),
-            ("higher",),
             "cam_cli.metrics.rise:make_plan",
             "torchcam DeletionInsertionMetric",
         ),
         MetricSpec(
             "confidence",
             "perturbation",
-            ("drop", "increase"),
+            (
+                Statistic("drop", "average_drop_pct", "lower", "Avg Drop %", 1, 100.0),
+                Statistic("increase", "increase_in_confidence_pct", "higher", "Incr. Conf. %", 1, 100.0),
+            ),
             (),
-            ("lower", "higher"),
             "cam_cli.metrics.confidence:make_plan",
             "torchcam ClassificationMetric",
         ),
         MetricSpec(
             "road",
             "perturbation",
-            ("road_morf", "road_lerf", "road_combined"),
+            (
+                Statistic("road_morf", "road_morf", "lower", "ROAD MoRF"),
+                Statistic("road_lerf", "road_lerf", "higher", "ROAD LeRF"),
+                Statistic("road_combined", "road_combined", "higher", "ROAD combined"),
+            ),
             ("road_noise", "seed"),
-            ("lower", "higher", "higher"),
             "cam_cli.metrics.road:make_plan",
             "pytorch-grad-cam ROADCombined",
         ),
-        MetricSpec("pointing", "localisation", ("pointing_hit",), ("boxes",), ("higher",)),
-        MetricSpec("iou", "localisation", ("iou",), ("boxes", "box_threshold"), ("higher",)),
+        MetricSpec(
+            "pointing",
+            "localisation",
+            (Statistic("pointing_hit", "pointing_pct", "higher", "pointing %", 1, 100.0),),
+            ("boxes",),
+        ),
+        MetricSpec("iou", "localisation", (Statistic("iou", "iou", "higher", "box IoU"),), ("boxes", "box_threshold")),
     )
 }
 DEFAULT_METRICS = ("deletion", "insertion", "confidence")
 
-__all__ = ["BASELINES", "DEFAULT_METRICS", "METRICS", "MetricOptions", "MetricSpec", "parse_metrics", "plan_factory"]
+__all__ = [
+    "BASELINES",
+    "DEFAULT_METRICS",
+    "METRICS",
+    "MetricOptions",
+    "MetricSpec",
+    "Statistic",
+    "fields_of",
+    "parse_metrics",
+    "plan_factory",
+    "statistic",
+    "statistics_of",
+]
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -104,6 +157,20 @@ def plan_factory(entry: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
-def fields_of(names: Sequence[str]) -> list[str]:
+def fields_of(names: Iterable[str]) -> list[str]:
     """Every field the metrics ``names`` write, in registry order."""
     return [f for n in names for f in METRICS[n].fields]
+
+
+def statistics_of(names: Sequence[str]) -> list[Statistic]:
+    """The summary statistics of the metrics ``names``, in their order."""
+    return [s for n in names for s in METRICS[n].statistics]
+
+
+def statistic(name: str) -> Statistic:
+    """The summary statistic called ``name`` (``average_drop_pct``); ``KeyError`` if none is."""
+    for spec in METRICS.values():
+        for stat in spec.statistics:
+            if stat.name == name:
+                return stat
+    raise KeyError(name)

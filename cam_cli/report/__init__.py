@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from cam_cli import __version__
+from cam_cli import __version__, rundir
 from cam_cli.errors import OutputError
-from cam_cli.report.records import LOWER_IS_BETTER, Run, ran_at, read_run, safe_relative
+from cam_cli.report.records import LOWER_IS_BETTER, Run, load_run, ran_at, safe_relative
 from cam_cli.report.thumbs import THUMB_SIZE, ThumbJob, ThumbResult, make_thumbnails, thumb_name
 from cam_cli.rundir import write_atomic
 
@@ -281,7 +281,7 @@ def _metrics_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
     """The per-method metrics table: ``camx evaluate``'s summary (means with their 95%
     bootstrap intervals, its ranking) when ``OUT/metrics-summary.json`` is readable, else the
     mean of each metric over the lines of ``OUT/metrics.jsonl``."""
-    summary = _summary_table(run.out_dir / "metrics-summary.json")
+    summary = _summary_table(run.out_dir / rundir.METRICS_SUMMARY)
     if summary is not None:
         return summary
     if not run.metrics:
@@ -297,7 +297,7 @@ def _metrics_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
             means[name] = _number(sum(column) / len(column)) if column else None
         rows.append({"method": method, "n": len(values), "mean": means})
     better = {name: "lower" if name in LOWER_IS_BETTER else "higher" for name in run.metric_names}
-    return {"names": run.metric_names, "better": better, "rows": rows, "source": "metrics.jsonl"}
+    return {"names": run.metric_names, "better": better, "rows": rows, "source": rundir.METRICS}
 
 
 def _summary_table(path: Path) -> dict[str, Any] | None:
@@ -332,7 +332,7 @@ def _summary_table(path: Path) -> dict[str, Any] | None:
     if not rows:
         return None
     rows.sort(key=lambda r: (r.get("rank", math.inf), r["method"]))
-    return {"names": list(names), "better": better, "rows": rows, "source": "metrics-summary.json"}
+    return {"names": list(names), "better": better, "rows": rows, "source": rundir.METRICS_SUMMARY}
 
 
 PAGE = """<!doctype html>
@@ -385,8 +385,8 @@ def make_report(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    run = read_run(out_dir)
-    dest = Path(dest) if dest is not None else out_dir / "report"
+    run = load_run(out_dir)
+    dest = Path(dest) if dest is not None else out_dir / rundir.REPORT
     _check_dest(dest)
     data, jobs = _collect(run, dest)
     try:

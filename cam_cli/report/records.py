@@ -1,8 +1,9 @@
 """What a report shows, read from a run's folder: manifest lines and metrics.
 
-Torch-free. Reads ``OUT/manifest.jsonl`` (with the journal of a run in
-progress), or the shard parts and their journals when no merged manifest is
-there, and ``OUT/metrics.jsonl`` when ``camx evaluate`` wrote one.
+Torch-free. Reads every record of OUT through :func:`cam_cli.rundir.read_run`
+(the manifest and its shard parts, with the journals of runs in progress) and
+``OUT/metrics.jsonl`` when ``camx evaluate`` wrote one; which fields are metrics,
+and which way each is better, comes from the metric registry.
 """
 
 from __future__ import annotations
@@ -15,24 +16,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cam_cli.errors import InputError
-from cam_cli.rundir import journal_path, load_manifest, read_records, record_key, shard_parts
+from cam_cli import rundir
+from cam_cli.metrics import METRICS, fields_of
+from cam_cli.rundir import read_records, record_key
 
-#: Metrics written by ``camx evaluate``; other numeric fields of a metrics line
-#: (steps, noise, ...) say what shaped them and are not shown as metrics.
-KNOWN_METRICS = (
-    "deletion_auc",
-    "insertion_auc",
-    "drop",
-    "increase",
-    "road_morf",
-    "road_lerf",
-    "road_combined",
-    "pointing_hit",
-    "iou",
-)
+#: Metrics written by ``camx evaluate`` (the registry's fields); other numeric fields
+#: of a metrics line (steps, noise, ...) say what shaped them and are not shown as metrics.
+KNOWN_METRICS = tuple(fields_of(METRICS))
 #: Metrics where a smaller value means a more faithful map.
-LOWER_IS_BETTER = frozenset({"deletion_auc", "drop", "road_morf"})
+LOWER_IS_BETTER = frozenset(s.field for spec in METRICS.values() for s in spec.statistics if s.better == "lower")
 
 
 @dataclass
@@ -92,36 +84,17 @@ def read_metric_lines(path: Path) -> Iterable[dict[str, Any]]:
         return
 
 
-def read_run(out_dir: Path) -> Run:
-    """The records of the run in ``out_dir``.
+def load_run(out_dir: Path) -> Run:
+    """The records of the run in ``out_dir`` (:func:`cam_cli.rundir.read_run`, sorted by
+    key) and the metrics of ``OUT/metrics.jsonl``.
 
     Raises ``InputError`` (one line) when ``out_dir`` is not a folder or holds
     no manifest, merged or in parts.
     """
-    if not out_dir.is_dir():
-        what = "does not exist" if not out_dir.exists() else "is not a folder"
-        raise InputError(f"{out_dir} {what}; give the output folder of a camx explain run")
-    manifest = out_dir / "manifest.jsonl"
-    if manifest.is_file() or journal_path(manifest).is_file():
-        sources = [p for p in (manifest, journal_path(manifest)) if p.is_file()]
-        by_key = load_manifest(manifest)
-    else:
-        parts = shard_parts(out_dir)
-        if not parts:
-            raise InputError(
-                f"no camx manifest in {out_dir} (manifest.jsonl or manifest.shard-K-of-N.jsonl); "
-                "run camx explain with -o there first"
-            )
-        by_key = {}
-        sources = []
-        for part in parts:
-            by_key.update(load_manifest(part))
-            sources.extend(p for p in (part, journal_path(part)) if p.is_file())
-    records = [by_key[k] for k in sorted(by_key)]
-    if not records:
-        raise InputError(f"the manifest in {out_dir} has no records; run camx explain with -o there first")
-    metrics, names = read_metrics(out_dir / "metrics.jsonl")
-    return Run(out_dir, records, sources, metrics, names)
+    found = rundir.read_run(out_dir)
+    records = [found.records[k] for k in sorted(found.records)]
+    metrics, names = read_metrics(out_dir / rundir.METRICS)
+    return Run(out_dir, records, found.sources, metrics, names)
 
 
 def safe_relative(path: Any) -> PurePosixPath | None:
@@ -161,8 +134,8 @@ __all__ = [
     "LOWER_IS_BETTER",
     "Run",
     "ran_at",
+    "load_run",
     "read_metrics",
-    "read_run",
     "record_key",
     "read_records",
 ]

@@ -1,0 +1,209 @@
+"""The pairs of one model setup, scored: images and maps decoded by the loader's
+workers, the localisation values computed at once, the perturbation plans of many
+(image, method) pairs packed into full model batches by one
+:class:`~cam_cli.metrics.base.Scheduler`, one line per pair handed to ``emit``."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cam_cli.images import InputImage
+from cam_cli.jobs.base import default_workers, loader
+from cam_cli.jobs.evaluate.config import EvaluateResult
+from cam_cli.jobs.evaluate.dataset import MapDataset, MapItem, collate
+from cam_cli.jobs.evaluate.lines import Lines, Pair
+from cam_cli.jobs.evaluate.setups import ModelSetup
+from cam_cli.metrics import METRICS, fields_of, plan_factory
+from cam_cli.metrics.base import Group, Samples, Scheduler
+from cam_cli.metrics.localisation import GroundTruth, localise
+
+#: a rebuilt model whose probability differs from the manifest's by more than this share of it is reported
+SCORE_TOLERANCE = 0.02
+IMAGES_PER_LOAD = 4
+
+#: takes finished lines and the forward passes they took
+Emit = Callable[[list[dict[str, Any]], int], None]
+
+
+@dataclass
+class Scoring:
+    """What the passes of every setup share: how lines are made (with the metric
+    options), the device, the metrics asked for, the ground-truth boxes by key, the
+    batch and worker counts, where lines go (``emit``) and the result that counts
+    forward passes."""
+
+    lines: Lines
+    out_dir: Path
+    device: torch.device
+    localising: list[str]
+    perturbing: list[str]
+    boxes: dict[str, list[GroundTruth]]
+    batch_size: int
+    workers: int | None
+    emit: Emit
+    result: EvaluateResult
+
+
+@dataclass
+class Scored:
+    """The pairs of one loaded batch that can be scored, and the lines of those that failed."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) uint8, one per input
+    image_of: list[int] = field(default_factory=list)  # per pair, the index of its image
+    maps: list[torch.Tensor] = field(default_factory=list)  # (S, S) per pair
+    local: list[dict[str, Any]] = field(default_factory=list)  # per pair, its localisation values
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SetupPass:
+    """Every pending pair of one model setup, scored; ``mismatched`` counts the lines
+    whose rebuilt probability differs from the manifest's beyond ``SCORE_TOLERANCE``."""
+
+    def __init__(self, scoring: Scoring, setup: ModelSetup, pairs: list[Pair]) -> None:
+        self.scoring = scoring
+        self.setup = setup
+        self.pairs = pairs
+        runner = setup.runner
+        self.scheduler = Scheduler(runner.forward, scoring.batch_size) if runner else None
+        self.passes_before = 0
+        self.mismatched = 0
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Score the pairs, batch after batch, until done or ``stop`` is set."""
+        dataset = self._dataset()
+        workers = default_workers() if self.scoring.workers is None else self.scoring.workers
+        for batch in loader(dataset, IMAGES_PER_LOAD, min(workers, len(dataset)), collate):
+            self._score(self._split(dataset, batch))
+            if stop is not None and stop.is_set():
+                break
+        if self.scheduler is not None:
+            self.scheduler.run(final=True)
+
+    def _dataset(self) -> MapDataset:
+        """One item per input (sorted by key) with the pairs of its methods."""
+        inputs: dict[str, InputImage] = {}
+        per_input: dict[str, list[Pair]] = {}
+        for pair in self.pairs:
+            key = str(pair.record["key"])
+            inputs.setdefault(key, InputImage(Path(str(pair.record.get("input") or key)), key))
+            per_input.setdefault(key, []).append(pair)
+        order = sorted(inputs)
+        classifier = self.setup.classifier
+        return MapDataset(
+            self.scoring.out_dir,
+            [inputs[k] for k in order],
+            [per_input[k] for k in order],
+            self.setup.size,
+            bool(self.scoring.localising),
+            classifier.interpolation if classifier else "bilinear",
+        )
+
+    def _split(self, dataset: MapDataset, batch: list[MapItem]) -> Scored:
+        """The pairs of ``batch`` that can be scored, with their localisation values;
+        the lines of those that cannot (an unreadable map or image, a class out of range)."""
+        scored = Scored()
+        for item in batch:
+            slot = None
+            for pair, resized, native, error in zip(
+                dataset.pairs[item.index], item.maps, item.natives, item.errors, strict=True
+            ):
+                error = error or self._class_error(pair)
+                if error is not None:
+                    scored.errors.append(self.scoring.lines.line(pair, None, error, None))
+                    continue
+                assert resized is not None and item.image is not None
+                if slot is None:
+                    slot = len(scored.images)
+                    scored.images.append(item.image)
+                scored.image_of.append(slot)
+                scored.maps.append(resized)
+                scored.pairs.append(pair)
+                scored.local.append(self._localise(pair, native) if self.scoring.localising else {})
+        return scored
+
+    def _class_error(self, pair: Pair) -> str | None:
+        outputs = self.setup.outputs
+        if outputs and not 0 <= int(pair.record["class_index"]) < outputs:
+            return f"class_index {pair.record['class_index']} is out of range for a model with {outputs} outputs"
+        return None
+
+    def _localise(self, pair: Pair, native: np.ndarray | None) -> dict[str, Any]:
+        """The localisation values of ``pair`` from its map at its own resolution ``(H, W)``."""
+        assert native is not None
+        wanted = [n for n in self.scoring.localising if n in pair.todo]
+        class_index = int(pair.record["class_index"])
+        classifier = self.setup.classifier
+        name = classifier.class_name(class_index) if classifier and classifier.categories else None
+        truths = self.scoring.boxes.get(str(pair.record["key"]), [])
+        options = self.scoring.lines.options
+        return localise(
+            native, truths, class_index, name or pair.record.get("class_name"), wanted, options.box_threshold
+        )
+
+    def _score(self, scored: Scored) -> None:
+        """Emit the failed lines; hand the perturbation plans of the others to the
+        scheduler (their lines are emitted when it finishes them), or emit them now."""
+        lines, emit = self.scoring.lines, self.scoring.emit
+        if scored.errors:
+            emit(scored.errors, 0)
+        if not scored.pairs:
+            return
+        todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
+        if self.scheduler is None or not todo:
+            emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)
+            return
+        samples = self._samples(scored)
+        plans = []
+        for entry in dict.fromkeys(METRICS[n].entry for n in todo):
+            names = [n for n in todo if METRICS[n].entry == entry]
+            plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
+        self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored))
+        self.scheduler.run()
+
+    def _samples(self, scored: Scored) -> Samples:
+        """The pairs' normalised images ``(N, 3, S, S)``, maps ``(N, S, S)`` and classes on the device."""
+        assert self.setup.runner is not None
+        device = self.scoring.device
+        x = self.setup.runner.normalise(torch.stack(scored.images))
+        return Samples(
+            x[torch.tensor(scored.image_of, device=device)],
+            torch.stack(scored.maps).to(device),
+            torch.tensor([int(p.record["class_index"]) for p in scored.pairs], device=device),
+            [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
+        )
+
+    def _finished(self, scored: Scored) -> Callable[[dict[str, torch.Tensor]], None]:
+        """What the scheduler calls with the values of ``scored``'s pairs: their lines emitted."""
+        fields = fields_of(self.scoring.perturbing)
+
+        def done(values: dict[str, torch.Tensor]) -> None:
+            lines = []
+            for j, pair in enumerate(scored.pairs):
+                row = {f: _value(values[f][j]) for f in fields if f in values}
+                row.update(scored.local[j])
+                score = float(values["score"][j])
+                recorded = pair.record.get("score")
+                if isinstance(recorded, (int, float)) and abs(score - recorded) > SCORE_TOLERANCE * recorded + 1e-4:
+                    self.mismatched += 1
+                lines.append(self.scoring.lines.line(pair, row, None, score))
+            assert self.scheduler is not None
+            passes, self.passes_before = self.scheduler.passes - self.passes_before, self.scheduler.passes
+            self.scoring.result.passes = self.scheduler.passes
+            self.scoring.result.batches = self.scheduler.batches
+            self.scoring.emit(lines, passes)
+
+        return done
+
+
+def _value(tensor: torch.Tensor) -> float | None:
+    value = float(tensor)
+    return None if math.isnan(value) else round(value, 6)

@@ -1,0 +1,128 @@
+"""The summary of ``OUT/metrics.jsonl`` per method: each summary statistic of the
+metric registry as a mean with a seeded 95% bootstrap interval, the methods ranked
+by their mean rank over the statistics, and each method's paired gap to ``random``."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cam_cli import rundir
+from cam_cli.metrics import statistics_of
+
+BOOTSTRAP_SAMPLES = 2000
+
+#: summary statistic -> (line field, scale, better)
+Stats = Mapping[str, tuple[str, float, str]]
+#: per method, per input key, its ok line
+Rows = dict[str, dict[str, dict[str, Any]]]
+
+
+def summary_stats(names: Sequence[str]) -> dict[str, tuple[str, float, str]]:
+    """The summary statistics of the metrics ``names`` (the registry's), in their order:
+    name -> (line field, scale, better)."""
+    return {s.name: (s.field, s.scale, s.better) for s in statistics_of(names)}
+
+
+def rows_by_method(records: Iterable[dict[str, Any]], lines: Mapping[rundir.RecordKey, dict[str, Any]]) -> Rows:
+    """The ok lines of ``records`` by method, then by input key; a fixed ``--target``
+    class is summarised apart (``gradcam.class281``)."""
+    rows: Rows = {}
+    for record in records:
+        key = rundir.record_key(record)
+        line = lines.get(key)
+        if line is not None and line.get("status") == "ok":
+            rows.setdefault(key[1], {})[str(record["key"])] = line
+    return rows
+
+
+def summarise_methods(rows: Rows, names: Sequence[str], seed: int) -> tuple[dict[str, Any], list[str]]:
+    """Per method: ``n``, each statistic's bootstrap summary, ``rank`` and ``mean_rank``,
+    and ``gap_to_random`` when the run has the ``random`` control; and the ranking."""
+    stats = summary_stats(names)
+    methods: dict[str, Any] = {}
+    for method, lines in sorted(rows.items()):
+        entry: dict[str, Any] = {"n": len(lines), "metrics": {}}
+        for stat, (source, scale, better) in stats.items():
+            values = [float(r[source]) * scale for r in lines.values() if _is_number(r.get(source))]
+            entry["metrics"][stat] = bootstrap(values, better, _rng(seed, method, stat))
+        methods[method] = entry
+    ranking = rank_methods(methods, stats)
+    means = mean_ranks(methods, stats)
+    for position, method in enumerate(ranking, 1):
+        methods[method]["rank"] = position
+        methods[method]["mean_rank"] = means[method]
+    if "random" in rows:
+        for method, lines in rows.items():
+            if method != "random":
+                methods[method]["gap_to_random"] = _gaps(lines, rows["random"], stats, seed, method)
+    return methods, ranking
+
+
+def _gaps(
+    lines: dict[str, dict[str, Any]], control: dict[str, dict[str, Any]], stats: Stats, seed: int, method: str
+) -> dict[str, Any]:
+    """Each statistic's bootstrap summary of (method − random), paired by input key."""
+    gaps = {}
+    for stat, (source, scale, better) in stats.items():
+        diffs = [
+            (float(r[source]) - float(control[k][source])) * scale
+            for k, r in lines.items()
+            if k in control and _is_number(r.get(source)) and _is_number(control[k].get(source))
+        ]
+        gaps[stat] = bootstrap(diffs, better, _rng(seed, method, "gap " + stat))
+    return gaps
+
+
+def bootstrap(values: Sequence[float], better: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Mean and percentile-bootstrap 95% interval of ``values`` (``BOOTSTRAP_SAMPLES`` resamples)."""
+    if not values:
+        return {"n": 0, "mean": None, "low": None, "high": None, "better": better}
+    data = np.asarray(values, dtype=np.float64)
+    if len(data) == 1:
+        low = high = float(data[0])
+    else:
+        means = data[rng.integers(0, len(data), size=(BOOTSTRAP_SAMPLES, len(data)))].mean(axis=1)
+        low, high = (float(v) for v in np.percentile(means, [2.5, 97.5]))
+    return {
+        "n": len(data),
+        "mean": round(float(data.mean()), 6),
+        "low": round(low, 6),
+        "high": round(high, 6),
+        "better": better,
+    }
+
+
+def rank_methods(methods: dict[str, Any], stats: Stats) -> list[str]:
+    """Methods best first: by the mean over the statistics of their rank on each (1 = best,
+    ties sharing their mean rank); equal means by name."""
+    means = mean_ranks(methods, stats)
+    return sorted(methods, key=lambda m: (means[m], m))
+
+
+def mean_ranks(methods: dict[str, Any], stats: Stats) -> dict[str, float]:
+    """Each method's mean rank over the statistics (what :func:`rank_methods` orders by)."""
+    ranks: dict[str, list[float]] = {m: [] for m in methods}
+    for stat, (_, _, better) in stats.items():
+        scored = [(m, e["metrics"][stat]["mean"]) for m, e in methods.items() if e["metrics"][stat]["mean"] is not None]
+        for method, value in scored:
+            ahead = sum(1 for _, v in scored if (v < value if better == "lower" else v > value))
+            ranks[method].append(ahead + (sum(1 for _, v in scored if v == value) + 1) / 2)
+    return {m: round(mean_rank(r), 3) for m, r in ranks.items()}
+
+
+def mean_rank(ranks: Sequence[float]) -> float:
+    return sum(ranks) / len(ranks) if ranks else math.inf
+
+
+def _rng(seed: int, method: str, stat: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(f"{method}\0{stat}".encode())])
+
+
+def _is_number(value: Any) -> bool:
+    """A metric value to average: a number (a pointing hit is a bool), not None or NaN."""
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
