@@ -12,6 +12,7 @@ records each thumbnail's source path, size and modification time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -215,6 +216,48 @@ def _present(folder: Path) -> set[str]:
     return found
 
 
+def _plan(
+    jobs: Sequence[ThumbJob], folder: Path, size: int
+) -> tuple[dict[str, bool], dict[str, list], list[tuple[ThumbJob, list[int] | None]], ThumbResult, set[str]]:
+    """Which thumbnails are current (reused) and which must be made, from the cache and the folder."""
+    cache = _read_cache(folder, size)
+    present = _present(folder)
+    result = ThumbResult()
+    exists: dict[str, bool] = {}
+    entries: dict[str, list] = {}
+    todo: list[tuple[ThumbJob, list[int] | None]] = []
+    for job in jobs:
+        stamp = _stamp(job.source)
+        entry = cache.get(job.name)
+        if stamp is not None and job.name in present and entry == [os.fsdecode(job.source), *stamp]:
+            exists[job.name] = True
+            entries[job.name] = entry
+            result.reused += 1
+        else:
+            todo.append((job, stamp))
+    return exists, entries, todo, result, present
+
+
+def _make_one(folder: Path, size: int, item: tuple[ThumbJob, list[int] | None]) -> tuple[str, list | None]:
+    """Make one thumbnail; its cache entry, or None when its source cannot be read."""
+    job, stamp = item
+    if stamp is None:
+        return job.name, None
+    try:
+        data = render_thumbnail(job.source, size)
+        # Written in place, not through a renamed temporary (that doubles the cost of
+        # every file): a thumbnail cut short by a kill has no entry in the cache yet,
+        # so the next run makes it again.
+        descriptor = os.open(folder / job.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(descriptor, data)
+        finally:
+            os.close(descriptor)
+    except Exception:  # an unreadable or hostile file gives no thumbnail, never a failed report
+        return job.name, None
+    return job.name, [os.fsdecode(job.source), *stamp]
+
+
 def make_thumbnails(
     jobs: Sequence[ThumbJob],
     folder: Path,
@@ -230,49 +273,15 @@ def make_thumbnails(
     Thumbnails in ``folder`` that no job names any more are deleted.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    cache = _read_cache(folder, size)
-    present = _present(folder)
-    result = ThumbResult()
-    exists: dict[str, bool] = {}
-    entries: dict[str, list] = {}
-    todo: list[tuple[ThumbJob, list[int] | None]] = []
-    for job in jobs:
-        stamp = _stamp(job.source)
-        source = os.fsdecode(job.source)
-        entry = cache.get(job.name)
-        if stamp is not None and job.name in present and entry == [source, *stamp]:
-            exists[job.name] = True
-            entries[job.name] = entry
-            result.reused += 1
-        else:
-            todo.append((job, stamp))
+    exists, entries, todo, result, present = _plan(jobs, folder, size)
     if progress is not None and result.reused:
         progress(result.reused)
     for sub in sorted({job.name.split("/")[0] for job, _ in todo}):
         (folder / sub).mkdir(exist_ok=True)
-
-    def work(item: tuple[ThumbJob, list[int] | None]) -> tuple[str, list | None]:
-        job, stamp = item
-        if stamp is None:
-            return job.name, None
-        try:
-            data = render_thumbnail(job.source, size)
-            # Written in place, not through a renamed temporary (that doubles the cost of
-            # every file): a thumbnail cut short by a kill has no entry in the cache yet,
-            # so the next run makes it again.
-            descriptor = os.open(folder / job.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(descriptor, data)
-            finally:
-                os.close(descriptor)
-        except Exception:  # an unreadable or hostile file gives no thumbnail, never a failed report
-            return job.name, None
-        return job.name, [os.fsdecode(job.source), *stamp]
-
     if todo:
         count = workers or min(8, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=count, thread_name_prefix="camx-thumb") as pool:
-            for index, (name, entry) in enumerate(pool.map(work, todo)):
+            for index, (name, entry) in enumerate(pool.map(functools.partial(_make_one, folder, size), todo)):
                 exists[name] = entry is not None
                 if entry is None:
                     result.failed += 1
@@ -283,7 +292,6 @@ def make_thumbnails(
                     progress(64)
             if progress is not None and len(todo) % 64:
                 progress(len(todo) % 64)
-
     for name in present:
         if not exists.get(name):  # no longer needed, or its source is unreadable now
             with contextlib.suppress(OSError):
