@@ -22,12 +22,12 @@ from torch import nn
 from cam_cli.device import resolve_device, use_ieee_fp32
 from cam_cli.errors import CamxError, InputError, ModelError
 from cam_cli.jobs.base import autocast, check_precision
-from cam_cli.jobs.explain.session import check_smoothing, dry_run, parse_method_list
-from cam_cli.methods import BatchExplainer, MethodOptions, MultiExplanation, Setup, create, info
+from cam_cli.jobs.explain.session import build_explainer, check_methods, dry_run, resolve_for
+from cam_cli.methods import BatchExplainer, MethodOptions, MultiExplanation, Setup
 from cam_cli.models import Classifier, load_classifier
-from cam_cli.probe import resolve_target, run_probe
+from cam_cli.probe import run_probe
 from cam_cli.render import upsample_normalise
-from cam_cli.targets import TargetSpec, parse_target
+from cam_cli.targets import TargetSpec
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,9 @@ def explain(
         cam_cli.explain(model, x, target="top3", layer="layer3")["gradcam"].maps  # (N, 3, 224, 224)
     """
     _check_inputs(inputs)
-    names = _method_names(methods, layer, aug_smooth, eigen_smooth)
+    names = check_methods(
+        [methods] if isinstance(methods, str) else list(methods), layer, aug_smooth, eigen_smooth, "layer"
+    )
     check_precision(precision)
     if batch_size < 1:
         raise CamxError(f"batch_size must be at least 1, not {batch_size}")
@@ -176,8 +178,8 @@ def explain(
     with _borrowed(classifier.module) as home:
         run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
         text = _target_text(target)
-        explainer, spec = _prepare(classifier, names, layer, text, options, run_on, precision, inputs, aug_smooth)
-        explainer.batch_size = batch_size
+        explainer, spec = _prepare(classifier, names, layer, text, options, run_on, precision, inputs, aug_smooth,
+                                   batch_size)  # fmt: skip
         with _ieee_fp32(run_on):
             return _run(explainer, spec, inputs.detach().to(run_on), batch_size)
 
@@ -188,15 +190,6 @@ def _check_inputs(inputs: torch.Tensor) -> None:
         raise InputError(f"inputs must be a normalised float tensor of shape (N, 3, H, W), not {shape}")
     if not inputs.is_floating_point():
         raise InputError(f"inputs must be normalised floats, not {inputs.dtype} (apply the model's mean and std)")
-
-
-def _method_names(methods: str | Sequence[str], layer: str | None, aug_smooth: bool, eigen_smooth: bool) -> list[str]:
-    """The methods asked for, checked against the options given (as the CLI checks them)."""
-    names = parse_method_list([methods] if isinstance(methods, str) else list(methods))
-    check_smoothing(names, aug_smooth, eigen_smooth)
-    if layer is not None and not any(info(n).uses_layer for n in names):
-        raise CamxError(f"layer does not apply to {', '.join(names)} (it reads every biased layer, not one)")
-    return names
 
 
 def _target_text(target: str | int) -> str:
@@ -266,24 +259,16 @@ def _prepare(
     precision: str,
     inputs: torch.Tensor,
     aug_smooth: bool,
+    batch_size: int,
 ) -> tuple[BatchExplainer, TargetSpec]:
     """What ``open_session`` does once the model is loaded: the probe (on the CPU, at
     the inputs' height), the layer, the target, the methods prepared on ``device``."""
     module = classifier.module.to("cpu")
     probe = run_probe(classifier, int(inputs.shape[-2]))
-    num_classes = int(probe.logits.shape[1])
-    if classifier.categories is not None and len(classifier.categories) != num_classes:
-        raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
-    uses_layer = any(info(n).uses_layer for n in names)
-    target_layer = resolve_target(probe, layer) if uses_layer else None
-    spec = parse_target(target, classifier, num_classes)
+    _, target_layer, spec = resolve_for(classifier, probe, names, layer, target)
     module.to(device)
-    forward = autocast(classifier.logits, device, precision)
-    methods = [create(name, options) for name in names]
-    setup = Setup(probe, target_layer, module, forward, device)
-    for method in methods:
-        method.prepare(setup)
-    return BatchExplainer(forward, module, target_layer, methods, aug_smooth=aug_smooth), spec
+    setup = Setup(probe, target_layer, module, autocast(classifier.logits, device, precision), device)
+    return build_explainer(names, options, setup, aug_smooth, batch_size), spec
 
 
 def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batch_size: int) -> dict[str, MethodMaps]:

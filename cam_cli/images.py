@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -38,8 +38,14 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path, exclude: Path | None) -> Iterator[InputImage]:
-    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned.
+def _walk(
+    root: Path,
+    exclude: Path | None,
+    prune: Callable[[Sequence[str]], bool] | None = None,
+    pruned: list[Path] | None = None,
+) -> Iterator[InputImage]:
+    """Images under ``root``, recursively; hidden entries and ``exclude`` pruned, and
+    the subfolders whose entry names ``prune`` says to skip (added to ``pruned``).
 
     Symbolic links to folders are followed (keys keep the link's name, so
     outputs stay under OUT) unless they lead back to a folder being walked.
@@ -57,6 +63,10 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[InputImage]:
                 yield InputImage(folder, str(rel))
                 return
             raise
+        if prune is not None and str(rel) != "." and prune([e.name for e in entries]):
+            if pruned is not None:
+                pruned.append(folder)
+            return
         folders = []
         for entry in entries:
             if entry.name.startswith("."):
@@ -92,8 +102,14 @@ def discover(
     inputs: Sequence[Path],
     listed: Sequence[Path] = (),
     exclude: Path | None = None,
+    prune: Callable[[Sequence[str]], bool] | None = None,
+    pruned: list[Path] | None = None,
 ) -> list[InputImage]:
     """All images named by ``inputs`` (folders or files) and ``listed`` paths.
+
+    Folders found inside an input folder whose entry names ``prune`` says to skip
+    (another run's output folder) are left out and added to ``pruned``; an input
+    folder given by name is always read.
 
     Sorted by key, so the order (and any shard of it) is deterministic. A file
     named more than once (under spellings of the same path) is one input.
@@ -104,7 +120,7 @@ def discover(
     for item in inputs:
         if item.is_dir():
             try:
-                found.extend(_walk(item, exclude))
+                found.extend(_walk(item, exclude, prune, pruned))
             except OSError as exc:
                 raise InputError(f"cannot read folder {item}: {exc.strerror or exc}") from None
         elif item.exists() or item.is_symlink():

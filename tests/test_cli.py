@@ -288,7 +288,12 @@ def test_a_changed_setting_redoes_the_work_instead_of_reporting_stale_outputs(im
     assert json.loads(invoke(*args).output)["done"] == 6
     assert json.loads(invoke(*args).output)["skipped"] == 6
     bigger = [*args[:-2], "--input-size", "96", "--json", "-q"]  # the last --input-size wins
-    assert json.loads(invoke(*bigger).output)["done"] == 6
+    # another input size is another model's preprocessing: refused, then replaced on request
+    refused = invoke(*bigger)
+    error = json.loads(refused.output.strip().splitlines()[-1])["error"]
+    assert refused.exit_code == 1 and "another model (input_size 64; this run: input_size 96)" in error
+    assert {r["input_size"] for r in manifest(out)} != {96}
+    assert json.loads(invoke(*bigger, "--overwrite").output)["done"] == 6
     assert {r["input_size"] for r in manifest(out)} == {96}
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"name {i}\n" for i in range(1000)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,11 +162,14 @@ def build():
 
 def start_slow_evaluate(out: Path, folder: Path, *extra: str) -> tuple[subprocess.Popen, list[str], dict]:
     """``camx evaluate`` in a child process with a slow model; returns once 3 lines are in the journal."""
-    (folder / "slow_module.py").write_text(SLOW_MODULE.format(tests=str(Path(__file__).parent)))
+    # the run's model under its own name (another would be refused), slowed down
+    slow = folder / "slow"
+    slow.mkdir(exist_ok=True)
+    (slow / "tinynet_module.py").write_text(SLOW_MODULE.format(tests=str(Path(__file__).parent)))
     command = [sys.executable, "-m", "cam_cli", "evaluate", str(out), *FAST]
-    command += ["--model", "slow_module:build", "--steps", "3", "--batch-size", "4", *extra]
-    env = {**os.environ, "PYTHONPATH": str(folder)}
-    child = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command += ["--model", "tinynet_module:build", "--steps", "3", "--batch-size", "4", *extra]
+    env = {**os.environ, "PYTHONPATH": str(slow)}
+    child = subprocess.Popen(command, cwd=slow, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = rundir.journal_path(out / "metrics.jsonl")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
@@ -244,6 +248,26 @@ def test_an_older_manifest_is_refused_in_one_line(run_dir: Path) -> None:
     assert code == 0 and payload["done"] == PAIRS
 
 
+def test_passes_of_several_model_setups_are_summed(run_dir: Path, tmp_path: Path) -> None:
+    """A run whose lines name two setups (the same model at two input sizes) is scored
+    setup by setup; its counts of forward passes and batches add up over both, and
+    equal those of the same lines scored as one setup."""
+    one = tmp_path / "one"
+    shutil.copytree(run_dir, one)
+    manifest = run_dir / "manifest.jsonl"
+    records = list(rundir.read_records(manifest))
+    for record in records:
+        if record["method"] == "cam":
+            record["input_size"] = 160
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, single, stderr = run(one, "--steps", "3")
+    assert code == 0 and single["done"] == PAIRS, stderr
+    code, payload, stderr = run(run_dir, "--steps", "3")
+    assert code == 0 and payload["done"] == PAIRS, stderr
+    assert payload["forward_passes"] == single["forward_passes"] == PAIRS * (1 + 5 + 1)
+    assert payload["forward_batches"] >= single["forward_batches"]  # each setup packs its own batches
+
+
 def test_a_model_that_cannot_be_rebuilt_is_one_line_exit_1(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,15 +286,36 @@ def test_a_model_that_cannot_be_rebuilt_is_one_line_exit_1(
     assert bad.exit_code == 1 and "unknown model 'resnet_nope'" in bad.stderr
 
 
-def test_another_model_than_the_runs_is_warned_about(run_dir: Path, tmp_path: Path) -> None:
+def test_another_model_than_the_runs_is_refused_unless_asked_and_then_kept_apart(run_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "other_module.py").write_text(
         f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import make_tiny\ndef build():\n    return make_tiny(seed=7)\n"
     )
-    code, _, stderr = run(run_dir, "--model", "other_module:build", "--metrics", "confidence")
-    assert code == 0
+    assert run(run_dir, "--metrics", "confidence")[0] == 0
+    own = (run_dir / "metrics.jsonl").read_bytes(), (run_dir / "metrics-summary.json").read_bytes()
+    code, payload, _ = run(run_dir, "--model", "other_module:build", "--metrics", "confidence")
+    assert code == 1 and "made by tinynet_module:build" in payload["error"]
+    assert (
+        "--with-other-model" in payload["error"]
+        and "metrics.other-other_module-build-DEFAULT.jsonl" in payload["error"]
+    )
+    assert sorted(p.name for p in run_dir.glob("metrics*")) == ["metrics-summary.json", "metrics.jsonl"]
+    code, payload, stderr = run(
+        run_dir, "--model", "other_module:build", "--metrics", "confidence", "--with-other-model"
+    )
+    assert code == 0 and payload["done"] == PAIRS
     assert f"for {PAIRS} lines the rebuilt model's probability" in stderr and "is it the model" in stderr
-    assert "is it the model" not in run(run_dir, "--metrics", "confidence")[2]
+    assert payload["metrics_file"] == str(run_dir / "metrics.other-other_module-build-DEFAULT.jsonl")
+    assert len(lines_of_file(run_dir / "metrics.other-other_module-build-DEFAULT.jsonl")) == PAIRS
+    assert (run_dir / "metrics-summary.other-other_module-build-DEFAULT.json").is_file()
+    assert ((run_dir / "metrics.jsonl").read_bytes(), (run_dir / "metrics-summary.json").read_bytes()) == own
+    # naming the run's own model is no other model
+    code, payload, stderr = run(run_dir, "--model", "tinynet_module:build", "--metrics", "confidence")
+    assert code == 0 and payload["skipped"] == PAIRS and "is it the model" not in stderr
+
+
+def lines_of_file(path: Path) -> list[dict]:
+    return list(rundir.read_records(path))
 
 
 def test_boxes_give_pointing_and_iou_and_unmatched_keys_a_warning(run_dir: Path, tmp_path: Path) -> None:

@@ -103,14 +103,14 @@ def test_class_agnostic_methods_write_one_map_for_top_k(image_dir, tiny_factory,
     assert code == 0, output
     records = manifest(out)
     key = "a.jpg"
-    assert [t["overlay"] for t in records[(key, "gradcam")]["targets"]] == [
+    assert [t["overlay"] for t in records[(key, "gradcam.top2")]["targets"]] == [
         f"{key}.gradcam.top1.jpg",
         f"{key}.gradcam.top2.jpg",
     ]
     for method in ("fem", "random"):
         record = records[(key, method)]
         assert record["overlay"] == f"{key}.{method}.jpg" and len(record["targets"]) == 1
-        assert record["class_index"] == records[(key, "gradcam")]["targets"][0]["class_index"]
+        assert record["class_index"] == records[(key, "gradcam.top2")]["targets"][0]["class_index"]
         assert record["target"] == "top1" and record["class_agnostic"] is True
 
 
@@ -298,8 +298,11 @@ def test_random_weights_are_the_same_model_every_run_and_follow_seed(image_dir, 
     )
     assert (a["class_index"], a["score"]) == (b["class_index"], b["score"])
     assert a["score"] != c["score"]
-    # a resume with another seed would mix two models: it redoes the work instead
-    code, summary, output = run(image_dir, tmp_path / "a", "resnet18", "--input-size", "64", "--seed", "3")
+    # a resume with another seed would mix two models: refused, or with --overwrite redone
+    code, _, output = run(image_dir, tmp_path / "a", "resnet18", "--input-size", "64", "--seed", "3")
+    assert code == 1 and "another model (seed 0; this run: seed 3)" in output
+    code, summary, output = run(image_dir, tmp_path / "a", "resnet18", "--input-size", "64", "--seed", "3",
+                                "--overwrite")  # fmt: skip
     assert code == 0 and summary["done"] == 6 and summary["skipped"] == 0, output
 
 

@@ -302,8 +302,8 @@ def test_with_other_methods_through_the_cli(image_dir, tiny_factory, tmp_path) -
     assert summary["done"] == 6 and summary["timings"]["extra_passes"] > 0
     records = rundir.load_manifest(tmp_path / "all" / "manifest.jsonl")
     assert len(records) == 18
-    assert records[("a.jpg", "ablationcam")]["ablation"] == "closed form"
-    assert [t["rank"] for t in records[("a.jpg", "scorecam")]["targets"]] == [1, 2]
+    assert records[("a.jpg", "ablationcam.top2")]["ablation"] == "closed form"
+    assert [t["rank"] for t in records[("a.jpg", "scorecam.top2")]["targets"]] == [1, 2]
     alone = CliRunner().invoke(main, ["explain", str(image_dir), "-o", str(tmp_path / "one"), *args,
                                       "--method", "scorecam", "--target", "top2"])  # fmt: skip
     assert alone.exit_code == 0, alone.output

@@ -81,6 +81,12 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     "Normalisation std [default: the manifest's].",
     "Which output holds the logits [default: the manifest's].",
 )
+@click.option(
+    "--with-other-model",
+    is_flag=True,
+    help="Score the maps with the --model/--weights given although they did not make them; "
+    "the metrics go to OUT/metrics.other-MODEL.jsonl, apart from the run's own.",
+)
 @opt.device_options(32, "Perturbed images per forward pass (of several images, steps and metrics).")
 @opt.precision_option("Autocast precision for the model.")
 @opt.output_options(

@@ -162,6 +162,8 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
                 **{**options, "device": dist.device},
             )
             explainer = Explainer(config)
+            for note in explainer.notes if dist.rank in (None, 0) else []:
+                click.echo(f"camx: note: {note}", err=True)
             # under torchrun only rank 0 draws a progress bar; every rank names its failures
             bar_off = quiet or dist.rank not in (None, 0)
             summary = _run_with_progress(explainer, bar_off)

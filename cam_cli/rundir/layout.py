@@ -10,6 +10,7 @@ reader of every record of OUT. Torch-free.
     OUT/manifest.shard-K-of-N.jsonl              the line of shard K of N (--shard, torchrun)
     OUT/.NAME.journal                            lines appended while a run writes NAME
     OUT/metrics.jsonl, OUT/metrics-summary.json  camx evaluate
+    OUT/metrics.other-MODEL.jsonl (and summary)  camx evaluate --with-other-model
     OUT/report/                                  camx report
 """
 
@@ -31,6 +32,16 @@ REPORT = "report"
 SHARD_PART = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
 
 
+def metrics_names(other_model: str | None = None) -> tuple[str, str]:
+    """``metrics.jsonl`` and ``metrics-summary.json``; for scores made with a model other
+    than the run's (``evaluate --with-other-model``), names of their own beside them,
+    ``metrics.other-MODEL.jsonl``, so that they never mix with the run's own."""
+    if other_model is None:
+        return METRICS, METRICS_SUMMARY
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", other_model).strip("-.")[:80] or "model"
+    return f"metrics.other-{slug}.jsonl", f"metrics-summary.other-{slug}.json"
+
+
 def manifest_name(shard: tuple[int, int] = (1, 1)) -> str:
     """The manifest a run of shard ``(K, N)`` writes: ``manifest.jsonl`` unsharded."""
     k, n = shard
@@ -45,6 +56,15 @@ def output_names(key: str, method: str, fmt: str, count: int, variant: str | Non
     if count == 1:
         return [(f"{key}.{method}.{fmt}", f"{key}.{method}.npy")]
     return [(f"{key}.{method}.top{r}.{fmt}", f"{key}.{method}.top{r}.npy") for r in range(1, count + 1)]
+
+
+def is_run_folder(names: Sequence[str]) -> bool:
+    """Whether a folder with these entry names is a camx output folder: it holds a
+    manifest, a manifest part or a run's journal."""
+    return any(
+        name == MANIFEST or SHARD_PART.fullmatch(name) or (name.startswith(".manifest") and name.endswith(".journal"))
+        for name in names
+    )
 
 
 def shard_parts(out_dir: Path) -> list[Path]:

@@ -21,17 +21,40 @@ from cam_cli.rundir.files import write_atomic
 RecordKey = tuple[str, str]
 
 
+def record_variant(record: dict[str, Any]) -> str | None:
+    """What sets a record's outputs apart from another's of the same input and method:
+    the fixed class of ``--target`` (``class281``: outputs of their own), or ``--target
+    topK`` with K > 1 (``top5``), so that runs with different targets keep their own
+    lines; None for the top-1 class (and class-agnostic methods)."""
+    variant = record.get("variant")
+    if variant:
+        return str(variant)
+    target = record.get("target")
+    if isinstance(target, str) and target.startswith("top") and target[3:].isdigit() and int(target[3:]) > 1:
+        return target
+    return None
+
+
 def record_key(record: dict[str, Any]) -> RecordKey:
-    """A record's identity: its output key (what names its files) and method, with the
-    fixed class of ``--target`` when there is one (``gradcam.class281``).
+    """A record's identity: its output key (what names its files) and method, with its
+    :func:`record_variant` when it has one (``gradcam.class281``, ``gradcam.top5``).
 
     Keying by the output key, not the input path as typed, lets ``./imgs`` and
     ``/abs/imgs`` resume each other's work; records without a key fall back to
     their input path.
     """
     method = str(record.get("method"))
-    variant = record.get("variant")  # a fixed --target class: outputs of their own
+    variant = record_variant(record)
     return (str(record.get("key", record.get("input"))), f"{method}.{variant}" if variant else method)
+
+
+def record_files(record: dict[str, Any]) -> set[str]:
+    """The files of OUT a record names (overlays and maps of every target), relative to OUT."""
+    found = {record.get(k) for k in ("overlay", "map")}
+    for target in record.get("targets") or []:
+        if isinstance(target, dict):
+            found |= {target.get(k) for k in ("overlay", "map")}
+    return {f for f in found if isinstance(f, str) and f}
 
 
 def journal_path(manifest: Path) -> Path:

@@ -75,6 +75,8 @@ class SetupPass:
         runner = setup.runner
         self.scheduler = Scheduler(runner.forward, scoring.batch_size) if runner else None
         self.passes_before = 0
+        # the passes and batches of the setups scored before this one (several models)
+        self.counted = (scoring.result.passes, scoring.result.batches)
         self.mismatched = 0
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -197,8 +199,8 @@ class SetupPass:
                 lines.append(self.scoring.lines.line(pair, row, None, score))
             assert self.scheduler is not None
             passes, self.passes_before = self.scheduler.passes - self.passes_before, self.scheduler.passes
-            self.scoring.result.passes = self.scheduler.passes
-            self.scoring.result.batches = self.scheduler.batches
+            self.scoring.result.passes = self.counted[0] + self.scheduler.passes
+            self.scoring.result.batches = self.counted[1] + self.scheduler.batches
             self.scoring.emit(lines, passes)
 
         return done

@@ -38,6 +38,8 @@ class EvaluateConfig:
     batch_size: int = 32
     workers: int | None = None
     precision: str = "fp32"
+    #: score with a model other than the run's on purpose; its metrics are kept apart
+    with_other_model: bool = False
 
 
 @dataclass

@@ -136,6 +136,8 @@ class Lines:
         }
         if record.get("variant"):  # a fixed --target class: a line of its own, as in the manifest
             line["variant"] = record["variant"]
+        elif rundir.record_variant(record):  # --target topK: its own line too (rundir.record_key)
+            line["target"] = record["target"]
         if error is None:
             assert values is not None
             line.update(self._values(pair, values))

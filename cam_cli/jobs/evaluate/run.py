@@ -30,7 +30,7 @@ from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.lines import Lines, Pair
-from cam_cli.jobs.evaluate.setups import Setups
+from cam_cli.jobs.evaluate.setups import Setups, weights_argument
 from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
 from cam_cli.metrics.localisation import GroundTruth, read_boxes
@@ -50,8 +50,6 @@ class Evaluator:
         prepare_process()
         self.config = config
         self.out_dir = config.out_dir
-        self.metrics_path = self.out_dir / rundir.METRICS
-        self.summary_path = self.out_dir / rundir.METRICS_SUMMARY
         self.names = _metric_names(config.metrics)
         self.localising = [m for m in self.names if METRICS[m].family == "localisation"]
         self.perturbing = [m for m in self.names if METRICS[m].family == "perturbation"]
@@ -73,6 +71,10 @@ class Evaluator:
         if self.perturbing:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)
+        # after the rebuild, so that a model that does not exist is named as such first
+        metrics_name, summary_name = rundir.metrics_names(self._other_model(ok))
+        self.metrics_path = self.out_dir / metrics_name
+        self.summary_path = self.out_dir / summary_name
         self._pending: tuple[list[Pair], int] | None = None
 
     # -- reading the run
@@ -86,6 +88,29 @@ class Evaluator:
             raise InputError(f"the manifest of {self.out_dir} has no ok lines to evaluate ({len(records)} failed)")
         self._check_fields(ok)
         return ok
+
+    def _other_model(self, records: Sequence[dict[str, Any]]) -> str | None:
+        """``MODEL-WEIGHTS`` when ``--model``/``--weights`` name a model other than the one
+        that made the run's maps (refused without ``--with-other-model``), else None."""
+        c = self.config
+        if c.model is None and c.weights is None:
+            return None
+        for record in records:
+            if record.get("model") is None:
+                continue  # an older manifest: the overrides fill in what it lacks
+            model = c.model or str(record["model"])
+            weights = c.weights or (weights_argument(record) if model == record["model"] else "DEFAULT")
+            built = str(record.get("weights")) in ("as built", "in file")  # a factory's or file's own weights
+            if model == record["model"] and (built or weights == weights_argument(record)):
+                continue
+            if not c.with_other_model:
+                raise InputError(
+                    f"the maps of {self.out_dir} were made by {record['model']} (weights {record.get('weights')}), "
+                    f"not {model} (weights {weights}): pass --with-other-model to score them with it on purpose "
+                    f"(its metrics go to {rundir.metrics_names(f'{model}-{weights}')[0]}, apart from the run's own)"
+                )
+            return f"{model}-{weights}"
+        return None
 
     def _check_fields(self, records: Sequence[dict[str, Any]]) -> None:
         missing = [f for f in NEEDED if any(r.get(f) is None for r in records)]

@@ -68,7 +68,7 @@ class Setups:
         c = self.config
         key = (
             c.model or str(record["model"]),
-            c.weights or (_weights_argument(record) if c.model is None else "DEFAULT"),
+            c.weights or (weights_argument(record) if c.model in (None, record.get("model")) else "DEFAULT"),
             c.input_size or record.get("input_size"),
             tuple(c.mean) if c.mean else _rounded(record.get("mean")),
             tuple(c.std) if c.std else _rounded(record.get("std")),
@@ -158,7 +158,7 @@ def _count_outputs(runner: ModelRunner, size: int, model: str) -> int:
     return int(logits.shape[1])
 
 
-def _weights_argument(record: dict[str, Any]) -> str:
+def weights_argument(record: dict[str, Any]) -> str:
     """What ``load_classifier`` takes for the weights a record names."""
     label = str(record.get("weights") or "DEFAULT")
     return "DEFAULT" if label in ("as built", "in file") else label

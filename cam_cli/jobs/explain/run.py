@@ -75,7 +75,10 @@ class Explainer:
         prepare_process()
         self.config = config
         self.method_names = parse_method_list(config.method)
-        self.all_images, self.images = select_images(config)
+        pruned: list[Path] = []
+        self.all_images, self.images = select_images(config, pruned)
+        #: what the command line tells the user before the run (one line each)
+        self.notes = [_pruned_note(pruned)] if pruned else []
         refuse_writing_over_inputs(config.inputs, config.out_dir, self.all_images, self.method_names, config.fmt)
         self.session = open_session(config)
         self.classifier = self.session.classifier
@@ -96,6 +99,7 @@ class Explainer:
             boxes=config.boxes or config.draw_boxes,
             overwrite=config.overwrite,
         )
+        self.plan.check_owner()  # another model's maps in OUT: refused before anything is written
         self.timings = Timings()
 
     def _settings(self, method: Any) -> dict[str, Any]:
@@ -179,15 +183,26 @@ class Explainer:
             # however many images there are; the manifest is rebuilt from it at the end.
             if self.plan.carried:
                 journal.append(self.plan.carried.values())
+            self.plan.drop(keep={str(p.relative_to(config.out_dir)) for p in self.plan.all_outputs()})
             self.timings.add("start", time.perf_counter() - started)
             try:
                 engine.run(todo, batches, journal, summary, self.device.type == "cpu", progress, stop)
             finally:
                 finishing = time.perf_counter()
+        self.plan.remove_replaced()
         self.timings.add("finish", time.perf_counter() - finishing)
         summary.seconds = time.perf_counter() - started
         summary.timings = dict(self.timings.seconds)
         return summary
+
+
+def _pruned_note(pruned: list[Path]) -> str:
+    folders = ", ".join(str(p) for p in pruned[:3]) + (", ..." if len(pruned) > 3 else "")
+    return (
+        f"skipped {len(pruned)} folder{'s' if len(pruned) > 1 else ''} inside the inputs that "
+        f"{'hold' if len(pruned) > 1 else 'holds'} camx outputs ({folders}); "
+        "give such a folder as an INPUT to explain its images"
+    )
 
 
 def explain(config: ExplainConfig, progress: Progress | None = None, stop: threading.Event | None = None) -> Summary:

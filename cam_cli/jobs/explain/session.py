@@ -5,10 +5,12 @@ anything is written."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cam_cli import rundir
 from cam_cli.device import use_channels_last
 from cam_cli.errors import CamxError, ModelError
 from cam_cli.images import InputImage, discover, select_shard
@@ -63,13 +65,48 @@ class Session:
         return self.runner.channels_last
 
 
+def check_methods(
+    method: Any, layer: str | None, aug_smooth: bool, eigen_smooth: bool, flag: str = "--layer"
+) -> list[str]:
+    """The methods asked for, checked against the options given with them."""
+    names = parse_method_list(method)
+    check_smoothing(names, aug_smooth, eigen_smooth)
+    if layer is not None and not any(info(n).uses_layer for n in names):
+        raise CamxError(f"{flag} does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+    return names
+
+
+def resolve_for(
+    classifier: Classifier, probe: Any, names: list[str], layer: str | None, target: str
+) -> tuple[int, TargetLayer | None, TargetSpec]:
+    """From the probe: the number of classes, the target layer (when a method reads
+    one) and the target, each checked against the model."""
+    num_classes = int(probe.logits.shape[1])
+    if classifier.categories is not None and len(classifier.categories) != num_classes:
+        raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
+    target_layer = resolve_target(probe, layer) if any(info(n).uses_layer for n in names) else None
+    return num_classes, target_layer, parse_target(target, classifier, num_classes)
+
+
+def build_explainer(
+    names: list[str],
+    options: MethodOptions,
+    setup: Setup,
+    aug_smooth: bool,
+    batch_size: int,
+) -> BatchExplainer:
+    """The methods created and prepared on the model as ``setup`` places it, in one explainer."""
+    methods = [create(name, options) for name in names]
+    for method in methods:
+        method.prepare(setup)
+    explainer = BatchExplainer(setup.forward, setup.module, setup.target, methods, aug_smooth=aug_smooth)
+    explainer.batch_size = batch_size  # the images per pass of methods with passes of their own
+    return explainer
+
+
 def open_session(config: Any) -> Session:
     """Load, probe and prepare everything ``config`` (an ``ExplainConfig``) asks for."""
-    names = parse_method_list(config.method)
-    check_smoothing(names, config.aug_smooth, config.eigen_smooth)
-    uses_layer = [n for n in names if info(n).uses_layer]
-    if config.layer is not None and not uses_layer:
-        raise CamxError(f"--layer does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+    names = check_methods(config.method, config.layer, config.aug_smooth, config.eigen_smooth)
     device = open_device(config.device)
     check_precision(config.precision)
     classifier = load_classifier(
@@ -84,25 +121,16 @@ def open_session(config: Any) -> Session:
         seed=config.seed,  # --weights NONE: the same command builds the same model
     )
     probe, channels_last = probe_model(classifier, use_channels_last(device))
-    num_classes = int(probe.logits.shape[1])
-    if classifier.categories is not None and len(classifier.categories) != num_classes:
-        raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
-    target_layer = resolve_target(probe, config.layer) if uses_layer else None
-    target = parse_target(config.target, classifier, num_classes)
+    num_classes, target_layer, target = resolve_for(classifier, probe, names, config.layer, config.target)
     runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, device,
                          config.precision, channels_last)  # fmt: skip
-    module, forward = runner.module, runner.forward
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)
-    methods = [create(name, options) for name in names]
-    setup = Setup(probe, target_layer, module, forward, device)
-    for method in methods:
-        method.prepare(setup)
-    explainer = BatchExplainer(forward, module, target_layer, methods, aug_smooth=config.aug_smooth)
-    explainer.batch_size = config.batch_size  # the images per pass of methods with passes of their own
-    if probe.input is not None and not vouched_for(probe, target_layer, methods):
+    setup = Setup(probe, target_layer, runner.module, runner.forward, device)
+    explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
+    if probe.input is not None and not vouched_for(probe, target_layer, explainer.methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
-    return Session(classifier, runner, target_layer, target, methods, explainer, num_classes)
+    return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes)
 
 
 def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
@@ -158,8 +186,9 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
     explainer.explain(x, target.chooser(), names=names)  # together only: let it raise as it is
 
 
-def select_images(config: Any) -> tuple[list[InputImage], list[InputImage]]:
-    """All inputs found, and this shard's slice of them."""
-    found = discover(config.inputs, list(config.listed), exclude=config.out_dir)
+def select_images(config: Any, pruned: list[Path] | None = None) -> tuple[list[InputImage], list[InputImage]]:
+    """All inputs found, and this shard's slice of them. Output folders of camx runs
+    inside the input folders are skipped (and added to ``pruned``)."""
+    found = discover(config.inputs, list(config.listed), config.out_dir, rundir.is_run_folder, pruned)
     k, n = config.shard
     return found, (select_shard(found, k, n) if n > 1 else found)
