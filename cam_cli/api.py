@@ -110,6 +110,8 @@ def explain(
     eigen_smooth: bool = False,
     finer_gamma: float = 1.0,
     seed: int = 0,
+    kpca_kernel: str = "sigmoid",
+    kpca_gamma: float | None = None,
 ) -> dict[str, MethodMaps]:
     """Explain a batch with one or several CAM methods, all from one forward pass a chunk.
 
@@ -140,8 +142,9 @@ def explain(
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast for the model only;
             the maps are computed in float32).
         batch_size: images per pass (and per masked pass of Score-CAM and the like).
-        aug_smooth, eigen_smooth, finer_gamma, seed: as the CLI's ``--aug-smooth``,
-            ``--eigen-smooth``, ``--finer-gamma`` and ``--seed``.
+        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma: as the CLI's
+            ``--aug-smooth``, ``--eigen-smooth``, ``--finer-gamma``, ``--seed``,
+            ``--kpca-kernel`` and ``--kpca-gamma``.
 
     Returns:
         ``{method: MethodMaps}`` in the order of ``methods``; see :class:`MethodMaps`
@@ -174,7 +177,8 @@ def explain(
     if batch_size < 1:
         raise CamxError(f"batch_size must be at least 1, not {batch_size}")
     classifier = _as_classifier(model, int(inputs.shape[-2]), output_key)
-    options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth)
+    options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth, kpca_kernel=kpca_kernel,
+                            kpca_gamma=kpca_gamma)  # fmt: skip
     with _borrowed(classifier.module) as home:
         run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
         text = _target_text(target)

@@ -150,6 +150,14 @@ def reference(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor,
     reshape = reshape_for(model_key, target) if name != "fullgrad" else None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    class SignCorrectedKPCA(pgc.KPCA_CAM):
+        """pytorch-grad-cam's KPCA-CAM with Seg-Eigen-CAM's sign rule, as camx's Eigen-CAM (METHODS.md)."""
+
+        def get_cam_image(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            projection = super().get_cam_image(*args, **kwargs)
+            flip = np.abs(projection.min(axis=(1, 2))) > np.abs(projection.max(axis=(1, 2)))
+            return np.where(flip[:, None, None], -projection, projection)
+
     with sdpa_kernel([SDPBackend.MATH]), sign_corrected_projection():
         if name == "finercam":
             with pgc.FinerCAM(model, [layer], reshape_transform=reshape) as cam:
@@ -190,6 +198,8 @@ def reference(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor,
                 "shapleycam": pgc.ShapleyCAM,
                 "fullgrad": pgc.FullGrad,
                 "eigencam": pgc.EigenCAM,
+                "segeigencam": pgc.SegEigenCAM,
+                "kpcacam": SignCorrectedKPCA,
                 "fem": pgc.FEM,
                 "scorecam": pgc.ScoreCAM,
             }[name]

@@ -319,3 +319,20 @@ def test_explain_help_shows_no_empty_ranges():
     text = CliRunner().invoke(main, ["explain", "--help"]).output
     assert "None]" not in text and "FINITE FLOAT" not in text
     assert "--mean NUMBER..." in text
+
+
+def test_kpcacam_options_through_the_cli_are_recorded_and_change_the_map(image_dir, tiny_factory, tmp_path):
+    maps = {}
+    for kernel in ("sigmoid", "rbf"):
+        out = tmp_path / kernel
+        code, summary, output = run(image_dir, out, tiny_factory, "--method", "kpcacam,segeigencam,gradcam",
+                                    "--kpca-kernel", kernel, "--kpca-gamma", "0.5")  # fmt: skip
+        assert code == 0 and summary["done"] == 6, output
+        record = manifest(out)[("a.jpg", "kpcacam")]
+        assert (record["kpca_kernel"], record["kpca_gamma"], record["class_agnostic"]) == (kernel, 0.5, True)
+        maps[kernel] = np.load(out / "a.jpg.kpcacam.npy")
+        assert maps[kernel].max() == 1.0
+        assert (
+            manifest(out)[("a.jpg", "segeigencam")]["class_index"] == manifest(out)[("a.jpg", "gradcam")]["class_index"]
+        )
+    assert not np.allclose(maps["sigmoid"], maps["rbf"])

@@ -106,6 +106,19 @@ from cam_cli.cli.signals import current_handlers, graceful_stop
     show_default=True,
     help="finercam: weight of the nearest other class's score.",
 )
+@click.option(
+    "--kpca-kernel",
+    type=click.Choice(["linear", "poly", "rbf", "sigmoid", "cosine"]),
+    default="sigmoid",
+    show_default=True,
+    help="kpcacam: the kernel of the kernel PCA.",
+)
+@click.option(
+    "--kpca-gamma",
+    type=FiniteFloat(min=0),
+    default=None,
+    help="kpcacam: the kernel's coefficient [default: 1 / the layer's channels].",
+)
 @click.option("--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes).")
 @click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
 @click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")

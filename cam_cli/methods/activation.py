@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from cam_cli.methods.base import Capture, Method, MethodOptions, first_component
+from cam_cli.errors import CamxError
+from cam_cli.methods.base import Capture, Method, MethodOptions, first_component, sign_corrected
 
 SPATIAL = (2, 3)
 
@@ -20,6 +21,38 @@ class EigenCAM(Method):
 
     def maps(self, capture: Capture) -> torch.Tensor:
         return torch.relu(first_component(capture.features))[:, None]
+
+
+class KPCACAM(Method):
+    """Karmani et al. 2024: Eigen-CAM with kernel PCA. Per image, ``A`` as ``(h*w, K)``
+    with each channel centred, projected on its first kernel principal component
+    (scikit-learn's ``KernelPCA``, ``--kpca-kernel``/``--kpca-gamma``), sign-corrected
+    as ``eigencam``; then ReLU. Runs on the CPU in float32, one image at a time."""
+
+    name = "kpcacam"
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        super().__init__(options)
+        try:
+            from sklearn.decomposition import KernelPCA
+        except ImportError:
+            raise CamxError("kpcacam needs scikit-learn: pip install 'camx[sklearn]'") from None
+        self._pca = KernelPCA
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "kpca_kernel": self.options.kpca_kernel, "kpca_gamma": self.options.kpca_gamma}
+
+    def maps(self, capture: Capture) -> torch.Tensor:
+        a = torch.nan_to_num(capture.features.detach().float(), nan=0.0).cpu()
+        n, k, h, w = a.shape
+        rows = a.reshape(n, k, h * w).transpose(1, 2)
+        centred = (rows - rows.mean(dim=1, keepdim=True)).numpy()
+        projections = []
+        for x in centred:
+            pca = self._pca(n_components=1, kernel=self.options.kpca_kernel, gamma=self.options.kpca_gamma)
+            projections.append(torch.from_numpy(pca.fit_transform(x)[:, 0].copy()))
+        projection = sign_corrected(torch.stack(projections).float())
+        return torch.relu(projection).reshape(n, 1, h, w).to(capture.features.device)
 
 
 class FEM(Method):

@@ -58,6 +58,9 @@ class MethodOptions:
     seed: int = 0
     finer_gamma: float = 1.0
     eigen_smooth: bool = False
+    #: kpcacam: scikit-learn KernelPCA's kernel and its gamma (None: 1 / channels)
+    kpca_kernel: str = "sigmoid"
+    kpca_gamma: float | None = None
 
 
 @dataclass
@@ -175,6 +178,14 @@ class Method:
         return torch.stack(out, dim=1)
 
 
+def sign_corrected(projection: torch.Tensor) -> torch.Tensor:
+    """Seg-Eigen-CAM's sign rule (Chung & Ying 2025, eq. 13) on ``(N, P)`` projections:
+    each flipped where its most negative value outweighs its largest."""
+    low = projection.amin(dim=1, keepdim=True)
+    high = projection.amax(dim=1, keepdim=True)
+    return torch.where(low.abs() > high.abs(), -projection, projection)
+
+
 def first_component(weighted: torch.Tensor) -> torch.Tensor:
     """Eigen-CAM's projection with Seg-Eigen-CAM's sign correction, per image.
 
@@ -194,10 +205,7 @@ def first_component(weighted: torch.Tensor) -> torch.Tensor:
     else:
         _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (N, K, K)
         projection = (x @ vectors[:, :, -1:]).squeeze(-1)
-    low = projection.amin(dim=1, keepdim=True)
-    high = projection.amax(dim=1, keepdim=True)
-    projection = torch.where(low.abs() > high.abs(), -projection, projection)
-    return projection.reshape(n, h, w).float()
+    return sign_corrected(projection).reshape(n, h, w).float()
 
 
 __all__ = [

@@ -97,6 +97,20 @@ class EigenGradCAM(Method):
         return torch.stack([torch.relu(first_component(self.weighted(capture, r))) for r in ranks], dim=1)
 
 
+class SegEigenCAM(Method):
+    """Chung & Ying 2025: the first principal component of ``|g| * A`` (sign-corrected), then ReLU."""
+
+    name = "segeigencam"
+    needs_gradient = True
+
+    def weighted(self, capture: Capture, r: int) -> torch.Tensor:
+        return capture.gradient(r).abs() * capture.features
+
+    def maps(self, capture: Capture) -> torch.Tensor:
+        ranks = range(capture.classes.shape[1])
+        return torch.stack([torch.relu(first_component(self.weighted(capture, r))) for r in ranks], dim=1)
+
+
 class ShapleyCAM(Method):
     """Cai et al. 2025: ``w_k = mean_ij (g - Hv / 2)`` with ``Hv = (dg/dA) A``, a
     Hessian-vector product (the gradient is taken with its graph for it)."""

@@ -111,6 +111,12 @@ _ENTRIES = (
         eigen_smooth=False, plain_gradient=True,
     ),
     MethodInfo(
+        "segeigencam", "gradient", f"{_GRAD}:SegEigenCAM", True,
+        "Chung & Ying, Seg-Eigen-CAM, Applied Sciences 2025",
+        "ReLU(first principal component of |g| * A, sign-corrected)", backwards=1, shares_backward=True,
+        eigen_smooth=False, plain_gradient=True,
+    ),
+    MethodInfo(
         "shapleycam", "gradient", f"{_GRAD}:ShapleyCAM", True,
         "Cai et al., ShapleyCAM, 2025 (arXiv:2501.06261)",
         "w_k = mean_ij (g - Hv/2), Hv = (d g / d A) A; ReLU(sum_k w_k A_k)", backwards=2,
@@ -146,6 +152,12 @@ _ENTRIES = (
         "eigencam", "activation", f"{_ACT}:EigenCAM", False,
         "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020",
         "ReLU(first principal component of A, sign-corrected)", eigen_smooth=False,
+    ),
+    MethodInfo(
+        "kpcacam", "activation", f"{_ACT}:KPCACAM", False,
+        "Karmani et al., KPCA-CAM: Visual Explainability of Deep Computer Vision Models using Kernel PCA, 2024",
+        "ReLU(first kernel principal component of A (sigmoid kernel by default), sign-corrected)",
+        eigen_smooth=False,
     ),
     MethodInfo(
         "fem", "activation", f"{_ACT}:FEM", False,

@@ -64,6 +64,8 @@ class ExplainConfig:
     draw_boxes: bool = False
     seed: int = 0
     finer_gamma: float = 1.0
+    kpca_kernel: str = "sigmoid"
+    kpca_gamma: float | None = None
     aug_smooth: bool = False
     eigen_smooth: bool = False
 

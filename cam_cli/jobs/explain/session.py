@@ -124,7 +124,8 @@ def open_session(config: Any) -> Session:
     num_classes, target_layer, target = resolve_for(classifier, probe, names, config.layer, config.target)
     runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, device,
                          config.precision, channels_last)  # fmt: skip
-    options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth)
+    options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth,
+                            kpca_kernel=config.kpca_kernel, kpca_gamma=config.kpca_gamma)  # fmt: skip
     setup = Setup(probe, target_layer, runner.module, runner.forward, device)
     explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
     if probe.input is not None and not vouched_for(probe, target_layer, explainer.methods):
