@@ -99,7 +99,7 @@ def explain(
     model: nn.Module | Classifier,
     inputs: torch.Tensor,
     methods: str | Sequence[str] = "gradcam",
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     target: str | int = "top1",
     *,
     output_key: str | None = None,
@@ -133,7 +133,10 @@ def explain(
             ``camx methods`` lists them (``"gradcam"``, ``"gradcam++"``, ``"eigencam"``...).
         layer: the target layer, as ``--layer`` (``"layer4"``, ``"features.7"``,
             ``"avgpool:input"``); by default the last spatial map before the pooling
-            head, chosen from the model's structure.
+            head, chosen from the model's structure. Several layers (a sequence, or
+            ``"layer3,layer4"``) are hooked in the same pass and their maps fused: each
+            min-maxed, resized to the input and averaged (pytorch-grad-cam's
+            ``target_layers``).
         target: ``"top1"``, ``"topK"`` (the K best classes), a class index, or a class
             name (for :func:`load_model`'s models with class names).
         output_key: which entry of a tuple/dict output holds the logits.
@@ -170,6 +173,7 @@ def explain(
         cam_cli.explain(model, x, target="top3", layer="layer3")["gradcam"].maps  # (N, 3, 224, 224)
     """
     _check_inputs(inputs)
+    layer = layer if layer is None or isinstance(layer, str) else ",".join(layer)
     names = check_methods(
         [methods] if isinstance(methods, str) else list(methods), layer, aug_smooth, eigen_smooth, "layer"
     )
@@ -269,9 +273,10 @@ def _prepare(
     the inputs' height), the layer, the target, the methods prepared on ``device``."""
     module = classifier.module.to("cpu")
     probe = run_probe(classifier, int(inputs.shape[-2]))
-    _, target_layer, spec = resolve_for(classifier, probe, names, layer, target)
+    _, layers, spec = resolve_for(classifier, probe, names, layer, target)
     module.to(device)
-    setup = Setup(probe, target_layer, module, autocast(classifier.logits, device, precision), device)
+    forward = autocast(classifier.logits, device, precision)
+    setup = Setup(probe, layers[0] if layers else None, module, forward, device, tuple(layers))
     return build_explainer(names, options, setup, aug_smooth, batch_size), spec
 
 

@@ -61,8 +61,10 @@ from cam_cli.cli.signals import current_handlers, graceful_stop
 @opt.device_options(16, "Images per batch.")
 @click.option(
     "--layer",
-    default=None,
-    help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure].",
+    multiple=True,
+    callback=lambda _c, _p, value: ",".join(value) if value else None,
+    help="Target layer, e.g. layer4 or avgpool:input [default: chosen from the model's structure]; "
+    "several (layer3,layer4 or repeated): their maps are fused.",
 )
 @click.option(
     "--target",

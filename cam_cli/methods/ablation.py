@@ -179,6 +179,8 @@ class AblationCAM(Method):
 
         if setup.target is None:
             raise ModelError("ablationcam needs a target layer")
+        if len(setup.targets) > 1:
+            raise ModelError("ablationcam ablates the channels of one layer; give one --layer for it")
         self.module, self.target = setup.module, setup.target
         resolve_module(setup.module, setup.target.name)
         try:

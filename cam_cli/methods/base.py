@@ -72,6 +72,8 @@ class Setup:
     module: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
+    #: every target layer when ``--layer`` names several (``target`` is the first)
+    targets: tuple[TargetLayer, ...] = ()
 
 
 @dataclass
@@ -102,6 +104,9 @@ class Capture:
     batch_size: int = 16
     on_passes: Callable[[int], None] | None = None
     stop: threading.Event | None = None
+    #: the captures of the other layers hooked in the same pass (several ``--layer``):
+    #: the gradients of all of them come from one backward pass
+    group: list[Capture] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     def score_gradient(self, columns: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,14 @@ class Capture:
 
     def raw_gradient(self, r: int) -> torch.Tensor:
         key = ("raw", r)
+        if key not in self._cache and len(self.group) > 1:  # every layer's from one backward pass
+            if self.graph_logits is None or any(c.activation is None for c in self.group):
+                raise ModelError("this method needs gradients, but the pass was run without them")
+            score = self.graph_logits.gather(1, self.classes[:, r].view(-1, 1)).sum()
+            leaves = [c.activation for c in self.group]
+            grads = torch.autograd.grad(score, leaves, retain_graph=True, create_graph=self.create_graph)  # type: ignore[arg-type]
+            for capture, grad in zip(self.group, grads, strict=True):
+                capture._cache[key] = grad
         if key not in self._cache:
             self._cache[key] = self.score_gradient(self.classes[:, r])
         return self._cache[key]

@@ -30,6 +30,8 @@ class CAM(Method):
 
         if setup.target is None:
             raise ModelError("cam needs a target layer")
+        if len(setup.targets) > 1:
+            raise ModelError("cam reads one layer, the input of its GAP + linear head; give one --layer for it")
         try:
             head = cam_head(setup.probe, setup.target)
         except ModelError as exc:

@@ -52,6 +52,23 @@ class MultiExplanation:
         return self.logits.softmax(dim=1).gather(1, classes)
 
 
+def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Maps of several layers as one, as pytorch-grad-cam aggregates ``target_layers``: each
+    ``(N, R, h_l, w_l)`` min-maxed at its own resolution, resized (bilinear) to ``size``,
+    ReLU'd, then averaged; the usual finish min-maxes the mean."""
+    if len(per_layer) == 1:
+        return per_layer[0]
+    fused = []
+    for maps in per_layer:
+        low = maps.amin(dim=(2, 3), keepdim=True)
+        span = maps.amax(dim=(2, 3), keepdim=True) - low
+        scaled = (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
+        if tuple(scaled.shape[-2:]) != size:
+            scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
+        fused.append(scaled.clamp(min=0))
+    return torch.stack(fused).mean(dim=0)
+
+
 def finish_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(N, R, h, w)`` -> bilinear to ``size`` then exact min-max per map (flat: zeros)."""
     up = (
@@ -69,13 +86,15 @@ class BatchExplainer:
         self,
         forward: Callable[[torch.Tensor], torch.Tensor],
         module: nn.Module,
-        target: TargetLayer | None,
+        target: TargetLayer | Sequence[TargetLayer] | None,
         methods: Sequence[Method],
         aug_smooth: bool = False,
     ) -> None:
         self.forward = forward
         self.module = module
-        self.target = target
+        #: the target layers (several: their maps are fused, :func:`fuse_layers`); ``target`` the first
+        self.targets = [] if target is None else [target] if isinstance(target, TargetLayer) else list(target)
+        self.target = self.targets[0] if self.targets else None
         self.methods = list(methods)
         self.aug_smooth = aug_smooth
         #: for methods with passes of their own (``after_pass``): images per pass, a callback
@@ -130,6 +149,27 @@ class BatchExplainer:
         assert logits is not None and chosen is not None
         return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps)
 
+    @staticmethod
+    def _capture(
+        hooked: ActivationCapture,
+        logits: torch.Tensor,
+        chosen: torch.Tensor,
+        graph_logits: torch.Tensor | None,
+        second: bool,
+    ) -> Capture:
+        activation = hooked.activation
+        assert activation is not None
+        return Capture(
+            hooked.target,
+            to_feature_map(activation.detach(), hooked.target).float(),
+            logits,
+            chosen,
+            logits.argmax(dim=1, keepdim=True),
+            activation if graph_logits is not None else None,
+            graph_logits,
+            create_graph=second,
+        )
+
     def _layer_pass(
         self,
         x: torch.Tensor,
@@ -145,12 +185,14 @@ class BatchExplainer:
         # A Hessian-vector product differentiates the backward pass; the fused attention
         # kernels have no second derivative, the reference implementation does.
         kernels = sdpa_kernel([SDPBackend.MATH]) if second else contextlib.nullcontext()
-        with mode, kernels, ActivationCapture(self.module, self.target, grad) as hooked:
+        chain = len(self.targets) > 1
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        with mode, kernels, contextlib.ExitStack() as stack:
+            hooks = [stack.enter_context(ActivationCapture(self.module, t, grad, chain)) for t in self.targets]
             out = self.forward(x)
-            activation = hooked.activation
-            if activation is None:
-                hooked.feature_map()  # raises: the layer was not reached
-            assert activation is not None
+            for hooked in hooks:
+                if hooked.activation is None:
+                    hooked.feature_map()  # raises: the layer was not reached
             if grad and not out.requires_grad:
                 raise ModelError(
                     f"the model's output does not depend on layer {self.target.label}, so there is no gradient "
@@ -158,29 +200,23 @@ class BatchExplainer:
                 )
             logits = out.detach().float()
             chosen = classes if classes is not None else choose(logits)
-            capture = Capture(
-                self.target,
-                to_feature_map(activation.detach(), self.target).float(),
-                logits,
-                chosen,
-                logits.argmax(dim=1, keepdim=True),
-                activation if grad else None,
-                out if grad else None,
-                create_graph=second,
-            )
+            captures = [self._capture(h, logits, chosen, out if grad else None, second) for h in hooks]
+            for capture in captures:
+                capture.group = captures if chain else []
             for method in methods:
                 if not method.after_pass:
-                    maps[method.name] = method.maps(capture).detach()
+                    maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
         late = [m for m in methods if m.after_pass]
         if late:  # passes of their own, with the hook off and no graph
-            capture.activation = capture.graph_logits = None
-            capture.x, capture.forward = x, self.forward
-            capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
+            for capture in captures:
+                capture.activation = capture.graph_logits = None
+                capture.x, capture.forward = x, self.forward
+                capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
                     for method in late:
-                        maps[method.name] = method.maps(capture).detach()
+                        maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
             finally:
                 self.extra_seconds += time.perf_counter() - started
         return logits, chosen

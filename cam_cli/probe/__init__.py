@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from cam_cli.probe.capture import ActivationCapture, Layout, TargetLayer, resolve_module, to_feature_map
 from cam_cli.probe.head import CamHead, cam_head, head_description
-from cam_cli.probe.layers import LayerRow, default_target, list_layers, resolve_target, target_for
+from cam_cli.probe.layers import (
+    LayerRow,
+    default_target,
+    layers_label,
+    list_layers,
+    resolve_target,
+    resolve_targets,
+    target_for,
+)
 from cam_cli.probe.probe import Probe, Record, run_probe
 
 __all__ = [
@@ -23,9 +31,11 @@ __all__ = [
     "cam_head",
     "default_target",
     "head_description",
+    "layers_label",
     "list_layers",
     "resolve_module",
     "resolve_target",
+    "resolve_targets",
     "run_probe",
     "target_for",
     "to_feature_map",

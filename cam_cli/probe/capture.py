@@ -61,10 +61,13 @@ class ActivationCapture:
     included.
     """
 
-    def __init__(self, model: nn.Module, target: TargetLayer, requires_grad: bool) -> None:
+    def __init__(self, model: nn.Module, target: TargetLayer, requires_grad: bool, chain: bool = False) -> None:
         self.model = model
         self.target = target
         self.requires_grad = requires_grad
+        #: several layers hooked in one pass: a tensor already in the graph (a layer after
+        #: another hooked one) stays in it, so that gradients reach the earlier layers too
+        self.chain = chain
         self.activation: torch.Tensor | None = None
         self._handle: Any = None
 
@@ -74,6 +77,9 @@ class ActivationCapture:
                 f"layer {self.target.label} gives a {type(tensor).__name__}, not a tensor; "
                 "choose another --layer (see `camx layers MODEL`)"
             )
+        if self.requires_grad and self.chain and tensor.requires_grad:
+            self.activation = tensor
+            return tensor.clone()
         if self.requires_grad:
             leaf = tensor.detach().requires_grad_(True)
             self.activation = leaf

@@ -219,6 +219,24 @@ def resolve_target(probe: Probe, layer: str | None) -> TargetLayer:
     return target_for(probe, record)
 
 
+def resolve_targets(probe: Probe, layer: str | None) -> list[TargetLayer]:
+    """``--layer`` as one or several comma-separated layers (each as :func:`resolve_target`),
+    or the default target alone."""
+    if layer is None:
+        return [default_target(probe)]
+    names = [part.strip() for part in layer.split(",")]
+    if not all(names):
+        raise ModelError(f"--layer {layer!r}: an empty layer name in the list")
+    if len(set(names)) < len(names):
+        raise ModelError(f"--layer {layer!r} names a layer twice")
+    return [resolve_target(probe, name) for name in names]
+
+
+def layers_label(targets: list[TargetLayer]) -> str:
+    """The layers as ``--layer`` takes them and the manifest records them (``layer3,layer4``)."""
+    return ",".join(t.label for t in targets)
+
+
 def _readable(probe: Probe, record: Record) -> bool:
     try:
         target_for(probe, record)

@@ -26,6 +26,7 @@ from cam_cli.jobs.explain.engine import Engine, Progress, Summary
 from cam_cli.jobs.explain.session import open_session, parse_method_list, select_images
 from cam_cli.jobs.explain.writer import Writer
 from cam_cli.methods import info
+from cam_cli.probe import layers_label
 from cam_cli.rundir.plan import ResumePlan, refuse_writing_over_inputs
 
 __all__ = ["ExplainConfig", "Explainer", "Summary", "explain"]
@@ -112,7 +113,9 @@ class Explainer:
             "method": method.name,
             "model": self.classifier.name,
             "weights": self.classifier.weights,
-            "layer": self.target_layer.label if self.target_layer is not None and method.info.uses_layer else None,
+            "layer": layers_label(self.session.target_layers)
+            if self.session.target_layers and method.info.uses_layer
+            else None,
             "target": "top1" if agnostic else self.target.text,
             "input_size": self.classifier.input_size,
             "mean": [round(v, 6) for v in self.classifier.mean],

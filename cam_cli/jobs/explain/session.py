@@ -4,7 +4,7 @@ anything is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from cam_cli.jobs.base import ModelRunner, check_precision, open_device, place_m
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
 from cam_cli.methods.base import TargetLayer
 from cam_cli.models import Classifier, load_classifier
-from cam_cli.probe import resolve_target, run_probe
+from cam_cli.probe import resolve_targets, run_probe
 from cam_cli.targets import TargetSpec, parse_target
 
 
@@ -50,6 +50,8 @@ class Session:
     methods: list[Method]
     explainer: BatchExplainer
     num_classes: int
+    #: every target layer (several with ``--layer a,b``); ``target_layer`` is the first
+    target_layers: list[TargetLayer] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -78,14 +80,14 @@ def check_methods(
 
 def resolve_for(
     classifier: Classifier, probe: Any, names: list[str], layer: str | None, target: str
-) -> tuple[int, TargetLayer | None, TargetSpec]:
-    """From the probe: the number of classes, the target layer (when a method reads
-    one) and the target, each checked against the model."""
+) -> tuple[int, list[TargetLayer], TargetSpec]:
+    """From the probe: the number of classes, the target layers (when a method reads
+    one; several for ``--layer a,b``) and the target, each checked against the model."""
     num_classes = int(probe.logits.shape[1])
     if classifier.categories is not None and len(classifier.categories) != num_classes:
         raise ModelError(f"{len(classifier.categories)} class names for a model with {num_classes} outputs")
-    target_layer = resolve_target(probe, layer) if any(info(n).uses_layer for n in names) else None
-    return num_classes, target_layer, parse_target(target, classifier, num_classes)
+    layers = resolve_targets(probe, layer) if any(info(n).uses_layer for n in names) else []
+    return num_classes, layers, parse_target(target, classifier, num_classes)
 
 
 def build_explainer(
@@ -99,7 +101,7 @@ def build_explainer(
     methods = [create(name, options) for name in names]
     for method in methods:
         method.prepare(setup)
-    explainer = BatchExplainer(setup.forward, setup.module, setup.target, methods, aug_smooth=aug_smooth)
+    explainer = BatchExplainer(setup.forward, setup.module, list(setup.targets), methods, aug_smooth=aug_smooth)
     explainer.batch_size = batch_size  # the images per pass of methods with passes of their own
     return explainer
 
@@ -121,17 +123,18 @@ def open_session(config: Any) -> Session:
         seed=config.seed,  # --weights NONE: the same command builds the same model
     )
     probe, channels_last = probe_model(classifier, use_channels_last(device))
-    num_classes, target_layer, target = resolve_for(classifier, probe, names, config.layer, config.target)
+    num_classes, layers, target = resolve_for(classifier, probe, names, config.layer, config.target)
+    target_layer = layers[0] if layers else None
     runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, device,
                          config.precision, channels_last)  # fmt: skip
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth,
                             kpca_kernel=config.kpca_kernel, kpca_gamma=config.kpca_gamma)  # fmt: skip
-    setup = Setup(probe, target_layer, runner.module, runner.forward, device)
+    setup = Setup(probe, target_layer, runner.module, runner.forward, device, tuple(layers))
     explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
-    if probe.input is not None and not vouched_for(probe, target_layer, explainer.methods):
+    if probe.input is not None and not vouched_for(probe, layers, explainer.methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
-    return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes)
+    return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes, layers)
 
 
 def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
@@ -148,17 +151,18 @@ def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]
     return run_probe(classifier), False
 
 
-def vouched_for(probe: Any, target: TargetLayer | None, methods: list[Method]) -> bool:
+def vouched_for(probe: Any, targets: list[TargetLayer], methods: list[Method]) -> bool:
     """Whether the probe pass already showed that every method can run, so that the dry
     run can be skipped (it costs a forward and backward pass at start-up): methods
-    without a backward pass read only the activation the probe saw, and the plain
-    gradient methods need only that the probe's backward pass reached the layer."""
+    without a backward pass read only the activations the probe saw, and the plain
+    gradient methods need only that the probe's backward pass reached the layer (one
+    layer: several hooked at once are checked by the dry run)."""
     gradient = [m for m in methods if m.needs_gradient]
     if any(not m.info.plain_gradient or not m.info.uses_layer for m in gradient):
         return False
     if not gradient:
         return True
-    record = probe.find(target.label) if target is not None else None
+    record = probe.find(targets[0].label) if len(targets) == 1 else None
     return record is not None and probe.reaches(record)
 
 
