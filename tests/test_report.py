@@ -144,7 +144,7 @@ def test_report_of_a_real_two_method_run(image_dir, tiny_factory, tmp_path):
 
     data = page_data(index)
     assert data["methods"] == ["cam", "gradcam"]
-    assert data["run"]["inputs"] == 6 and data["run"]["done"] == 12 and data["run"]["failed"] == 0
+    assert data["run"]["inputs"] == 6 and data["run"]["maps"] == 12 and data["run"]["failed"] == 0
     assert data["run"]["model"] == [tiny_factory]
     assert [item["k"] for item in data["items"]] == sorted({r["key"] for r in manifest})
     by_line = {(r["key"], r["method"]): r for r in manifest}
@@ -220,6 +220,18 @@ def test_metrics_of_a_real_evaluate_run(image_dir, tiny_factory, tmp_path):
     for row in fallback["rows"]:
         mine = [line for line in lines if line["method"] == row["method"]]
         assert row["mean"]["drop"] == pytest.approx(sum(line["drop"] for line in mine) / len(mine), abs=1e-6)
+
+
+def test_the_header_counts_images_and_maps_apart(image_dir, tiny_factory, tmp_path):
+    (image_dir / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    common = ["-o", out, "--model", tiny_factory, "--weights", "NONE", "--input-size", "32", "--workers", "0", "-q"]
+    result = CliRunner().invoke(main, ["explain", str(image_dir), *[str(a) for a in common], "--method", "gradcam,cam"])
+    assert result.exit_code == 3, result.output  # finished, some inputs failed
+    facts = page_data(build_report(out))["run"]
+    # 7 images; 6 of them explained by 2 methods: 12 maps, the broken one's 2 lines failed
+    assert (facts["inputs"], facts["maps"], facts["failed"], facts["skipped"]) == (7, 12, 2, 0)
+    assert "done" not in facts
 
 
 def test_the_report_does_not_import_torch(tmp_path):
@@ -343,7 +355,7 @@ def test_failed_lines_are_counted_and_keep_their_reasons(tmp_path):
         per_key={"broken.png": {"status": "error", "error": "not a recognised image file"}},
     )
     data = page_data(build_report(out))
-    assert data["run"]["done"] == 2 and data["run"]["failed"] == 2
+    assert data["run"]["inputs"] == 2 and data["run"]["maps"] == 2 and data["run"]["failed"] == 2
     broken = next(item for item in data["items"] if item["k"] == "broken.png")
     assert broken["f"] == 1 and "i" not in broken
     assert [e["e"] for e in broken["m"]] == ["not a recognised image file"] * 2

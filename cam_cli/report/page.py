@@ -210,6 +210,9 @@ def _distinct(records: list[dict[str, Any]], field: str) -> list[str]:
 
 
 def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int) -> dict[str, Any]:
+    """The header's facts. ``inputs`` counts images (keys); ``maps``, ``failed`` and ``skipped``
+    count (input, method) lines by status: one map per line is shown (with ``--target topK``
+    a line holds K, its rank-1 map shown)."""
     layers: dict[str, list[str]] = {}
     for record in run.records:
         layer = record.get("layer")
@@ -227,7 +230,7 @@ def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int
         "layers": [[m, ", ".join(layers.get(m, []))] for m in methods],
         "when": ran_at(run),
         "inputs": inputs,
-        "done": statuses.get("ok", 0),
+        "maps": statuses.get("ok", 0),
         "failed": statuses.get("error", 0),
         "skipped": sum(v for k, v in statuses.items() if k not in ("ok", "error")),
         "version": __version__,

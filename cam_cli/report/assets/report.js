@@ -66,15 +66,16 @@
       ["Target", list(run.target)],
       ["Input size", list(run.input_size)],
       ["Precision", list(run.precision)],
-      ["Inputs", String(run.inputs)],
-      ["Done", String(run.done)],
-      ["Failed", String(run.failed)],
-      ["Skipped", String(run.skipped)],
+      ["Inputs", String(run.inputs), "images"],
+      ["Maps", run.maps + " (" + methods.length + (methods.length === 1 ? " method)" : " methods)"),
+        "maps made: one per (input, method) line"],
+      ["Failed maps", String(run.failed), "(input, method) lines that failed"],
+      ["Skipped maps", String(run.skipped), "(input, method) lines skipped"],
       ["Ran", run.when || "–"],
     ];
     var dl = el("dl", { className: "facts" });
     facts.forEach(function (f) {
-      dl.append(el("div", null, el("dt", { text: f[0] }), el("dd", { text: f[1] })));
+      dl.append(el("div", { title: f[2] }, el("dt", { text: f[0] }), el("dd", { text: f[1] })));
     });
     h.append(dl);
     var layers = el("p", { className: "layers" }, "Layers: ");
