@@ -90,26 +90,29 @@
 
   function metricsTable(metrics) {
     var better = metrics.better || {};
+    var titles = metrics.titles || {};
+    var best = metrics.best || {};
     function lowerBetter(name) { return better[name] ? better[name] === "lower" : lower.has(name); }
     var ranked = metrics.rows.some(function (r) { return r.rank !== undefined; });
     var withIntervals = metrics.rows.some(function (r) { return r.low !== undefined; });
-    var table = el("table", { className: "metrics" });
-    table.append(el("caption", {
+    var note = el("p", {
+      className: "metrics-note",
+      id: "metrics-note",
       text: "camx evaluate, per method: the mean of each metric" + (withIntervals ? " [95% bootstrap interval]" : "") +
-        "; ↓ lower is better, ↑ higher is better; the best is bold.",
-    }));
+        " over n lines, (n=…) where fewer lines have the value; ↓ lower is better, ↑ higher is better; " +
+        (withIntervals
+          ? "bold: the best, where its interval does not overlap the runner-up's" +
+            (ranked ? "; methods share a rank where their intervals overlap on every metric." : ".")
+          : "no intervals, so no value is marked best."),
+    });
+    var table = el("table", { className: "metrics", "aria-describedby": "metrics-note" });
     var head = el("tr");
     if (ranked) head.append(el("th", { scope: "col", text: "rank" }));
-    head.append(el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n" }));
+    head.append(el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n", title: "lines per method" }));
     metrics.names.forEach(function (name) {
-      head.append(el("th", { scope: "col", text: name + (lowerBetter(name) ? " ↓" : " ↑") }));
+      head.append(el("th", { scope: "col", title: name, text: (titles[name] || name) + (lowerBetter(name) ? " ↓" : " ↑") }));
     });
     table.append(el("thead", null, head));
-    var best = {};
-    metrics.names.forEach(function (name) {
-      var values = metrics.rows.map(function (r) { return r.mean[name]; }).filter(function (v) { return typeof v === "number"; });
-      if (values.length > 1) best[name] = lowerBetter(name) ? Math.min.apply(null, values) : Math.max.apply(null, values);
-    });
     var body = el("tbody");
     metrics.rows.forEach(function (row) {
       var tr = el("tr");
@@ -121,12 +124,17 @@
         if (row.low && typeof row.low[name] === "number" && typeof row.high[name] === "number") {
           text += " [" + fmt(row.low[name]) + ", " + fmt(row.high[name]) + "]";
         }
-        tr.append(el("td", { className: best[name] === v ? "best" : null, text: text }));
+        var count = row.count ? row.count[name] : undefined;
+        var cell = el("td", { className: best[name] === row.method ? "best" : null, "data-metric": name }, text);
+        if (typeof v === "number" && typeof count === "number" && count !== row.n) {
+          cell.append(" ", el("span", { className: "count", text: "(n=" + count + ")" }));
+        }
+        tr.append(cell);
       });
       body.append(tr);
     });
     table.append(body);
-    return table;
+    return el("div", { className: "metrics-block" }, note, table);
   }
 
   // ---------------------------------------------------------------- controls
