@@ -134,7 +134,9 @@
       body.append(tr);
     });
     table.append(body);
-    return el("div", { className: "metrics-block" }, note, table);
+    // the table scrolls inside its own box on a narrow screen; the page never does
+    var scroller = el("div", { className: "table-scroll", tabindex: "0", role: "region", "aria-label": "metrics per method" }, table);
+    return el("div", { className: "metrics-block" }, note, scroller);
   }
 
   // ---------------------------------------------------------------- controls
