@@ -113,6 +113,24 @@ def tiny_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "tinynet_module:build"
 
 
+@pytest.fixture
+def positive_factory(tiny_factory: str, tmp_path: Path) -> str:
+    """``--model positive_head:build``: the tiny model with every weight of its linear head
+    made positive, so that CAM's map is never negative and equals Grad-CAM's (a GAP +
+    linear head gives Grad-CAM the head's weights, up to a positive factor)."""
+    (tmp_path / "positive_head.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_tiny\n"
+        "def build():\n"
+        "    model = make_tiny()\n"
+        "    model.fc.weight.abs_()\n"
+        "    return model\n"
+    )
+    sys.modules.pop("positive_head", None)
+    return "positive_head:build"
+
+
 def camx_script() -> str:
     """The installed console script beside this interpreter."""
     script = Path(sys.executable).parent / "camx"

@@ -22,7 +22,7 @@ from cam_cli import images, rundir
 from cam_cli.cli import main
 from cam_cli.cli.evaluate import evaluate
 from cam_cli.jobs.data import ImageDataset
-from cam_cli.jobs.evaluate import mean_ranks, rank_methods
+from cam_cli.jobs.evaluate import mean_ranks, rank_methods, shared_ranks
 from cam_cli.metrics.confidence import confidence
 from cam_cli.metrics.rise import deletion_insertion
 
@@ -120,6 +120,9 @@ def test_the_table_goes_to_stdout_and_progress_to_stderr(run_dir: Path) -> None:
     assert "| rank | method | n | deletion AUC ↓ | insertion AUC ↑ | Avg Drop % ↓ | Incr. Conf. % ↑ |" in result.stdout
     assert "passes/s" in result.stderr and "12 evaluated" in result.stderr
     assert "passes/s" not in result.stdout
+    # the intervals of CAM and Grad-CAM overlap on every column here: one rank for both
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 (")]
+    assert sorted(row.split(" | ")[1] for row in rows) == ["cam", "gradcam"], result.stdout
 
 
 def test_a_rerun_skips_and_changed_settings_redo_only_what_they_shape(run_dir: Path) -> None:
@@ -437,3 +440,23 @@ def test_methods_are_ranked_by_their_mean_rank_with_ties_shared() -> None:
     # deletion: y 1, x and z tie at 2.5; insertion: x 1, z 2, y 3
     assert mean_ranks(methods, stats) == {"x": 1.75, "y": 2.0, "z": 2.25}
     assert rank_methods(methods, stats) == ["x", "y", "z"]
+
+
+def test_methods_the_intervals_cannot_tell_apart_share_a_rank() -> None:
+    def entry(deletion: tuple, insertion: tuple) -> dict:
+        def stat(mean: float, low: float, high: float) -> dict:
+            return {"mean": mean, "low": low, "high": high}
+
+        return {"metrics": {"deletion_auc": stat(*deletion), "insertion_auc": stat(*insertion)}}
+
+    stats = {"deletion_auc": ("deletion_auc", 1.0, "lower"), "insertion_auc": ("insertion_auc", 1.0, "higher")}
+    methods = {
+        "x": entry((0.10, 0.05, 0.15), (0.60, 0.50, 0.70)),
+        "y": entry((0.12, 0.08, 0.16), (0.58, 0.48, 0.68)),  # overlaps x on both: x's rank
+        "z": entry((0.30, 0.20, 0.40), (0.55, 0.45, 0.65)),  # deletion clear of x's: a rank of its own
+        "w": entry((0.32, 0.25, 0.45), (0.40, 0.30, 0.50)),  # overlaps z, the first of its group, on both
+    }
+    assert shared_ranks(methods, ["x", "y", "z", "w"], stats) == {"x": 1, "y": 1, "z": 3, "w": 3}
+    # a statistic one of two methods lacks separates nothing: z joins x's group, w is clear of x
+    methods["z"]["metrics"]["deletion_auc"] = {"mean": None, "low": None, "high": None}
+    assert shared_ranks(methods, ["x", "y", "z", "w"], stats) == {"x": 1, "y": 1, "z": 1, "w": 4}

@@ -52,6 +52,28 @@ def real_run(image_dir: Path, tiny_factory: str, out: Path, one_pass: bool = Tru
     return out
 
 
+#: ground-truth boxes for two of ``image_dir``'s six images
+BOXES = "key,x0,y0,x1,y1\na.jpg,0,0,67,45\nb.png,0,0,20,30\n"
+
+
+def evaluated_run(image_dir: Path, tiny_factory: str, out: Path, *args: object) -> Path:
+    """``real_run`` (``gradcam,cam``), then a real ``camx evaluate`` of it with ``args``."""
+    from cam_cli.cli.evaluate import evaluate
+
+    real_run(image_dir, tiny_factory, out)
+    common = ["--model", tiny_factory, "--weights", "NONE", "--steps", "2", "--workers", "0", "--device", "cpu", "-q"]
+    result = CliRunner().invoke(evaluate, [str(out), *common, *[str(a) for a in args]])
+    assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+def with_boxes(tmp_path: Path) -> list[object]:
+    """evaluate's options for every metric, pointing and IoU over ``BOXES``."""
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(BOXES)
+    return ["--metrics", "all", "--boxes-from", boxes]
+
+
 def page_data(index: Path) -> dict:
     text = index.read_text("utf-8")
     match = re.search(r'<script type="application/json" id="camx-data">(.*?)</script>', text, re.S)
@@ -144,7 +166,7 @@ def test_report_of_a_real_two_method_run(image_dir, tiny_factory, tmp_path):
 
     data = page_data(index)
     assert data["methods"] == ["cam", "gradcam"]
-    assert data["run"]["inputs"] == 6 and data["run"]["done"] == 12 and data["run"]["failed"] == 0
+    assert data["run"]["inputs"] == 6 and data["run"]["maps"] == 12 and data["run"]["failed"] == 0
     assert data["run"]["model"] == [tiny_factory]
     assert [item["k"] for item in data["items"]] == sorted({r["key"] for r in manifest})
     by_line = {(r["key"], r["method"]): r for r in manifest}
@@ -217,9 +239,88 @@ def test_metrics_of_a_real_evaluate_run(image_dir, tiny_factory, tmp_path):
     (out / "metrics-summary.json").unlink()
     fallback = page_data(build_report(out))["metrics"]
     assert fallback["source"] == "metrics.jsonl"
+    assert fallback["names"] == table["names"]  # the summary's statistics, scaled as it scales them
     for row in fallback["rows"]:
         mine = [line for line in lines if line["method"] == row["method"]]
-        assert row["mean"]["drop"] == pytest.approx(sum(line["drop"] for line in mine) / len(mine), abs=1e-6)
+        drop = 100 * sum(line["drop"] for line in mine) / len(mine)
+        assert row["mean"]["average_drop_pct"] == pytest.approx(drop, abs=1e-4)
+
+
+def test_the_header_counts_images_and_maps_apart(image_dir, tiny_factory, tmp_path):
+    (image_dir / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    common = ["-o", out, "--model", tiny_factory, "--weights", "NONE", "--input-size", "32", "--workers", "0", "-q"]
+    result = CliRunner().invoke(main, ["explain", str(image_dir), *[str(a) for a in common], "--method", "gradcam,cam"])
+    assert result.exit_code == 3, result.output  # finished, some inputs failed
+    facts = page_data(build_report(out))["run"]
+    # 7 images; 6 of them explained by 2 methods: 12 maps, the broken one's 2 lines failed
+    assert (facts["inputs"], facts["maps"], facts["failed"], facts["skipped"]) == (7, 12, 2, 0)
+    assert "done" not in facts
+
+
+def test_each_metric_has_its_own_count_and_the_registrys_title(image_dir, tiny_factory, tmp_path):
+    from cam_cli.metrics import statistic
+
+    out = evaluated_run(image_dir, tiny_factory, tmp_path / "out", *with_boxes(tmp_path))
+    summary = json.loads((out / "metrics-summary.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for table in (page_data(build_report(out))["metrics"], None):
+        if table is None:  # without the summary: counted over metrics.jsonl's lines
+            (out / "metrics-summary.json").unlink()
+            table = page_data(build_report(out))["metrics"]
+            assert table["source"] == "metrics.jsonl"
+        assert table["names"][-2:] == ["pointing_pct", "iou"]
+        assert table["titles"] == {name: statistic(name).title for name in table["names"]}
+        assert table["titles"]["increase_in_confidence_pct"] == "Incr. Conf. %"
+        for row in table["rows"]:
+            mine = [line for line in lines if line["method"] == row["method"]]
+            hits = [line["pointing_hit"] for line in mine if line["pointing_hit"] is not None]
+            assert row["n"] == 6 and len(hits) == 2  # only a.jpg and b.png have a box
+            assert row["count"]["pointing_pct"] == row["count"]["iou"] == 2
+            assert row["count"]["deletion_auc"] == row["count"]["average_drop_pct"] == 6
+            assert row["mean"]["pointing_pct"] == pytest.approx(100 * sum(hits) / 2)
+            assert row["count"]["pointing_pct"] == summary["methods"][row["method"]]["metrics"]["pointing_pct"]["n"]
+
+
+def test_equal_maps_share_a_rank_and_none_is_bold(image_dir, positive_factory, tmp_path):
+    import numpy as np
+
+    out = evaluated_run(image_dir, positive_factory, tmp_path / "out")
+    manifest = {(r["key"], r["method"]): r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    for key in {k for k, _ in manifest}:  # GAP + positive linear head: Grad-CAM's map is CAM's
+        cam, gradcam = (np.load(out / manifest[(key, m)]["map"]) for m in ("cam", "gradcam"))
+        np.testing.assert_allclose(cam, gradcam, atol=1e-5)
+    summary = json.loads((out / "metrics-summary.json").read_text())
+    assert {m: e["rank"] for m, e in summary["methods"].items()} == {"cam": 1, "gradcam": 1}
+    table = page_data(build_report(out))["metrics"]
+    assert [row["rank"] for row in table["rows"]] == [1, 1]
+    assert [row["method"] for row in table["rows"]] == summary["ranking"]
+    assert table["best"] == {}
+
+
+def test_only_a_difference_the_intervals_support_is_bold(tmp_path):
+    out = hand_run(tmp_path, ["a.jpg"], methods=("cam", "gradcam", "random"))
+
+    def stat(mean: float, low: float, high: float, better: str) -> dict:
+        return {"n": 1, "mean": mean, "low": low, "high": high, "better": better}
+
+    def method(rank: int, deletion: tuple, insertion: tuple) -> dict:
+        metrics = {"deletion_auc": stat(*deletion, "lower"), "insertion_auc": stat(*insertion, "higher")}
+        return {"n": 1, "rank": rank, "metrics": metrics}
+
+    summary = {
+        "ranking": ["gradcam", "cam", "random"],
+        "methods": {
+            # deletion: gradcam's interval is clear of cam's, the runner-up; insertion: the best two overlap
+            "cam": method(1, (0.3, 0.25, 0.35), (0.6, 0.5, 0.7)),
+            "gradcam": method(1, (0.1, 0.05, 0.2), (0.65, 0.55, 0.75)),
+            "random": method(3, (0.5, 0.4, 0.6), (0.2, 0.1, 0.3)),
+        },
+    }
+    (out / "metrics-summary.json").write_text(json.dumps(summary))
+    table = page_data(build_report(out))["metrics"]
+    assert [(row["method"], row["rank"]) for row in table["rows"]] == [("gradcam", 1), ("cam", 1), ("random", 3)]
+    assert table["best"] == {"deletion_auc": "gradcam"}
 
 
 def test_the_report_does_not_import_torch(tmp_path):
@@ -343,7 +444,7 @@ def test_failed_lines_are_counted_and_keep_their_reasons(tmp_path):
         per_key={"broken.png": {"status": "error", "error": "not a recognised image file"}},
     )
     data = page_data(build_report(out))
-    assert data["run"]["done"] == 2 and data["run"]["failed"] == 2
+    assert data["run"]["inputs"] == 2 and data["run"]["maps"] == 2 and data["run"]["failed"] == 2
     broken = next(item for item in data["items"] if item["k"] == "broken.png")
     assert broken["f"] == 1 and "i" not in broken
     assert [e["e"] for e in broken["m"]] == ["not a recognised image file"] * 2
@@ -385,12 +486,17 @@ def test_metrics_table_from_metrics_jsonl(tmp_path):
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
     data = page_data(build_report(out))
     table = data["metrics"]
-    assert table["names"] == ["deletion_auc", "insertion_auc", "pointing_hit"]  # not steps
+    assert table["names"] == ["deletion_auc", "insertion_auc", "pointing_pct"]  # not steps
+    titles = {"deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "pointing_pct": "pointing %"}
+    assert table["titles"] == titles
     by_method = {row["method"]: row for row in table["rows"]}
     assert by_method["gradcam"]["n"] == 2
     assert by_method["gradcam"]["mean"]["deletion_auc"] == pytest.approx(0.3)
     assert by_method["gradcam"]["mean"]["insertion_auc"] == pytest.approx(0.7)
-    assert by_method["cam"]["n"] == 1 and by_method["cam"]["mean"]["pointing_hit"] == 1.0
+    assert by_method["gradcam"]["count"] == {"deletion_auc": 2, "insertion_auc": 2, "pointing_pct": 0}
+    assert by_method["cam"]["n"] == 1 and by_method["cam"]["mean"]["pointing_pct"] == 100.0
+    assert by_method["cam"]["count"] == {"deletion_auc": 1, "insertion_auc": 0, "pointing_pct": 1}
+    assert table["best"] == {}  # no intervals: nothing to tell a difference by
     item = data["items"][0]
     entry = next(e for e in item["m"] if data["methods"][e["i"]] == "gradcam")
     assert entry["x"] == {"deletion_auc": 0.2, "insertion_auc": 0.6}

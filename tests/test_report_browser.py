@@ -15,8 +15,9 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import pytest
-from test_report import HOSTILE_KEYS, hand_run, real_run
+from test_report import HOSTILE_KEYS, evaluated_run, hand_run, page_data, real_run, with_boxes
 
+from cam_cli.metrics import statistic
 from cam_cli.report import build_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -56,9 +57,9 @@ def wait_until(page, expression: str, timeout: float = 20.0) -> None:
 class Watched:
     """A page with everything a test must see go wrong recorded."""
 
-    def __init__(self, browser, out: Path, viewport_height: int = 900) -> None:
+    def __init__(self, browser, out: Path, viewport_height: int = 900, viewport_width: int = 1400) -> None:
         self.out = out.resolve()
-        self.page = browser.new_page(viewport={"width": 1400, "height": viewport_height})
+        self.page = browser.new_page(viewport={"width": viewport_width, "height": viewport_height})
         self.requests: list[str] = []
         self.errors: list[str] = []
         self.dialogs: list[str] = []
@@ -140,6 +141,56 @@ def test_a_real_run_in_chromium(browser, image_dir, tiny_factory, tmp_path):
     assert view.page.locator("#grid figure[data-method='gradcam']").count() == 6
     # a search by file name
     view.search("sub/", ["sub/d.jpeg", "sub/e.webp"])
+    view.check_clean()
+    view.page.close()
+
+
+ROWS = """rows => rows.map(r => ({
+    rank: r.cells[0].textContent,
+    method: r.cells[1].textContent,
+    cells: Object.fromEntries(
+        Array.from(r.querySelectorAll("td[data-metric]")).map(c => [c.dataset.metric, c.textContent])
+    ),
+}))"""
+
+
+def test_the_header_and_metrics_table_say_what_they_count(browser, image_dir, positive_factory, tmp_path):
+    # CAM and Grad-CAM of a GAP + positive linear head: equal maps
+    out = evaluated_run(image_dir, positive_factory, tmp_path / "out", *with_boxes(tmp_path))
+    index = build_report(out)
+    table = page_data(index)["metrics"]
+    view = Watched(browser, out, viewport_width=1280)
+    view.open(index)
+    pairs = "nodes => nodes.map(n => [n.querySelector('dt').textContent, n.querySelector('dd').textContent])"
+    facts = dict(view.page.eval_on_selector_all(".facts > div", pairs))
+    assert facts["Inputs"] == "6" and facts["Maps"] == "12 (2 methods)" and "Done" not in facts
+    assert facts["Failed maps"] == facts["Skipped maps"] == "0"
+    # each column titled by the metric registry, its identifier in the tooltip
+    heads = view.page.eval_on_selector_all(
+        "table.metrics thead th[title]", "nodes => nodes.map(n => [n.getAttribute('title'), n.textContent])"
+    )
+    arrow = {"lower": " ↓", "higher": " ↑"}
+    assert {t: text for t, text in heads if t in table["names"]} == {
+        name: statistic(name).title + arrow[table["better"][name]] for name in table["names"]
+    }
+    assert dict(heads)["increase_in_confidence_pct"] == "Incr. Conf. % ↑"
+    # equal maps share rank 1 and neither is bold; pointing and IoU count the 2 images with a box
+    rows = view.page.eval_on_selector_all("table.metrics tbody tr", ROWS)
+    assert sorted((row["rank"], row["method"]) for row in rows) == [("1", "cam"), ("1", "gradcam")]
+    assert view.page.locator("table.metrics td.best").count() == 0
+    for row in rows:
+        assert row["cells"]["pointing_pct"].endswith(" (n=2)") and row["cells"]["iou"].endswith(" (n=2)")
+        assert "(n=" not in row["cells"]["deletion_auc"] and "(n=" not in row["cells"]["average_drop_pct"]
+    view.page.screenshot(path=str(tmp_path / "report-1280.png"), full_page=True)
+    # a phone: the table scrolls inside its card, the page never sideways
+    view.page.set_viewport_size({"width": 390, "height": 844})
+    assert view.page.evaluate("document.documentElement.scrollWidth") <= 390
+    wrapper = "document.querySelector('.run .table-scroll')"
+    scroll_width, client_width = view.page.evaluate(f"[{wrapper}.scrollWidth, {wrapper}.clientWidth]")
+    assert scroll_width > client_width, (scroll_width, client_width)
+    assert view.page.evaluate(f"({wrapper}.scrollLeft = 100, {wrapper}.scrollLeft)") > 0
+    assert view.page.evaluate("document.documentElement.scrollWidth") <= 390
+    view.page.screenshot(path=str(tmp_path / "report-390.png"), full_page=True)
     view.check_clean()
     view.page.close()
 

@@ -188,7 +188,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     options = summary.get("options", {})
     lines = [
         f"camx evaluate: {', '.join(summary.get('models', []))}, {options.get('steps')} steps, "
-        f"{options.get('baseline')} baseline; mean [95% bootstrap interval]; rank (mean rank over the columns)",
+        f"{options.get('baseline')} baseline; mean [95% bootstrap interval]; rank (mean rank over the columns), "
+        "shared by methods whose intervals overlap on every column",
         "",
         "| rank | method | n | " + " | ".join(header) + " |",
         "|---|---|---|" + "---|" * len(stats),

@@ -18,10 +18,13 @@ from typing import Any
 from urllib.parse import quote
 
 from cam_cli import __version__, rundir
+from cam_cli.metrics import METRICS, statistic, statistics_of
 from cam_cli.report.records import LOWER_IS_BETTER, Run, ran_at, safe_relative
 from cam_cli.report.thumbs import ThumbJob, thumb_name
 
 THUMBS_FOLDER = "thumbs"
+#: every summary statistic of the metric registry
+STATISTICS = statistics_of(list(METRICS))
 
 
 def script_json(data: Any) -> str:
@@ -210,6 +213,9 @@ def _distinct(records: list[dict[str, Any]], field: str) -> list[str]:
 
 
 def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int) -> dict[str, Any]:
+    """The header's facts. ``inputs`` counts images (keys); ``maps``, ``failed`` and ``skipped``
+    count (input, method) lines by status: one map per line is shown (with ``--target topK``
+    a line holds K, its rank-1 map shown)."""
     layers: dict[str, list[str]] = {}
     for record in run.records:
         layer = record.get("layer")
@@ -227,7 +233,7 @@ def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int
         "layers": [[m, ", ".join(layers.get(m, []))] for m in methods],
         "when": ran_at(run),
         "inputs": inputs,
-        "done": statuses.get("ok", 0),
+        "maps": statuses.get("ok", 0),
         "failed": statuses.get("error", 0),
         "skipped": sum(v for k, v in statuses.items() if k not in ("ok", "error")),
         "version": __version__,
@@ -237,30 +243,59 @@ def _run_facts(run: Run, methods: list[str], statuses: Counter[str], inputs: int
 
 def _metrics_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
     """The per-method metrics table: ``camx evaluate``'s summary (means with their 95%
-    bootstrap intervals, its ranking) when ``OUT/metrics-summary.json`` is readable, else the
-    mean of each metric over the lines of ``OUT/metrics.jsonl``."""
-    summary = _summary_table(run.out_dir / rundir.METRICS_SUMMARY)
-    if summary is not None:
-        return summary
+    bootstrap intervals and counts, its ranking) when ``OUT/metrics-summary.json`` is
+    readable, else the mean of each statistic over the lines of ``OUT/metrics.jsonl``.
+
+    ``names``: the columns (summary statistics); ``titles``: their titles in the metric
+    registry; ``better``: which way each is better; ``best``: per column, the method whose
+    value is bold (see :func:`_best`); each row has ``n`` (the method's lines) and
+    ``count`` (per column, the lines that have the value: pointing and IoU only those with
+    a box).
+    """
+    table = _summary_table(run.out_dir / rundir.METRICS_SUMMARY) or _lines_table(run, methods)
+    if table is None:
+        return None
+    table["titles"] = {name: _title(name) for name in table["names"]}
+    table["best"] = _best(table)
+    return table
+
+
+def _title(name: str) -> str:
+    """A column's title: its statistic's in the metric registry, else its name."""
+    try:
+        return statistic(name).title
+    except KeyError:
+        return name
+
+
+def _lines_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
+    """Means over ``OUT/metrics.jsonl`` of each registry statistic (its field times its
+    scale, as ``camx evaluate``'s summary has it), and of other numeric fields as they are;
+    no intervals, no ranks."""
     if not run.metrics:
         return None
+    known = {s.field: s for s in STATISTICS}
+    columns = [(known[f].name, f, known[f].scale) if f in known else (f, f, 1.0) for f in run.metric_names]
     rows = []
     for method in methods:
         values = [v for (key, m), v in run.metrics.items() if m == method]
         if not values:
             continue
-        means = {}
-        for name in run.metric_names:
-            column = [v[name] for v in values if name in v]
+        means: dict[str, float | None] = {}
+        counts: dict[str, int] = {}
+        for name, field, scale in columns:
+            column = [v[field] * scale for v in values if field in v]
             means[name] = _number(sum(column) / len(column)) if column else None
-        rows.append({"method": method, "n": len(values), "mean": means})
-    better = {name: "lower" if name in LOWER_IS_BETTER else "higher" for name in run.metric_names}
-    return {"names": run.metric_names, "better": better, "rows": rows, "source": rundir.METRICS}
+            counts[name] = len(column)
+        rows.append({"method": method, "n": len(values), "mean": means, "count": counts})
+    better = {name: known[field].better if field in known else "higher" for name, field, _ in columns}
+    return {"names": [c[0] for c in columns], "better": better, "rows": rows, "source": rundir.METRICS}
 
 
 def _summary_table(path: Path) -> dict[str, Any] | None:
-    """The table of ``metrics-summary.json`` (``methods: {name: {n, rank, metrics: {metric:
-    {mean, low, high, better}}}}``); None when it is missing or not of that shape."""
+    """The table of ``metrics-summary.json`` (``ranking``, ``methods: {name: {n, rank,
+    metrics: {statistic: {n, mean, low, high, better}}}}``), rows in the ranking's order;
+    None when it is missing or not of that shape."""
     try:
         summary = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
@@ -275,7 +310,7 @@ def _summary_table(path: Path) -> dict[str, Any] | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
             continue
         row: dict[str, Any] = {"method": str(method), "n": _number(entry.get("n"), 0)}
-        row.update(mean={}, low={}, high={})
+        row.update(mean={}, low={}, high={}, count={})
         if _number(entry.get("rank"), 0) is not None:
             row["rank"] = int(entry["rank"])
         for name, stats in entry["metrics"].items():
@@ -286,8 +321,34 @@ def _summary_table(path: Path) -> dict[str, Any] | None:
                 better[str(name)] = stats["better"]
             for field in ("mean", "low", "high"):
                 row[field][str(name)] = _number(stats.get(field))
+            count = _number(stats.get("n"), 0)
+            row["count"][str(name)] = int(count) if count is not None else None
         rows.append(row)
     if not rows:
         return None
-    rows.sort(key=lambda r: (r.get("rank", math.inf), r["method"]))
+    ranking = summary.get("ranking")
+    order = {str(m): i for i, m in enumerate(ranking)} if isinstance(ranking, list) else {}
+    rows.sort(key=lambda r: (order.get(r["method"], math.inf), r.get("rank", math.inf), r["method"]))
     return {"names": list(names), "better": better, "rows": rows, "source": rundir.METRICS_SUMMARY}
+
+
+def _best(table: dict[str, Any]) -> dict[str, str]:
+    """Per column, the method whose value is bold: the best mean, where its 95% interval
+    does not overlap the runner-up's (the data support the difference). No column has
+    one when the table has no intervals, when fewer than two methods have a value, or
+    when the best ties the runner-up (equal maps give equal means, up to rounding)."""
+    best: dict[str, str] = {}
+    for name in table["names"]:
+        lower = table["better"].get(name) == "lower"
+        scored = [r for r in table["rows"] if r["mean"].get(name) is not None]
+        if len(scored) < 2:
+            continue
+        scored.sort(key=lambda r: r["mean"][name] if lower else -r["mean"][name])
+        first, second = scored[0], scored[1]
+        bounds = [r.get(side, {}).get(name) for r in (first, second) for side in ("low", "high")]
+        if any(b is None for b in bounds):
+            continue
+        first_low, first_high, second_low, second_high = bounds
+        if (first_high < second_low) if lower else (first_low > second_high):
+            best[name] = first["method"]
+    return best

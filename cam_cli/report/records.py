@@ -23,6 +23,8 @@ from cam_cli.rundir import read_records, record_key
 #: Metrics written by ``camx evaluate`` (the registry's fields); other numeric fields
 #: of a metrics line (steps, noise, ...) say what shaped them and are not shown as metrics.
 KNOWN_METRICS = tuple(fields_of(METRICS))
+#: Options a metrics line records (``road_noise``, ``steps``): what shaped the values, not values.
+SETTINGS = frozenset(name for spec in METRICS.values() for name in spec.settings)
 #: Metrics where a smaller value means a more faithful map.
 LOWER_IS_BETTER = frozenset(s.field for spec in METRICS.values() for s in spec.statistics if s.better == "lower")
 
@@ -39,6 +41,8 @@ class Run:
 
 
 def _is_metric(name: str, value: Any) -> bool:
+    if name in SETTINGS:
+        return False
     if isinstance(value, bool):
         return name in KNOWN_METRICS
     if not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.run import Evaluator, evaluate
-from cam_cli.jobs.evaluate.summary import mean_ranks, rank_methods
+from cam_cli.jobs.evaluate.summary import mean_ranks, rank_methods, shared_ranks
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "Evaluator", "evaluate", "mean_ranks", "rank_methods"]
+__all__ = [
+    "EvaluateConfig",
+    "EvaluateResult",
+    "Evaluator",
+    "evaluate",
+    "mean_ranks",
+    "rank_methods",
+    "shared_ranks",
+]

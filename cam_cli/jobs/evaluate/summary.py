@@ -1,6 +1,7 @@
 """The summary of ``OUT/metrics.jsonl`` per method: each summary statistic of the
-metric registry as a mean with a seeded 95% bootstrap interval, the methods ranked
-by their mean rank over the statistics, and each method's paired gap to ``random``."""
+metric registry as a mean with a seeded 95% bootstrap interval, the methods ordered
+by their mean rank over the statistics and given competition ranks that methods
+the intervals cannot tell apart share, and each method's paired gap to ``random``."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def rows_by_method(records: Iterable[dict[str, Any]], lines: Mapping[rundir.Reco
 
 
 def summarise_methods(rows: Rows, names: Sequence[str], seed: int) -> tuple[dict[str, Any], list[str]]:
-    """Per method: ``n``, each statistic's bootstrap summary, ``rank`` and ``mean_rank``,
-    and ``gap_to_random`` when the run has the ``random`` control; and the ranking."""
+    """Per method: ``n``, each statistic's bootstrap summary (with its own ``n``: the lines
+    that have the value), ``rank`` (:func:`shared_ranks`) and ``mean_rank``, and
+    ``gap_to_random`` when the run has the ``random`` control; and the ranking."""
     stats = summary_stats(names)
     methods: dict[str, Any] = {}
     for method, lines in sorted(rows.items()):
@@ -53,8 +55,9 @@ def summarise_methods(rows: Rows, names: Sequence[str], seed: int) -> tuple[dict
         methods[method] = entry
     ranking = rank_methods(methods, stats)
     means = mean_ranks(methods, stats)
-    for position, method in enumerate(ranking, 1):
-        methods[method]["rank"] = position
+    ranks = shared_ranks(methods, ranking, stats)
+    for method in ranking:
+        methods[method]["rank"] = ranks[method]
         methods[method]["mean_rank"] = means[method]
     if "random" in rows:
         for method, lines in rows.items():
@@ -102,6 +105,42 @@ def rank_methods(methods: dict[str, Any], stats: Stats) -> list[str]:
     ties sharing their mean rank); equal means by name."""
     means = mean_ranks(methods, stats)
     return sorted(methods, key=lambda m: (means[m], m))
+
+
+def shared_ranks(methods: dict[str, Any], ranking: Sequence[str], stats: Stats) -> dict[str, int]:
+    """Competition ranks ("1, 1, 3") of the methods in ``ranking`` order, shared where the
+    bootstrap intervals cannot tell methods apart.
+
+    Walking down the ranking, the first method opens a group at its position; each next
+    method joins the open group (takes its rank) when its 95% interval overlaps that of
+    the group's first method on every statistic both have, and otherwise opens a group at
+    its own position. So a method shares the leader's rank 1 unless some statistic
+    separates the two, and equal maps (CAM and Grad-CAM on a GAP + linear head) always
+    share a rank however their means differ in the sixth decimal. Overlapping intervals
+    are a conservative test: a rank of its own means the data support a difference,
+    a shared rank only that they do not.
+    """
+    ranks: dict[str, int] = {}
+    head: str | None = None
+    for position, method in enumerate(ranking, 1):
+        if head is not None and intervals_overlap(methods[head], methods[method], stats):
+            ranks[method] = ranks[head]
+        else:
+            head = method
+            ranks[method] = position
+    return ranks
+
+
+def intervals_overlap(a: dict[str, Any], b: dict[str, Any], stats: Iterable[str]) -> bool:
+    """Whether the 95% intervals of the summaries ``a`` and ``b`` overlap on every statistic
+    of ``stats`` that both have (a statistic one of them lacks separates nothing)."""
+    for stat in stats:
+        x, y = a["metrics"][stat], b["metrics"][stat]
+        if x.get("low") is None or y.get("low") is None or x.get("high") is None or y.get("high") is None:
+            continue
+        if x["low"] > y["high"] or y["low"] > x["high"]:
+            return False
+    return True
 
 
 def mean_ranks(methods: dict[str, Any], stats: Stats) -> dict[str, float]:

@@ -66,15 +66,16 @@
       ["Target", list(run.target)],
       ["Input size", list(run.input_size)],
       ["Precision", list(run.precision)],
-      ["Inputs", String(run.inputs)],
-      ["Done", String(run.done)],
-      ["Failed", String(run.failed)],
-      ["Skipped", String(run.skipped)],
+      ["Inputs", String(run.inputs), "images"],
+      ["Maps", run.maps + " (" + methods.length + (methods.length === 1 ? " method)" : " methods)"),
+        "maps made: one per (input, method) line"],
+      ["Failed maps", String(run.failed), "(input, method) lines that failed"],
+      ["Skipped maps", String(run.skipped), "(input, method) lines skipped"],
       ["Ran", run.when || "–"],
     ];
     var dl = el("dl", { className: "facts" });
     facts.forEach(function (f) {
-      dl.append(el("div", null, el("dt", { text: f[0] }), el("dd", { text: f[1] })));
+      dl.append(el("div", { title: f[2] }, el("dt", { text: f[0] }), el("dd", { text: f[1] })));
     });
     h.append(dl);
     var layers = el("p", { className: "layers" }, "Layers: ");
@@ -89,26 +90,29 @@
 
   function metricsTable(metrics) {
     var better = metrics.better || {};
+    var titles = metrics.titles || {};
+    var best = metrics.best || {};
     function lowerBetter(name) { return better[name] ? better[name] === "lower" : lower.has(name); }
     var ranked = metrics.rows.some(function (r) { return r.rank !== undefined; });
     var withIntervals = metrics.rows.some(function (r) { return r.low !== undefined; });
-    var table = el("table", { className: "metrics" });
-    table.append(el("caption", {
+    var note = el("p", {
+      className: "metrics-note",
+      id: "metrics-note",
       text: "camx evaluate, per method: the mean of each metric" + (withIntervals ? " [95% bootstrap interval]" : "") +
-        "; ↓ lower is better, ↑ higher is better; the best is bold.",
-    }));
+        " over n lines, (n=…) where fewer lines have the value; ↓ lower is better, ↑ higher is better; " +
+        (withIntervals
+          ? "bold: the best, where its interval does not overlap the runner-up's" +
+            (ranked ? "; methods share a rank where their intervals overlap on every metric." : ".")
+          : "no intervals, so no value is marked best."),
+    });
+    var table = el("table", { className: "metrics", "aria-describedby": "metrics-note" });
     var head = el("tr");
     if (ranked) head.append(el("th", { scope: "col", text: "rank" }));
-    head.append(el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n" }));
+    head.append(el("th", { scope: "col", text: "method" }), el("th", { scope: "col", text: "n", title: "lines per method" }));
     metrics.names.forEach(function (name) {
-      head.append(el("th", { scope: "col", text: name + (lowerBetter(name) ? " ↓" : " ↑") }));
+      head.append(el("th", { scope: "col", title: name, text: (titles[name] || name) + (lowerBetter(name) ? " ↓" : " ↑") }));
     });
     table.append(el("thead", null, head));
-    var best = {};
-    metrics.names.forEach(function (name) {
-      var values = metrics.rows.map(function (r) { return r.mean[name]; }).filter(function (v) { return typeof v === "number"; });
-      if (values.length > 1) best[name] = lowerBetter(name) ? Math.min.apply(null, values) : Math.max.apply(null, values);
-    });
     var body = el("tbody");
     metrics.rows.forEach(function (row) {
       var tr = el("tr");
@@ -120,12 +124,19 @@
         if (row.low && typeof row.low[name] === "number" && typeof row.high[name] === "number") {
           text += " [" + fmt(row.low[name]) + ", " + fmt(row.high[name]) + "]";
         }
-        tr.append(el("td", { className: best[name] === v ? "best" : null, text: text }));
+        var count = row.count ? row.count[name] : undefined;
+        var cell = el("td", { className: best[name] === row.method ? "best" : null, "data-metric": name }, text);
+        if (typeof v === "number" && typeof count === "number" && count !== row.n) {
+          cell.append(" ", el("span", { className: "count", text: "(n=" + count + ")" }));
+        }
+        tr.append(cell);
       });
       body.append(tr);
     });
     table.append(body);
-    return table;
+    // the table scrolls inside its own box on a narrow screen; the page never does
+    var scroller = el("div", { className: "table-scroll", tabindex: "0", role: "region", "aria-label": "metrics per method" }, table);
+    return el("div", { className: "metrics-block" }, note, scroller);
   }
 
   // ---------------------------------------------------------------- controls
