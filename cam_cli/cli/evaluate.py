@@ -138,25 +138,23 @@ def evaluate(out_dir: Path, **options: Any) -> None:
 
 
 def _run_with_progress(evaluator: Any, quiet: bool) -> Any:
-    from tqdm import tqdm
+    """The run, with its progress on stderr (a bar on a terminal, else a plain line now and
+    then) from its first evaluated lines on, and each failure on a line of its own."""
+    from cam_cli.cli.progress import Progress
 
     todo, _ = evaluator.pending()
     started = time.perf_counter()
     passes = [0]
-    with tqdm(
-        total=len(todo), unit="pair", disable=quiet, file=sys.stderr, dynamic_ncols=True, desc="camx evaluate"
-    ) as bar:
+    with Progress("camx evaluate", len(todo), "pair", quiet) as shown:
 
         def progress(lines: list[dict[str, Any]], done_passes: int) -> None:
             passes[0] += done_passes
-            bar.update(len(lines))
             elapsed = time.perf_counter() - started
-            if elapsed > 0:
-                bar.set_postfix_str(f"{passes[0] / elapsed:.1f} passes/s", refresh=False)
+            shown.update(len(lines), f"{passes[0] / elapsed:.1f} passes/s" if elapsed > 0 else None)
             if not quiet:
                 for line in lines:
                     if line["status"] != "ok":
-                        bar.write(f"camx: failed: {line['key']} ({line['method']}): {line['error']}", file=sys.stderr)
+                        shown.write(f"camx: failed: {line['key']} ({line['method']}): {line['error']}")
 
         return evaluator.run(progress)
 

@@ -223,39 +223,38 @@ def _tell(summary: Any, out_dir: Path, quiet: bool) -> None:
 
 
 def _run_with_progress(explainer: Any, quiet: bool) -> Any:
-    from tqdm import tqdm
+    """The run, with its progress on stderr (a bar on a terminal, else a plain line now and
+    then) and each failure on a line of its own; nothing is shown before the run starts writing."""
+    from cam_cli.cli.progress import Progress
 
-    todo, skipped = explainer.pending()
+    todo, _skipped = explainer.pending()
     stop = threading.Event()
-    with tqdm(
-        total=len(todo),
-        unit="img",
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc=f"camx {','.join(explainer.method_names)}",
-    ) as bar:
+    counts_passes = explainer.counts_passes
+    # none where every such method has its closed form (Ablation-CAM after GAP + linear)
+    passes_total = (explainer.expected_passes(todo) or None) if counts_passes else None
+    several = len(explainer.method_names) > 1
+    with Progress(f"camx {','.join(explainer.method_names)}", len(todo), "img", quiet, passes_total) as shown:
 
         def progress(records: list[dict[str, Any]]) -> None:
-            bar.update(len({record["key"] for record in records}))
+            shown.update(len({record["key"] for record in records}))
             if not quiet:
                 for record in records:
                     if record["status"] != "ok":
-                        where = f"{record['input']} ({record['method']})" if len(explainer.method_names) > 1 else \
-                            record["input"]  # fmt: skip
-                        bar.write(f"camx: failed: {where}: {record['error']}", file=sys.stderr)
+                        where = f"{record['input']} ({record['method']})" if several else record["input"]
+                        shown.write(f"camx: failed: {where}: {record['error']}")
 
         def on_first(name: str) -> None:
-            bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
+            if passes_total is None:
+                what = "finishing the batch in flight"
+            elif explainer.config.aug_smooth:  # its six passes repeat the whole batch: none of it is finished
+                what = "stopping after the current pass; the batch in progress is dropped and redone on resume"
+            else:
+                what = (
+                    "stopping after the current pass; the images of the batch whose maps are finished are kept, "
+                    "the others are redone on resume"
+                )
+            shown.write(f"camx: {name} received: {what} (again to quit at once)")
 
-        on_passes = None
-        if explainer.counts_passes and not quiet:
-            # Score-CAM and Ablation-CAM run many forward passes per image: count those too
-            passes = [0]
-
-            def on_passes(count: int) -> None:
-                passes[0] += count
-                bar.set_postfix_str(f"{passes[0]} forward passes", refresh=True)
-
+        on_passes = shown.add_passes if counts_passes and not quiet else None
         with graceful_stop(stop, on_first):
-            return explainer.run(progress, stop, on_passes)
+            return explainer.run(progress, stop, on_passes, on_start=shown.start)
