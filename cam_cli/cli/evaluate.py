@@ -17,6 +17,7 @@ import click
 
 from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
+from cam_cli.errors import plural
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics, statistic
 from cam_cli.metrics.options import BASELINES
 
@@ -128,8 +129,9 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         click.echo(format_summary(result.summary))
     if not quiet:
         click.echo(
-            f"camx: {result.total} lines: {result.done} evaluated, {result.failed} failed, {result.skipped} skipped "
-            f"(already evaluated) in {result.seconds:.1f} s ({result.passes} forward passes, "
+            f"camx: {plural(result.total, 'line')}: {result.done} evaluated, {result.failed} failed, "
+            f"{result.skipped} skipped (already evaluated) in {result.seconds:.1f} s "
+            f"({plural(result.passes, 'forward pass', 'forward passes')}, "
             f"{result.passes_per_second:.1f}/s); {result.metrics_file}, {result.summary_file}",
             err=True,
         )

@@ -23,6 +23,7 @@ from cam_cli.cli.common import (
     reported_errors,
 )
 from cam_cli.cli.signals import current_handlers, graceful_stop
+from cam_cli.errors import plural
 
 
 @click.command(context_settings=CONTEXT)
@@ -204,21 +205,23 @@ def _tell(summary: Any, out_dir: Path, quiet: bool) -> None:
     """The run's status line, then warnings about flat maps and an interrupted run, on stderr."""
     if not quiet:
         click.echo(
-            f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
+            f"camx: {plural(summary.total, 'image')}: {summary.done} done, {summary.failed} failed, "
             f"{summary.skipped} skipped (already complete) in {summary.seconds:.1f} s "
             f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
             err=True,
         )
     if summary.flat:
         click.echo(
-            f"camx: warning: {summary.flat} map(s) are flat (constant before normalisation, so all zero): "
+            f"camx: warning: {plural(summary.flat, 'map')} {'is' if summary.flat == 1 else 'are'} flat "
+            "(constant before normalisation, so all zero): "
             'the model does not depend on the layer there, or its weights are untrained; see "flat" in the manifest',
             err=True,
         )
     if summary.interrupted:
         left = summary.total - summary.done - summary.skipped - summary.failed
         click.echo(
-            f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
+            f"camx: interrupted with {left} of {plural(summary.total, 'image')} left; run the same command to resume",
+            err=True,
         )
 
 
