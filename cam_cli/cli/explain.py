@@ -39,7 +39,8 @@ from cam_cli.errors import plural
 @click.option(
     "--files-from",
     type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
-    help="Read input paths from FILE, one per line ('-' for stdin).",
+    help="Read input paths from FILE ('-' for stdin): one per line (trailing spaces ignored, # comments), "
+    "or NUL-separated as `find -print0` writes them (names taken exactly).",
 )
 @click.option(
     "--method",
@@ -52,7 +53,8 @@ from cam_cli.errors import plural
 )
 @opt.model_options(
     "resnet50",
-    "torchvision model name, efficientnet_lite0, an exported program (.pt2, dynamic batch), or package.module:factory.",
+    "torchvision model name, efficientnet_lite0, timm:NAME (camx[timm]), hf:PATH or hf:ORG/NAME (a Hugging Face "
+    "image classifier, camx[hf]), an exported program (.pt2, dynamic batch), or package.module:factory.",
     "DEFAULT",
     "DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, "
     "or a .pth path.",
@@ -111,7 +113,9 @@ from cam_cli.errors import plural
 @click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
 @click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")
 @opt.output_options(
-    "No progress bar or summary line (errors still go to stderr).", "Print a JSON summary to stdout at the end."
+    "No progress or summary line (errors still go to stderr). Progress is a bar on a terminal, else a plain "
+    "line every $CAMX_PROGRESS_EVERY seconds (30).",
+    "Print a JSON summary to stdout at the end.",
 )
 def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
     """Write a CAM overlay and raw map for every image in INPUTS (folders or files).
