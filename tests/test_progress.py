@@ -115,3 +115,53 @@ def test_a_quiet_run_shows_nothing(tmp_path):
         shown.start()
         shown.update(2)
     assert stream.getvalue() == "" and shown.done == 2
+
+
+def test_on_a_terminal_the_bar_stays(tmp_path, tiny_factory):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    images = tmp_path / "imgs"
+    for i in range(3):
+        write_image(images / f"img{i}.png", 30, 20, i)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        done = subprocess.run([camx_script(), "explain", str(images), "-o", str(tmp_path / "out"), "--model",
+                               tiny_factory, "--device", "cpu", "--workers", "0", "--input-size", "32"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, cwd=tmp_path,
+                              timeout=300)  # fmt: skip
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0, seen
+    text = seen.decode()
+    assert "\r" in text and "3/3" in text and "img/s" in text  # tqdm's frames
+    assert not any(LINE.match(line) for line in text.splitlines())
+
+
+def test_evaluate_shows_nothing_before_a_fatal_error_while_opening_its_outputs(tmp_path, tiny_factory):
+    images = tmp_path / "imgs"
+    write_image(images / "a.png", 30, 20, 1)
+    out = tmp_path / "out"
+    made = CliRunner().invoke(main, ["explain", str(images), "-o", str(out), "--model", tiny_factory, "--device",
+                                     "cpu", "--workers", "0", "--input-size", "32", "-q"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    holder = rundir.Journal(out / "metrics.jsonl")  # another evaluate writing into OUT right now
+    try:
+        result = CliRunner().invoke(main, ["evaluate", str(out), "--device", "cpu", "--workers", "0"])
+    finally:
+        holder.close()
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("camx: error: another camx evaluate is writing") and result.output.count("\n") == 1
