@@ -40,6 +40,11 @@ class DecodeError(Exception):
     """One input could not be turned into an image (not fatal to the run)."""
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``count`` and ``noun`` agreeing: ``1 image``, ``2 images`` (``nouns``: an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``exc``'s message on one line, cut to ``limit`` characters (ending ``...`` when cut)."""
     text = " ".join(str(exc).split())

@@ -156,12 +156,13 @@ def discover(
 
 def read_file_list(text: str) -> list[Path]:
     """Paths from a ``--files-from`` list: one per line (blank lines and ``#``
-    comments skipped), or NUL-separated as ``find -print0`` writes them."""
+    comments skipped, trailing spaces, tabs and carriage returns stripped), or
+    NUL-separated as ``find -print0`` writes them (names taken exactly as they are)."""
     if "\0" in text:
         return [Path(item) for item in text.split("\0") if item]
     paths = []
     for line in text.split("\n"):
-        line = line.rstrip("\r")
+        line = line.rstrip()
         if line.strip() and not line.lstrip().startswith("#"):
             paths.append(Path(line))
     return paths
@@ -173,6 +174,16 @@ def select_shard(images: Sequence[InputImage], index: int, count: int) -> list[I
 
 
 # --------------------------------------------------------------------- decoding
+
+
+def _not_found(path: Path) -> str:
+    """Why a listed path is not there, as far as its name tells."""
+    name = str(path)
+    if name != name.strip() and Path(name.strip()).exists():
+        return f"file not found: the name has spaces around it ({name!r}); {name.strip()!r} exists"
+    if os.path.lexists(name):
+        return "file not found (a broken link)"
+    return "file not found"
 
 
 def _one_line(message: str) -> str:
@@ -232,7 +243,7 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     except DecodeError:
         raise
     except FileNotFoundError:
-        raise DecodeError("file not found (broken link?)") from None
+        raise DecodeError(_not_found(Path(path))) from None
     except PermissionError:
         raise DecodeError("permission denied") from None
     except UnidentifiedImageError:

@@ -355,3 +355,45 @@ def test_json_reports_a_fatal_error_as_one_object_too(tmp_path):
     )
     assert run.returncode == 1
     assert json.loads(run.stdout) == {"error": run.stderr.strip().removeprefix("camx: error: "), "exit_status": 1}
+
+
+def test_a_reader_that_stops_reading_is_not_an_error():
+    """`camx models | head -1`: once the pipe's reader is gone, camx stops quietly with 0."""
+    process = subprocess.Popen([camx_script(), "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before camx writes its first line
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert err == b""
+    piped = subprocess.run(f"'{camx_script()}' models | head -1", shell=True, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert piped.stdout.split() == ["model", "methods", "size", "default", "layer"] and piped.stderr == ""
+
+
+def test_files_from_lines_with_trailing_spaces_name_the_files(image_dir, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image_dir / 'a.jpg'}   \n{image_dir / 'b.png'}\t\r\n")
+    result = invoke("explain", "--files-from", listing, "-o", tmp_path / "out", *FAST, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["done"] == 2
+    # in a NUL-separated list names are exact: a trailing space is part of the name, and the reason says so
+    nul = tmp_path / "list0"
+    nul.write_bytes(f"{image_dir / 'a.jpg'} \0".encode())
+    exact = invoke("explain", "--files-from", nul, "-o", tmp_path / "out0", *FAST, "-q")
+    assert exact.exit_code == 3, exact.output
+    assert f"the name has spaces around it ('{image_dir / 'a.jpg'} ')" in exact.output
+
+
+def test_counts_agree_with_their_nouns(tmp_path):
+    folder = tmp_path / "one"
+    write_image(folder / "x.jpg", 40, 30, 1)
+    result = invoke("explain", folder, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "camx: 1 image: 1 done, 0 failed, 0 skipped" in result.output
+
+
+def test_explain_help_names_every_kind_of_model_and_list():
+    text = "".join(invoke("explain", "--help").output.split())  # however click wraps it
+    assert "timm:NAME" in text and "hf:PATH" in text
+    assert "NUL-separated" in text and "find-print0" in text
+    assert "CAMX_PROGRESS_EVERY" in text

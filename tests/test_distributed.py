@@ -160,3 +160,11 @@ def test_torchrun_two_ranks_give_the_single_process_outputs(tmp_path, tiny_facto
         assert part == [str(root / image.key) for image in images.select_shard(images.discover([root]), k, 2)]
         (out / f"manifest.shard-{k}-of-2.jsonl").unlink()
     assert comparable(check_outputs_exactly_once(root, out, keys, failed=set())) == expected
+
+
+def test_merge_of_one_part_says_part_and_line(tmp_path):
+    line = json.dumps({"input": "/in/a.png", "key": "a.png", "method": "cam", "status": "ok"}) + "\n"
+    (tmp_path / "manifest.shard-1-of-1.jsonl").write_text(line)
+    result = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"camx: merged 1 part into {tmp_path / 'manifest.jsonl'} (1 line)" in result.stderr

@@ -178,3 +178,33 @@ def test_a_global_pool_fed_a_1x1_map_is_refused_with_the_fix() -> None:
     probe = run_probe(load_classifier("resnet18", "NONE", input_size=32))
     with pytest.raises(ModelError, match=r"1x1, so there is nothing to localise; use a larger --input-size"):
         default_target(probe)
+
+
+class WithSpare(nn.Module):
+    """A model with a module its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.spare = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_layer_fc_is_named_as_the_head_not_as_unused(tiny_model) -> None:
+    probe = run_probe(Classifier(module=tiny_model, name="tiny", weights="seeded", input_size=32))
+    with pytest.raises(ModelError) as head:
+        resolve_target(probe, "fc")
+    assert str(head.value) == (
+        "layer 'fc' is the classifier head (its output is the logits, not a spatial map); "
+        "pick a layer before it, see `camx layers MODEL`"
+    )
+    probe = run_probe(Classifier(module=WithSpare().eval(), name="spare", weights="seeded", input_size=32))
+    with pytest.raises(ModelError, match=r"layer 'body' holds the classifier head body\.4 \(its output is the logits"):
+        resolve_target(probe, "body")
+    with pytest.raises(ModelError) as flat:
+        resolve_target(probe, "body.3")  # used, but gives a vector per image
+    assert "layer 'body.3' gives no spatial map" in str(flat.value) and "not used" not in str(flat.value)
+    with pytest.raises(ModelError, match="layer 'spare' is not used by the forward pass"):
+        resolve_target(probe, "spare")

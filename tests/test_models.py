@@ -157,3 +157,35 @@ def test_a_misspelt_model_gets_three_suggestions_and_a_pointer_not_every_name() 
         "camx: error: unknown model 'resnet5O' (did you mean resnet50, resnet152, resnet34?); "
         "`camx models` lists the models\n"
     )
+
+
+def test_models_probe_builds_only_the_models_the_pattern_matches(monkeypatch) -> None:
+    from cam_cli.probe import catalog
+
+    built: list[str] = []
+    real = catalog.describe_model
+
+    def counted(name: str) -> dict:
+        built.append(name)
+        assert name == "resnet18", f"built {name}, which the pattern does not match"
+        return real(name)
+
+    monkeypatch.setattr(catalog, "describe_model", counted)
+    result = CliRunner().invoke(main, ["models", "--probe", "resnet18"])
+    assert result.exit_code == 0, result.output
+    assert built == ["resnet18"]
+    header, row = result.output.splitlines()
+    assert row.split() == ["resnet18", "cam+gradcam", "224", "layer4"]
+
+
+def test_models_probe_rows_come_one_at_a_time(monkeypatch) -> None:
+    """Each model is built when its row is asked for, so that `camx models --probe` prints
+    every row as soon as it is ready."""
+    from cam_cli.probe import catalog
+
+    built: list[str] = []
+    monkeypatch.setattr(catalog, "describe_model", lambda name: built.append(name) or {"model": name})
+    rows = catalog.describe_models(live=True, pattern="resnet1*")
+    assert built == []
+    assert next(rows) == {"model": "resnet101"} and built == ["resnet101"]
+    assert [row["model"] for row in rows] == ["resnet152", "resnet18"]

@@ -231,7 +231,7 @@ def test_flat_maps_are_flagged_warned_and_counted(image_dir, tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["flat"] == 6, "Grad-CAM of a zero head is flat for every image; Eigen-CAM is not"
-    assert "warning: 6 map(s) are flat" in result.stderr
+    assert "warning: 6 maps are flat" in result.stderr
     records = manifest(out)
     assert all(records[(k, "gradcam")]["flat"] is True for k, _ in records if _ == "gradcam")
     assert not any(r.get("flat") for (k, m), r in records.items() if m == "eigencam")

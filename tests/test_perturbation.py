@@ -257,6 +257,23 @@ def test_a_stop_between_passes_raises_stopped() -> None:
     assert done == [2], "stopped after the first chunk"
 
 
+@pytest.mark.parametrize(("name", "cls"), [("scorecam", None), ("ablationcam", BranchyNet)])
+def test_a_stop_mid_batch_gives_back_the_images_already_finished(name: str, cls: type[nn.Module] | None) -> None:
+    model = seeded(cls) if cls is not None else frozen(make_tiny())
+    x = batch(3)
+    whole, _, _ = explain(name, model, x)
+    method, target = prepared(name, model)
+    assert method.passes_per_image == 6  # K: the target layer's channels
+    explainer = BatchExplainer(model, model, target, [method])
+    stop = threading.Event()
+    explainer.batch_size, explainer.stop = 6, stop  # one image's passes a chunk
+    explainer.on_passes = lambda n: stop.set() if n else None  # Ctrl-C during the first image's passes
+    result = explainer.explain(x, lambda lg: lg.argmax(1, keepdim=True))
+    assert result.stopped and len(result.logits) == len(result.classes) == result.maps[name].shape[0] == 1
+    first = upsample_normalise(result.maps[name][0], SIZE, SIZE).numpy()
+    np.testing.assert_allclose(first, whole[0], atol=3e-5)
+
+
 def make_folder(root: Path, count: int) -> Path:
     for i in range(count):
         write_image(root / f"img{i:03d}.png", 40, 30, seed=i)

@@ -583,3 +583,22 @@ def test_a_read_only_report_folder(tmp_path):
     locked.mkdir(mode=0o500)
     result = invoke_report(out, "-o", locked / "r")
     assert result.exit_code == 1 and "not writable" in result.stderr
+
+
+def test_missing_overlays_get_a_one_line_note_and_exit_0(tmp_path):
+    out = hand_run(tmp_path, ["a.jpg", "b.jpg"])
+    whole = CliRunner().invoke(main, ["report", str(out), "-q"])
+    assert whole.exit_code == 0 and "note" not in whole.stderr, whole.output
+    (out / "a.jpg.gradcam.jpg").unlink()
+    (out / "b.jpg.cam.jpg").unlink()
+    result = CliRunner().invoke(main, ["report", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("camx: note: ")]
+    assert notes == [
+        f"camx: note: 2 overlays named in the manifest of {out} not found there; their cards show no picture "
+        "(run camx explain again to redo them)"
+    ]
+    assert result.stdout.strip() == str(out / "report" / "index.html")
+    (out / "a.jpg.gradcam.jpg").write_bytes((out / "a.jpg.cam.jpg").read_bytes())
+    one = CliRunner().invoke(main, ["report", str(out), "--json"])
+    assert "camx: note: 1 overlay named" in one.stderr and json.loads(one.stdout)["missing_overlays"] == 1

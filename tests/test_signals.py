@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import camx_script
+from conftest import camx_script, write_image
 from test_resume import check_only_complete_files, check_outputs_exactly_once, make_inputs, records_of, slow_factory
 
 from cam_cli import rundir
@@ -182,3 +184,49 @@ def test_sigterm_to_the_main_process_alone_stops_after_the_batches_in_flight(tmp
     assert len(records_of(out / "manifest.jsonl")) == done
     assert live_members(process.pid) == []
     resume_and_check(tmp_path, root, out, keys, args)
+
+
+def test_a_first_sigint_during_scorecam_keeps_the_images_already_finished(tmp_path, monkeypatch):
+    """One batch of six images, one image's six masked passes a chunk: Ctrl-C after the second
+    image keeps the images whose maps are finished, and a resume does only the rest."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "imgs"
+    for i in range(6):
+        write_image(root / f"img{i}.png", 30, 20, i)
+    out = tmp_path / "out"
+    args = [str(root), "-o", str(out), "--model", slow_factory(tmp_path, 0.3), "--method", "scorecam", "--device",
+            "cpu", "--format", "png", "--batch-size", "6", "--workers", "0", "--input-size", "32"]  # fmt: skip
+    stderr_path = tmp_path / "stderr.txt"
+    env = {**os.environ, "CAMX_PROGRESS_EVERY": "0"}
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([camx_script(), "explain", *args, "--json"], cwd=tmp_path, env=env,
+                                   start_new_session=True, stdout=stdout, stderr=stderr)  # fmt: skip
+
+    def passes() -> int:  # the progress lines count the masked passes against their total
+        return max((int(n) for n in re.findall(r"(\d+)/36 forward passes", stderr_path.read_text())), default=0)
+
+    wait_until(lambda: passes() >= 12, process, "two images' passes")
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    log = stderr_path.read_text()
+    assert "camx: SIGINT received: stopping after the current pass; the images of the batch whose maps are " \
+        "finished are kept" in log  # fmt: skip
+    assert " left, " in log  # a time-left estimate from the passes' rate
+    summary = json.loads((tmp_path / "stdout.txt").read_text().splitlines()[0])
+    kept = summary["done"]
+    assert summary["interrupted"] is True and 2 <= kept < 6, summary
+    records = records_of(out / "manifest.jsonl")
+    assert sorted(r["key"] for r in records) == [f"img{i}.png" for i in range(kept)]
+    for record in records:
+        assert record["status"] == "ok" and (out / record["overlay"]).is_file() and (out / record["map"]).is_file()
+    check_only_complete_files(out)
+    maps = {r["key"]: np.load(out / r["map"]) for r in records}
+
+    resumed = CliRunner().invoke(main, ["explain", *args, "--json", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    again = json.loads(resumed.stdout)
+    assert (again["done"], again["skipped"]) == (6 - kept, kept)
+    whole = CliRunner().invoke(main, ["explain", args[0], "-o", str(tmp_path / "whole"), *args[3:], "-q"])
+    assert whole.exit_code == 0, whole.output
+    for key, cam in maps.items():  # the kept maps are those of a run that was not stopped
+        np.testing.assert_allclose(cam, np.load(tmp_path / "whole" / f"{key}.scorecam.npy"), atol=1e-6)

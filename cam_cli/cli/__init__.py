@@ -26,8 +26,9 @@ from cam_cli.cli.report import report
 
 
 class CamxGroup(click.Group):
-    """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130,
-    and each command's first sentence shown whole in ``camx --help``."""
+    """Click's group, with Ctrl-C at any moment (loading torch, the model) exiting 130, a
+    reader that stopped reading (``camx models | head -1``) ending the command quietly
+    with 0, and each command's first sentence shown whole in ``camx --help``."""
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
@@ -45,6 +46,11 @@ class CamxGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("camx: interrupted", err=True)
             sys.exit(EXIT_SIGINT)
+        except BrokenPipeError:
+            # Whoever reads stdout has what they wanted: not an error. What is still buffered
+            # goes nowhere, so that exiting does not raise the same error again.
+            _silence_closed_streams()
+            sys.exit(0)
 
 
 @click.group(cls=CamxGroup, context_settings=CONTEXT)
@@ -73,9 +79,25 @@ def run() -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: let Python's own exit report it
+    except BrokenPipeError:  # the reader is gone: what was left for it goes nowhere
+        _silence_closed_streams()
+    except (OSError, ValueError):  # let Python's own exit report it
         sys.exit(code)
     os._exit(code)
+
+
+def _silence_closed_streams() -> None:
+    """Point stdout (and stderr, where it is closed too) at the null device."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 def _still_running() -> bool:

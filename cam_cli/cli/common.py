@@ -45,6 +45,8 @@ def reported_errors(as_json: bool = False) -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("camx: interrupted", err=True)
         sys.exit(EXIT_SIGINT)
+    except BrokenPipeError:  # stdout's reader is gone: the command group ends quietly
+        raise
     except Exception as exc:
         if os.environ.get("CAMX_DEBUG"):
             raise

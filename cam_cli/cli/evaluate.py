@@ -17,6 +17,7 @@ import click
 
 from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
+from cam_cli.errors import plural
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics, statistic
 from cam_cli.metrics.options import BASELINES
 
@@ -134,8 +135,9 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         click.echo(format_summary(result.summary))
     if not quiet:
         click.echo(
-            f"camx: {result.total} lines: {result.done} evaluated, {result.failed} failed, {result.skipped} skipped "
-            f"(already evaluated) in {result.seconds:.1f} s ({result.passes} forward passes, "
+            f"camx: {plural(result.total, 'line')}: {result.done} evaluated, {result.failed} failed, "
+            f"{result.skipped} skipped (already evaluated) in {result.seconds:.1f} s "
+            f"({plural(result.passes, 'forward pass', 'forward passes')}, "
             f"{result.passes_per_second:.1f}/s); {result.metrics_file}, {result.summary_file}",
             err=True,
         )
@@ -144,25 +146,23 @@ def evaluate(out_dir: Path, **options: Any) -> None:
 
 
 def _run_with_progress(evaluator: Any, quiet: bool) -> Any:
-    from tqdm import tqdm
+    """The run, with its progress on stderr (a bar on a terminal, else a plain line now and
+    then) from its first evaluated lines on, and each failure on a line of its own."""
+    from cam_cli.cli.progress import Progress
 
     todo, _ = evaluator.pending()
     started = time.perf_counter()
     passes = [0]
-    with tqdm(
-        total=len(todo), unit="pair", disable=quiet, file=sys.stderr, dynamic_ncols=True, desc="camx evaluate"
-    ) as bar:
+    with Progress("camx evaluate", len(todo), "pair", quiet) as shown:
 
         def progress(lines: list[dict[str, Any]], done_passes: int) -> None:
             passes[0] += done_passes
-            bar.update(len(lines))
             elapsed = time.perf_counter() - started
-            if elapsed > 0:
-                bar.set_postfix_str(f"{passes[0] / elapsed:.1f} passes/s", refresh=False)
+            shown.update(len(lines), f"{passes[0] / elapsed:.1f} passes/s" if elapsed > 0 else None)
             if not quiet:
                 for line in lines:
                     if line["status"] != "ok":
-                        bar.write(f"camx: failed: {line['key']} ({line['method']}): {line['error']}", file=sys.stderr)
+                        shown.write(f"camx: failed: {line['key']} ({line['method']}): {line['error']}")
 
         return evaluator.run(progress)
 

@@ -23,6 +23,7 @@ from cam_cli.cli.common import (
     reported_errors,
 )
 from cam_cli.cli.signals import current_handlers, graceful_stop
+from cam_cli.errors import plural
 
 
 @click.command(context_settings=CONTEXT)
@@ -38,7 +39,8 @@ from cam_cli.cli.signals import current_handlers, graceful_stop
 @click.option(
     "--files-from",
     type=click.Path(path_type=Path, allow_dash=True, dir_okay=False),
-    help="Read input paths from FILE, one per line ('-' for stdin).",
+    help="Read input paths from FILE ('-' for stdin): one per line (trailing spaces ignored, # comments), "
+    "or NUL-separated as `find -print0` writes them (names taken exactly).",
 )
 @click.option(
     "--method",
@@ -51,7 +53,8 @@ from cam_cli.cli.signals import current_handlers, graceful_stop
 )
 @opt.model_options(
     "resnet50",
-    "torchvision model name, efficientnet_lite0, an exported program (.pt2, dynamic batch), or package.module:factory.",
+    "torchvision model name, efficientnet_lite0, timm:NAME (camx[timm]), hf:PATH or hf:ORG/NAME (a Hugging Face "
+    "image classifier, camx[hf]), an exported program (.pt2, dynamic batch), or package.module:factory.",
     "DEFAULT",
     "DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, "
     "or a .pth path.",
@@ -125,7 +128,9 @@ from cam_cli.cli.signals import current_handlers, graceful_stop
 @click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
 @click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")
 @opt.output_options(
-    "No progress bar or summary line (errors still go to stderr).", "Print a JSON summary to stdout at the end."
+    "No progress or summary line (errors still go to stderr). Progress is a bar on a terminal, else a plain "
+    "line every $CAMX_PROGRESS_EVERY seconds (30).",
+    "Print a JSON summary to stdout at the end.",
 )
 def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **options: Any) -> None:
     """Write a CAM overlay and raw map for every image in INPUTS (folders or files).
@@ -221,58 +226,59 @@ def _tell(summary: Any, out_dir: Path, quiet: bool) -> None:
     """The run's status line, then warnings about flat maps and an interrupted run, on stderr."""
     if not quiet:
         click.echo(
-            f"camx: {summary.total} images: {summary.done} done, {summary.failed} failed, "
+            f"camx: {plural(summary.total, 'image')}: {summary.done} done, {summary.failed} failed, "
             f"{summary.skipped} skipped (already complete) in {summary.seconds:.1f} s "
             f"({summary.images_per_second:.1f} img/s); outputs in {out_dir}, manifest {summary.manifest}",
             err=True,
         )
     if summary.flat:
         click.echo(
-            f"camx: warning: {summary.flat} map(s) are flat (constant before normalisation, so all zero): "
+            f"camx: warning: {plural(summary.flat, 'map')} {'is' if summary.flat == 1 else 'are'} flat "
+            "(constant before normalisation, so all zero): "
             'the model does not depend on the layer there, or its weights are untrained; see "flat" in the manifest',
             err=True,
         )
     if summary.interrupted:
         left = summary.total - summary.done - summary.skipped - summary.failed
         click.echo(
-            f"camx: interrupted with {left} of {summary.total} images left; run the same command to resume", err=True
+            f"camx: interrupted with {left} of {plural(summary.total, 'image')} left; run the same command to resume",
+            err=True,
         )
 
 
 def _run_with_progress(explainer: Any, quiet: bool) -> Any:
-    from tqdm import tqdm
+    """The run, with its progress on stderr (a bar on a terminal, else a plain line now and
+    then) and each failure on a line of its own; nothing is shown before the run starts writing."""
+    from cam_cli.cli.progress import Progress
 
-    todo, skipped = explainer.pending()
+    todo, _skipped = explainer.pending()
     stop = threading.Event()
-    with tqdm(
-        total=len(todo),
-        unit="img",
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc=f"camx {','.join(explainer.method_names)}",
-    ) as bar:
+    counts_passes = explainer.counts_passes
+    # none where every such method has its closed form (Ablation-CAM after GAP + linear)
+    passes_total = (explainer.expected_passes(todo) or None) if counts_passes else None
+    several = len(explainer.method_names) > 1
+    with Progress(f"camx {','.join(explainer.method_names)}", len(todo), "img", quiet, passes_total) as shown:
 
         def progress(records: list[dict[str, Any]]) -> None:
-            bar.update(len({record["key"] for record in records}))
+            shown.update(len({record["key"] for record in records}))
             if not quiet:
                 for record in records:
                     if record["status"] != "ok":
-                        where = f"{record['input']} ({record['method']})" if len(explainer.method_names) > 1 else \
-                            record["input"]  # fmt: skip
-                        bar.write(f"camx: failed: {where}: {record['error']}", file=sys.stderr)
+                        where = f"{record['input']} ({record['method']})" if several else record["input"]
+                        shown.write(f"camx: failed: {where}: {record['error']}")
 
         def on_first(name: str) -> None:
-            bar.write(f"camx: {name} received: finishing the batch in flight (again to quit at once)", file=sys.stderr)
+            if passes_total is None:
+                what = "finishing the batch in flight"
+            elif explainer.config.aug_smooth:  # its six passes repeat the whole batch: none of it is finished
+                what = "stopping after the current pass; the batch in progress is dropped and redone on resume"
+            else:
+                what = (
+                    "stopping after the current pass; the images of the batch whose maps are finished are kept, "
+                    "the others are redone on resume"
+                )
+            shown.write(f"camx: {name} received: {what} (again to quit at once)")
 
-        on_passes = None
-        if explainer.counts_passes and not quiet:
-            # Score-CAM and Ablation-CAM run many forward passes per image: count those too
-            passes = [0]
-
-            def on_passes(count: int) -> None:
-                passes[0] += count
-                bar.set_postfix_str(f"{passes[0]} forward passes", refresh=True)
-
+        on_passes = shown.add_passes if counts_passes and not quiet else None
         with graceful_stop(stop, on_first):
-            return explainer.run(progress, stop, on_passes)
+            return explainer.run(progress, stop, on_passes, on_start=shown.start)

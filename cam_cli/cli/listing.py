@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -11,7 +12,10 @@ from cam_cli.cli.common import CONTEXT, reported_errors
 
 @click.command(context_settings=CONTEXT)
 @click.option(
-    "--probe", is_flag=True, help="Build every model (random weights) and inspect it now instead of using the table."
+    "--probe",
+    is_flag=True,
+    help="Build each model PATTERN matches (random weights) and inspect it now instead of using the table; "
+    "rows print as they are ready.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 @click.option(
@@ -35,8 +39,6 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
         camx models | grep resnet
         camx models --source timm 'convnext_*'
     """
-    import fnmatch
-
     from cam_cli.device import freeze_imported_objects
     from cam_cli.probe.catalog import describe_models, describe_timm_models
 
@@ -45,18 +47,19 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
         if source == "timm":
             rows = describe_timm_models(pattern, live=probe)
         else:
-            rows = [r for r in describe_models(live=probe) if pattern is None or fnmatch.fnmatch(r["model"], pattern)]
-    if not as_json:
-        click.echo(f"{'model':<20} {'methods':<12} {'size':>4}  default layer")
-    for row in rows:
-        if as_json:
-            click.echo(json.dumps(row))
-        elif row["cam"] is None:
-            click.echo(f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})")
-        else:
-            cam = "cam+gradcam" if row["cam"] else "gradcam"
-            why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
-            click.echo(f"{row['model']:<20} {cam:<12} {row['input_size']:>4}  {row['layer']}{why}")
+            rows = describe_models(live=probe, pattern=pattern)
+        if not as_json:
+            click.echo(f"{'model':<20} {'methods':<12} {'size':>4}  default layer")
+        for row in rows:  # each as soon as it is known (--probe builds the models one by one)
+            click.echo(json.dumps(row) if as_json else _model_line(row))
+
+
+def _model_line(row: dict[str, Any]) -> str:
+    if row["cam"] is None:
+        return f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})"
+    cam = "cam+gradcam" if row["cam"] else "gradcam"
+    why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
+    return f"{row['model']:<20} {cam:<12} {row['input_size']:>4}  {row['layer']}{why}"
 
 
 @click.command(context_settings=CONTEXT)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, reported_errors
+from cam_cli.errors import plural
 
 
 @click.command(context_settings=CONTEXT)
@@ -24,7 +25,10 @@ def merge(out_dir: Path) -> None:
     with reported_errors():
         parts = rundir.shard_parts(out_dir)
         count = rundir.merge_manifests(out_dir, parts)
-    click.echo(f"camx: merged {len(parts)} parts into {out_dir / 'manifest.jsonl'} ({count} lines)", err=True)
+    click.echo(
+        f"camx: merged {plural(len(parts), 'part')} into {out_dir / 'manifest.jsonl'} ({plural(count, 'line')})",
+        err=True,
+    )
     gaps = rundir.part_warnings(parts)
     for gap in gaps:
         click.echo(f"camx: warning: {gap}", err=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cam_cli.cli.common import CONTEXT, reported_errors
+from cam_cli.errors import plural
 
 
 @click.command("report", context_settings=CONTEXT)
@@ -40,6 +41,13 @@ def report(out_dir: Path, dest: Path | None, quiet: bool, as_json: bool) -> None
 
     with reported_errors(as_json):
         summary = make_report(out_dir, dest, quiet=quiet or as_json)
+    if summary.missing_overlays:
+        overlays = plural(summary.missing_overlays, "overlay")
+        click.echo(
+            f"camx: note: {overlays} named in the manifest of {out_dir} not found there; "
+            "their cards show no picture (run camx explain again to redo them)",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
     else:

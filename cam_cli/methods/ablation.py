@@ -28,8 +28,8 @@ import torch
 from torch import fx, nn
 
 from cam_cli.errors import ModelError
-from cam_cli.methods.base import Capture, Method, Setup, TargetLayer, resolve_module
-from cam_cli.methods.perturbation import chunks, standing_in, tick
+from cam_cli.methods.base import Capture, Method, Setup, Stopped, TargetLayer, resolve_module
+from cam_cli.methods.perturbation import feature_channels, fill_scores, finish_stopped, standing_in, tick
 
 #: the passes of the part after a cut take up to this many times ``--batch-size``
 #: ablated copies at once, within this many bytes of them
@@ -183,6 +183,7 @@ class AblationCAM(Method):
             raise ModelError("ablationcam ablates the channels of one layer; give one --layer for it")
         self.module, self.target = setup.module, setup.target
         resolve_module(setup.module, setup.target.name)
+        self.passes_per_image = feature_channels(setup.probe, setup.target)  # none for the closed form
         try:
             head = cam_head(setup.probe, setup.target)
         except ModelError:
@@ -191,6 +192,7 @@ class AblationCAM(Method):
             self.head_weight = head.weight.to(setup.device).float()
             self.pre_activation = head.pre_activation
             self.mode = "closed form"
+            self.passes_per_image = 0
             return
         try:
             self.cut = cut_at(setup.module, setup.target)
@@ -253,7 +255,15 @@ class AblationCAM(Method):
         if self.head_weight is not None:
             drop = self._closed_form(capture)
         else:
-            drop = y[:, :, None] - self._ablated_scores(capture)
+            try:
+                drop = y[:, :, None] - self._ablated_scores(capture)
+            except Stopped as stopped:  # the images whose passes are all done are finished all the same
+
+                def keep(on: Capture, scores: torch.Tensor) -> None:
+                    y_part = on.logits.gather(1, on.classes)
+                    on._cache[(self.name, "weights")] = (y_part[:, :, None] - scores) / y_part[:, :, None]
+
+                raise finish_stopped(self, capture, stopped, keep) from None
         capture._cache[(self.name, "weights")] = drop / y[:, :, None]
         return super().maps(capture)
 
@@ -275,30 +285,28 @@ class AblationCAM(Method):
     def _ablated_scores(self, capture: Capture) -> torch.Tensor:
         """``y_k`` ``(N, R, K)``: the explained classes' logits with channel ``k`` ablated."""
         assert capture.x is not None and capture.forward is not None and self.target is not None
-        x, classes = capture.x, capture.classes
-        n, k = capture.features.shape[:2]
-        ranks = classes.shape[1]
+        x, classes, forward = capture.x, capture.classes, capture.forward
         axis = _channel_axis(self.target)
-        scores = torch.empty(n * k, ranks, device=capture.features.device, dtype=torch.float32)
         step = capture.batch_size
         if self.cut is not None:
-            live, source = self._prefix(capture.forward, x)
+            live, source = self._prefix(forward, x)
             tick(capture, 0)
             # the part after the target is often bound by its weights (VGG's classifier): more rows
             # per pass, as long as the ablated copies stay small
             row = source[:1].numel() * source.element_size()
             step = max(step, min(TAIL_ROWS * step, TAIL_BYTES // max(row, 1)))
-        for start, end, image, channel in chunks(capture, step):
+
+        def score(start: int, end: int, image: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
             if self.cut is not None:
                 rows = image.to(source.device)
                 ablated = _zero_channels(source.index_select(0, rows), channel, axis)
                 chosen = [v.index_select(0, rows) if b else v for v, b in zip(live, self.cut.batched, strict=True)]
-                logits = self._tail(capture.forward, chosen, ablated, x).float()
+                logits = self._tail(forward, chosen, ablated, x).float()
             else:
-                logits = self._full_passes(capture.forward, x.index_select(0, image.to(x.device)), channel, axis)
-            scores[start:end] = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(scores.device)
-            tick(capture, end - start)
-        return scores.view(n, k, ranks).transpose(1, 2)
+                logits = self._full_passes(forward, x.index_select(0, image.to(x.device)), channel, axis)
+            return logits.gather(1, classes.index_select(0, image).to(logits.device))
+
+        return fill_scores(capture, step, score)
 
     def _full_passes(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
                      channel: torch.Tensor, axis: int) -> torch.Tensor:  # fmt: skip

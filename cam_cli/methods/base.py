@@ -29,8 +29,23 @@ ClassChooser = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Stopped(Exception):
-    """Raised by a method's own passes when the run's stop event is set: the batch in
-    progress is dropped, what was already complete is kept."""
+    """Raised by a method's own passes when the run's stop event is set.
+
+    ``scores``: what the passes gave for the first images of the batch, those whose
+    passes were all done (``(M, ...)``, M may be 0); ``maps``: those images' finished
+    raw maps ``(M, R, h, w)``, once the method made them. The rest of the batch is
+    dropped; what was already complete is kept."""
+
+    def __init__(self, scores: torch.Tensor | None = None, maps: torch.Tensor | None = None) -> None:
+        super().__init__("stopped")
+        self.scores = scores
+        self.maps = maps
+
+    @property
+    def finished(self) -> int:
+        """How many images of the batch (its first ones) the method finished."""
+        kept = self.maps if self.maps is not None else self.scores
+        return 0 if kept is None else len(kept)
 
 
 @dataclass
@@ -109,6 +124,19 @@ class Capture:
     group: list[Capture] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
+    def first(self, count: int) -> Capture:
+        """This capture narrowed to the batch's first ``count`` images (no gradients, nothing cached)."""
+        return Capture(
+            self.target,
+            self.features[:count],
+            self.logits[:count],
+            self.classes[:count],
+            self.top1[:count],
+            x=None if self.x is None else self.x[:count],
+            forward=self.forward,
+            batch_size=self.batch_size,
+        )
+
     def score_gradient(self, columns: torch.Tensor) -> torch.Tensor:
         """``d (sum_n y[n, columns[n]]) / dA`` in the activation's raw layout (graph kept when asked)."""
         if self.activation is None or self.graph_logits is None:
@@ -150,6 +178,8 @@ class Method:
     #: ``maps`` is called after the hooked pass, with the hook removed and ``capture.x`` and
     #: ``capture.forward`` set: for methods that run extra forward passes (perturbation)
     after_pass: ClassVar[bool] = False
+    #: the forward passes of its own one image costs (set by ``prepare``; 0 for most methods)
+    passes_per_image: int = 0
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()

@@ -25,7 +25,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cam_cli.errors import ModelError
-from cam_cli.methods.base import ActivationCapture, Capture, ClassChooser, Method, TargetLayer, to_feature_map
+from cam_cli.methods.base import (
+    ActivationCapture,
+    Capture,
+    ClassChooser,
+    Method,
+    Stopped,
+    TargetLayer,
+    to_feature_map,
+)
 
 AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
@@ -37,12 +45,15 @@ class MultiExplanation:
     ``logits``: ``(N, C)`` float32; ``classes``: ``(N, R)`` the explained classes;
     ``top1``: ``(N, 1)``; ``maps[name]``: ``(N, R_m, h, w)`` raw float32 maps, with
     ``R_m = R`` for class-specific methods and 1 (the top-1 class) for the others.
+    ``stopped``: the run stopped during a method's own passes, and N counts only the
+    batch's first images, those whose maps were all finished.
     """
 
     logits: torch.Tensor
     classes: torch.Tensor
     top1: torch.Tensor
     maps: dict[str, torch.Tensor]
+    stopped: bool = False
 
     def classes_of(self, method: Method) -> torch.Tensor:
         return self.classes if method.info.class_specific else self.top1
@@ -109,7 +120,11 @@ class BatchExplainer:
             raise ModelError(f"{self.layer_methods[0].name} needs a target layer")
 
     def explain(self, x: torch.Tensor, choose: ClassChooser, names: Collection[str] | None = None) -> MultiExplanation:
-        """Every method's maps of batch ``x`` (only those in ``names``, when given)."""
+        """Every method's maps of batch ``x`` (only those in ``names``, when given).
+
+        When the run's stop event is set during a method's own passes, the batch's first
+        images whose maps are all finished come back (``stopped``), or :class:`Stopped` is
+        raised when there are none (or with ``aug_smooth``, whose passes repeat the batch)."""
         layer_methods = [m for m in self.layer_methods if names is None or m.name in names]
         own_pass = [m for m in self.own_pass if names is None or m.name in names]
         plain = self._pass(x, choose, None, layer_methods, own_pass)
@@ -138,8 +153,11 @@ class BatchExplainer:
     ) -> MultiExplanation:
         maps: dict[str, torch.Tensor] = {}
         logits = chosen = None
+        stopped = False
         if layer_methods:
             logits, chosen = self._layer_pass(x, choose, classes, maps, layer_methods)
+            if len(logits) < len(x):  # stopped: only the first images are finished
+                stopped, x = True, x[: len(logits)]
         for method in own_pass:
             own_logits, own_classes, own_maps = method.run(self.forward, x, chosen if chosen is not None else classes,
                                                            choose)  # fmt: skip
@@ -147,7 +165,7 @@ class BatchExplainer:
                 logits, chosen = own_logits, own_classes
             maps[method.name] = own_maps
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps)
+        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped)
 
     @staticmethod
     def _capture(
@@ -215,8 +233,19 @@ class BatchExplainer:
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    for method in late:
-                        maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                    for i, method in enumerate(late):
+                        try:
+                            maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                        except Stopped as stopped:
+                            # the later methods (and layers) have not run: nothing is finished for them
+                            if (stopped.maps is None or not stopped.finished or i < len(late) - 1 or self.aug_smooth
+                                    or len(captures) > 1):  # fmt: skip
+                                raise Stopped() from None
+                            count = stopped.finished
+                            for name in maps:
+                                maps[name] = maps[name][:count]
+                            maps[method.name] = stopped.maps.detach()
+                            return logits[:count], chosen[:count]
             finally:
                 self.extra_seconds += time.perf_counter() - started
         return logits, chosen

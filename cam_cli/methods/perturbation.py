@@ -53,6 +53,49 @@ def chunks(capture: Capture, step: int) -> Iterator[tuple[int, int, torch.Tensor
         yield start, end, rows.div(k, rounding_mode="floor"), rows.remainder(k)
 
 
+def fill_scores(capture: Capture, step: int, score: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:  # fmt: skip
+    """The ``(N, R, K)`` scores of the ``N * K`` (image, channel) rows, ``score(start, end, image,
+    channel)`` giving ``(B, R)`` for each chunk of ``step`` rows. The rows are image-major, so
+    when the run stops between two chunks the first images may have all their rows: the
+    :class:`Stopped` raised then carries their scores, and those images can still be finished."""
+    n, k = capture.features.shape[:2]
+    ranks = capture.classes.shape[1]
+    scores = torch.empty(n * k, ranks, device=capture.features.device, dtype=torch.float32)
+    done = 0
+    try:
+        for start, end, image, channel in chunks(capture, step):
+            scores[start:end] = score(start, end, image, channel).to(scores.device)
+            done = end
+            tick(capture, end - start)
+    except Stopped:
+        finished = done // k
+        raise Stopped(scores=scores[: finished * k].view(finished, k, ranks).transpose(1, 2)) from None
+    return scores.view(n, k, ranks).transpose(1, 2)
+
+
+def finish_stopped(method: Method, capture: Capture, stopped: Stopped, cache: Callable[[Capture, torch.Tensor], None]
+                   ) -> Stopped:  # fmt: skip
+    """``stopped``, with the maps of the images its scores cover (``cache`` puts those scores
+    where the method's ``weights`` read them, on the narrowed capture)."""
+    if stopped.scores is None or not len(stopped.scores):
+        return Stopped()
+    part = capture.first(len(stopped.scores))
+    cache(part, stopped.scores)
+    return Stopped(maps=Method.maps(method, part))
+
+
+def feature_channels(probe: Any, target: Any) -> int:
+    """K, the channels of the target layer's feature map, as the probe saw it (0 when unknown)."""
+    record = probe.find(target.label) if probe is not None and hasattr(probe, "find") else None
+    if record is None:
+        return 0
+    shape = tuple(record.shape)
+    if target.layout == "nhwc" or target.layout == "tokens":
+        return int(shape[-1])
+    return int(shape[1])
+
+
 @contextlib.contextmanager
 def standing_in(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
     """``module(...)`` calls ``forward`` instead for the duration: the run's own forward
@@ -82,14 +125,13 @@ def masked_scores(capture: Capture) -> torch.Tensor:
     several images', so only ``(B, 3, S, S)`` is ever built.
     """
     assert capture.x is not None and capture.forward is not None
-    x, features, classes = capture.x, capture.features, capture.classes
+    x, features, classes, forward = capture.x, capture.features, capture.classes, capture.forward
     n, k, h, w = features.shape
-    ranks = classes.shape[1]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     flat = features.reshape(n * k, 1, h, w)
-    scores = torch.empty(n * k, ranks, device=features.device, dtype=torch.float32)
     layout = _memory_format(x)
-    for start, end, image, _ in chunks(capture, capture.batch_size):
+
+    def score(start: int, end: int, image: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         masks = F.interpolate(flat[start:end], size=size, mode="bilinear", align_corners=True)  # (B, 1, S, S)
         low = masks.amin(dim=(2, 3), keepdim=True)
         high = masks.amax(dim=(2, 3), keepdim=True)
@@ -97,10 +139,10 @@ def masked_scores(capture: Capture) -> torch.Tensor:
         rows = x.index_select(0, image.to(x.device))
         batch = torch.empty(rows.shape, dtype=x.dtype, device=x.device, memory_format=layout)
         torch.mul(rows, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
-        logits = capture.forward(batch).float()
-        scores[start:end] = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(scores.device)
-        tick(capture, end - start)
-    return scores.view(n, k, ranks).transpose(1, 2)
+        logits = forward(batch).float()
+        return logits.gather(1, classes.index_select(0, image).to(logits.device))
+
+    return fill_scores(capture, capture.batch_size, score)
 
 
 def fold_batch_norms(module: nn.Module) -> nn.Module | None:
@@ -145,6 +187,7 @@ class ScoreCAM(Method):
         if setup.target is None:
             raise ModelError("scorecam needs a target layer")
         self.module = setup.module
+        self.passes_per_image = feature_channels(setup.probe, setup.target)
         self.folded = fold_batch_norms(setup.module)
         probe_input, logits = getattr(setup.probe, "input", None), getattr(setup.probe, "logits", None)
         folded = self.folded
@@ -160,12 +203,18 @@ class ScoreCAM(Method):
                 self.folded = None
 
     def maps(self, capture: Capture) -> torch.Tensor:
-        if self.folded is not None and self.module is not None:
-            folded = self.folded
-            with standing_in(self.module, lambda t, *_, **__: folded(t)):
-                capture._cache[(self.name, "scores")] = masked_scores(capture)
-        else:
-            capture._cache[(self.name, "scores")] = masked_scores(capture)
+        def keep(on: Capture, scores: torch.Tensor) -> None:
+            on._cache[(self.name, "scores")] = scores
+
+        try:
+            if self.folded is not None and self.module is not None:
+                folded = self.folded
+                with standing_in(self.module, lambda t, *_, **__: folded(t)):
+                    keep(capture, masked_scores(capture))
+            else:
+                keep(capture, masked_scores(capture))
+        except Stopped as stopped:  # the images whose passes are all done are finished all the same
+            raise finish_stopped(self, capture, stopped, keep) from None
         return super().maps(capture)
 
     def weights(self, capture: Capture, r: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import fnmatch
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +64,33 @@ def read_table(path: Path = TABLE) -> dict[str, dict[str, Any]]:
     return {row["model"]: row for row in rows}
 
 
-def describe_models(live: bool = False) -> list[dict[str, Any]]:
-    """A row for every supported model, from the shipped table unless ``live``."""
+def describe_models(live: bool = False, pattern: str | None = None) -> Iterator[dict[str, Any]]:
+    """A row for every supported model matching ``pattern`` (fnmatch), from the shipped table
+    unless ``live``; one at a time, each model built only when its row is asked for."""
     table = {} if live else read_table()
-    return [table.get(name) or describe_model(name) for name in supported_models()]
+    for name in supported_models():
+        if pattern is None or fnmatch.fnmatch(name, pattern):
+            yield table.get(name) or describe_model(name)
 
 
-def describe_timm_models(pattern: str | None = None, live: bool = False) -> list[dict[str, Any]]:
-    """A row for every timm architecture matching ``pattern`` (fnmatch); probed when ``live``."""
+def describe_timm_models(pattern: str | None = None, live: bool = False) -> Iterator[dict[str, Any]]:
+    """A row for every timm architecture matching ``pattern`` (fnmatch); probed when ``live``,
+    one at a time."""
     from cam_cli.models.timm_models import import_timm, timm_names
 
-    timm = import_timm()
+    timm = import_timm()  # now: without timm, the error comes before any row
     names = [n for n in timm_names() if pattern is None or fnmatch.fnmatch(n, pattern)]
-    if live:
-        return [describe_model(f"timm:{name}") for name in names]
-    rows = []
-    for name in names:
-        cfg = timm.models.get_pretrained_cfg(name)
-        size = getattr(cfg, "input_size", None) or (3, 224, 224)
-        rows.append({"model": f"timm:{name}", "cam": None, "layer": None, "input_size": int(size[-1]), "reason": None})
-    return rows
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for name in names:
+            if live:
+                yield describe_model(f"timm:{name}")
+                continue
+            cfg = timm.models.get_pretrained_cfg(name)
+            size = getattr(cfg, "input_size", None) or (3, 224, 224)
+            yield {"model": f"timm:{name}", "cam": None, "layer": None, "input_size": int(size[-1]), "reason": None}
+
+    return rows()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,7 +215,7 @@ def resolve_target(probe: Probe, layer: str | None) -> TargetLayer:
     if record is None and point == "input":
         raise ModelError(f"layer {layer!r}: ':input' is available for pooling modules only")
     if record is None:
-        raise ModelError(f"layer {name!r} is not used by the forward pass, or gives no tensor feature map")
+        raise ModelError(_why_no_map(probe, name))
     return target_for(probe, record)
 
 
@@ -235,6 +235,21 @@ def resolve_targets(probe: Probe, layer: str | None) -> list[TargetLayer]:
 def layers_label(targets: list[TargetLayer]) -> str:
     """The layers as ``--layer`` takes them and the manifest records them (``layer3,layer4``)."""
     return ",".join(t.label for t in targets)
+
+
+def _why_no_map(probe: Probe, name: str) -> str:
+    """What is wrong with ``--layer NAME`` whose output the probe did not record as a map."""
+    after = "pick a layer before it, see `camx layers MODEL`"
+    head = probe.head.name if probe.head is not None else None
+    if head is not None and (head == name or head.startswith(name + ".")):
+        what = "is the classifier head" if head == name else f"holds the classifier head {head}"
+        return f"layer {name!r} {what} (its output is the logits, not a spatial map); {after}"
+    if probe.call_counts.get(name, 0) == 0:
+        return f"layer {name!r} is not used by the forward pass; `camx layers MODEL` lists the layers that are"
+    return (
+        f"layer {name!r} gives no spatial map (its output is a vector per image, or not a tensor, e.g. after "
+        f"the global pooling); {after}"
+    )
 
 
 def _readable(probe: Probe, record: Record) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from cam_cli import __version__, rundir
 from cam_cli.errors import OutputError
 from cam_cli.report.page import THUMBS_FOLDER, collect, script_json, url_path
-from cam_cli.report.records import load_run
+from cam_cli.report.records import load_run, safe_relative
 from cam_cli.report.thumbs import THUMB_SIZE, ThumbJob, ThumbResult, make_thumbnails
 from cam_cli.rundir import write_atomic
 
@@ -40,6 +40,8 @@ class ReportSummary:
     failed: int
     thumbnails: ThumbResult
     seconds: float
+    #: overlays the manifest's ok lines name that are not in OUT (moved, deleted, outside OUT)
+    missing_overlays: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class ReportSummary:
             "thumbnails_reused": self.thumbnails.reused,
             "thumbnails_failed": self.thumbnails.failed,
             "thumbnails_removed": self.thumbnails.removed,
+            "missing_overlays": self.missing_overlays,
             "seconds": round(self.seconds, 3),
         }
 
@@ -132,6 +135,20 @@ def _write_page(data: dict[str, Any], dest: Path) -> Path:
     return index
 
 
+def count_missing_overlays(run: Any) -> int:
+    """How many overlays the ok lines of ``run`` name (every rank's) that are not files in its OUT."""
+    missing = 0
+    for record in run.records:
+        if record.get("status") != "ok":
+            continue
+        named = {t.get("overlay") for t in record.get("targets") or [] if isinstance(t, dict)} | {record.get("overlay")}
+        for overlay in named - {None}:
+            relative = safe_relative(overlay)
+            if relative is None or not (run.out_dir / relative).is_file():
+                missing += 1
+    return missing
+
+
 def make_report(
     out_dir: Path,
     dest: Path | None = None,
@@ -165,6 +182,7 @@ def make_report(
         failed=data["run"]["failed"],
         thumbnails=counts,
         seconds=time.perf_counter() - started,
+        missing_overlays=count_missing_overlays(run),
     )
 
 

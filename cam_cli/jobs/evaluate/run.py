@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cam_cli import rundir
-from cam_cli.errors import InputError, OutputError
+from cam_cli.errors import InputError, OutputError, plural
 from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_process
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
@@ -156,8 +156,9 @@ class Evaluator:
                 matched.setdefault(by_name[os.path.basename(key)][0], truths)
         if len(matched) < len(boxes):
             self.warnings.append(
-                f"--boxes-from {self.config.boxes_from}: {len(matched)} of {len(boxes)} keys match an input of "
-                f"{self.out_dir} ({len(boxes) - len(matched)} match none)"
+                f"--boxes-from {self.config.boxes_from}: {len(matched)} of {plural(len(boxes), 'key')} "
+                f"{'matches' if len(matched) == 1 else 'match'} an input of {self.out_dir} "
+                f"({len(boxes) - len(matched)} match none)"
             )
         return matched
 
@@ -197,8 +198,8 @@ class Evaluator:
             mismatched = self._run_setups(pairs, self._scoring(emit, result), stop)
         if mismatched:
             self.warnings.append(
-                f"for {mismatched} lines the rebuilt model's probability of the explained class differs from the "
-                f"manifest's by more than {SCORE_TOLERANCE:.0%}: is it the model that made {self.out_dir}? "
+                f"for {plural(mismatched, 'line')} the rebuilt model's probability of the explained class differs "
+                f"from the manifest's by more than {SCORE_TOLERANCE:.0%}: is it the model that made {self.out_dir}? "
                 "(pass --model/--weights to choose it)"
             )
         result.summary = self.summarise()

@@ -95,7 +95,8 @@ class Engine:
 
     def explain_batch(self, todo: list[InputImage], batch: Batch) -> list[tuple[InputImage, torch.Tensor,
                                                                                list[MethodResult]]]:  # fmt: skip
-        """The model's part of one batch: every method the batch's inputs still need."""
+        """The model's part of one batch: every method the batch's inputs still need. When the run
+        stopped during a method's own passes, the jobs of the batch's finished images only."""
         assert batch.images is not None
         keys = [todo[i].key for i in batch.indices]
         wanted = {m for key in keys for m in self.plan.missing[key]}
@@ -111,7 +112,7 @@ class Engine:
                 result.scores(classes).cpu().tolist(),
             )
         jobs = []
-        for j, index in enumerate(batch.indices):
+        for j, index in enumerate(batch.indices[: len(result.logits)]):
             image = todo[index]
             results = [
                 MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j])
@@ -172,8 +173,8 @@ class Engine:
                 if batch.images is not None:
                     try:
                         jobs = self.timed_batch(todo, batch)
-                    except Stopped:  # a method's own passes saw the stop: drop this batch, keep the rest
-                        summary.interrupted = True
+                    except Stopped:  # a method's own passes saw the stop before any image was finished:
+                        summary.interrupted = True  # drop this batch, keep the rest
                         break
                     futures = [pool.submit(self.writer.write_image, *job) for job in jobs]
                 in_flight.append((ready, futures))

@@ -148,16 +148,26 @@ class Explainer:
         """Whether a method runs forward passes of its own (Score-CAM, Ablation-CAM): many an image."""
         return any(m.after_pass for m in self.session.methods)
 
+    def expected_passes(self, todo: Sequence[InputImage]) -> int:
+        """The forward passes of the methods' own (Score-CAM: K an image, K the target layer's
+        channels) that explaining ``todo`` takes: what ``on_passes`` will have counted at the end."""
+        per_image = {m.name: m.passes_per_image for m in self.session.methods}
+        factor = 6 if self.config.aug_smooth else 1  # every augmented pass runs them again
+        return factor * sum(per_image.get(name, 0) for image in todo for name in self.plan.missing.get(image.key, ()))
+
     def run(
         self,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
         on_passes: Callable[[int], None] | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Summary:
         """Explain every pending input; safe to interrupt through ``stop``.
 
         ``progress`` is called with the records of each finished batch; ``on_passes``
-        with the count of each group of extra forward passes a method ran."""
+        with the count of each group of extra forward passes a method ran; ``on_start``
+        once the outputs are open, before the first batch (nothing can fail before it
+        but opening them)."""
         config = self.config
         prepare_process(self.device)
         started = time.perf_counter()
@@ -190,6 +200,8 @@ class Explainer:
                 journal.append(self.plan.carried.values())
             self.plan.drop(keep={str(p.relative_to(config.out_dir)) for p in self.plan.all_outputs()})
             self.timings.add("start", time.perf_counter() - started)
+            if on_start is not None:
+                on_start()
             try:
                 engine.run(todo, batches, journal, summary, self.device.type == "cpu", progress, stop)
             finally:
