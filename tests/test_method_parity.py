@@ -500,3 +500,38 @@ def test_smoothgradcam_and_sscam_mean_over_seeds_equals_the_references(name: str
     assert (difference <= 5 * sigma + 1e-6).all(), float((difference / np.maximum(sigma, 1e-9)).max())
     noiseless, _ = ours(NOISY[name], model, x)
     assert (np.abs(mine.mean(axis=0) - noiseless) > 5 * sigma + 1e-6).any(), "the noise made no difference"
+
+
+def test_smoothgradcam_sscam_and_iscam_with_gradcam_through_the_cli(image_dir, tiny_factory, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--batch-size", "4", "--seed", "7",
+            "--method", "gradcam,smoothgradcam++,sscam,iscam",
+            "--noise-samples", "3", "--noise-std", "0.5"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["done"] == 6 and summary["timings"]["extra_passes"] > 0
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 24
+    for key, method in records:
+        assert records[(key, method)]["status"] == "ok"
+        assert (out / f"{key}.{method}.npy").is_file() and (out / f"{key}.{method}.jpg").is_file()
+    for method in ("smoothgradcam++", "sscam"):
+        record = records[("a.jpg", method)]
+        assert (record["noise_samples"], record["noise_std"], record["seed"]) == (3, 0.5, 7)
+    assert records[("a.jpg", "iscam")]["noise_samples"] == 3 and "noise_std" not in records[("a.jpg", "iscam")]
+    assert "noise_samples" not in records[("a.jpg", "gradcam")]
+    again = CliRunner().invoke(main, [*args[:3], str(tmp_path / "again"), *args[4:]])
+    assert again.exit_code == 0, again.output
+    for method in ("smoothgradcam++", "sscam", "iscam"):
+        np.testing.assert_array_equal(
+            np.load(out / f"a.jpg.{method}.npy"), np.load(tmp_path / "again" / f"a.jpg.{method}.npy")
+        )
