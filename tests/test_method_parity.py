@@ -535,3 +535,28 @@ def test_smoothgradcam_sscam_and_iscam_with_gradcam_through_the_cli(image_dir, t
         np.testing.assert_array_equal(
             np.load(out / f"a.jpg.{method}.npy"), np.load(tmp_path / "again" / f"a.jpg.{method}.npy")
         )
+
+
+@pytest.mark.parametrize(("name", "per_image"), [("smoothgradcam++", 3), ("sscam", 3 * 12), ("iscam", 3 * 12)])
+def test_smoothgradcam_sscam_and_iscam_fill_full_batches_count_their_passes_and_stop(name: str, per_image: int) -> None:
+    import threading
+
+    from cam_cli.methods.base import Stopped
+
+    model = frozen(make_bnnet())
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    method = create(name, MethodOptions(noise_samples=3))
+    method.prepare(Setup(probe, default_target(probe), model, model, torch.device("cpu")))
+    sizes: list[int] = []
+    counting = lambda t: (sizes.append(len(t)), model(t))[1]  # noqa: E731
+    explainer = BatchExplainer(counting, model, default_target(probe), [method])
+    passes: list[int] = []
+    explainer.batch_size, explainer.on_passes = 4, passes.append
+    explainer.explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))
+    total = 3 * per_image
+    assert sizes == [3] + [4] * (total // 4) + ([total % 4] if total % 4 else []), "the images' copies mixed"
+    assert sum(passes) == total
+    stop = threading.Event()
+    explainer.stop, explainer.on_passes = stop, lambda n: stop.set()
+    with pytest.raises(Stopped):
+        explainer.explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))
