@@ -11,6 +11,7 @@ public names; everything else in the package is internal.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -112,6 +113,8 @@ def explain(
     seed: int = 0,
     kpca_kernel: str = "sigmoid",
     kpca_gamma: float | None = None,
+    noise_samples: int | None = None,
+    noise_std: float | None = None,
 ) -> dict[str, MethodMaps]:
     """Explain a batch with one or several CAM methods, all from one forward pass a chunk.
 
@@ -145,9 +148,10 @@ def explain(
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast for the model only;
             the maps are computed in float32).
         batch_size: images per pass (and per masked pass of Score-CAM and the like).
-        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma: as the CLI's
-            ``--aug-smooth``, ``--eigen-smooth``, ``--finer-gamma``, ``--seed``,
-            ``--kpca-kernel`` and ``--kpca-gamma``.
+        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma, noise_samples, noise_std:
+            as the CLI's ``--aug-smooth``, ``--eigen-smooth``, ``--finer-gamma``, ``--seed``,
+            ``--kpca-kernel``, ``--kpca-gamma``, ``--noise-samples`` and ``--noise-std``
+            (None: the method's own default).
 
     Returns:
         ``{method: MethodMaps}`` in the order of ``methods``; see :class:`MethodMaps`
@@ -181,8 +185,12 @@ def explain(
     if batch_size < 1:
         raise CamxError(f"batch_size must be at least 1, not {batch_size}")
     classifier = _as_classifier(model, int(inputs.shape[-2]), output_key)
+    if noise_samples is not None and noise_samples < 1:
+        raise CamxError(f"noise_samples must be at least 1, not {noise_samples}")
+    if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
+        raise CamxError(f"noise_std must be a finite number >= 0, not {noise_std}")
     options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth, kpca_kernel=kpca_kernel,
-                            kpca_gamma=kpca_gamma)  # fmt: skip
+                            kpca_gamma=kpca_gamma, noise_samples=noise_samples, noise_std=noise_std)  # fmt: skip
     with _borrowed(classifier.module) as home:
         run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
         text = _target_text(target)

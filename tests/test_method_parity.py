@@ -252,7 +252,9 @@ def shapley_by_hand(
     return scale_cam_image(scale_cam_image(np.maximum(cam, 0), (SIZE, SIZE)))
 
 
-PGC_METHODS = [m for m in method_names() if m != "cam"]  # CAM's reference is torchcam (test_methods.py)
+#: CAM's reference is torchcam (test_methods.py); the noisy and integrated methods' are at the end of this file
+OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam")
+PGC_METHODS = [m for m in method_names() if m not in OWN_REFERENCE]
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -305,7 +307,8 @@ def test_batch_size_does_not_change_any_method(name: str) -> None:
 def test_several_methods_in_one_pass_equal_each_alone() -> None:
     model = frozen(make_bnnet())
     x = batch(3, seed=13)
-    names = [m for m in method_names() if m != "cam" and info(m).family != "perturbation"]  # own passes
+    own_passes = ("cam", "smoothgradcam++")
+    names = [m for m in method_names() if m not in own_passes and info(m).family != "perturbation"]
     probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
     target = default_target(probe)
     methods = [create(m, MethodOptions(finer_gamma=GAMMA)) for m in names]
@@ -363,3 +366,197 @@ def test_cam_is_refused_in_prepare_with_the_method_named() -> None:
     probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
     with pytest.raises(ModelError, match=r"^cam: .*Linear -> GELU -> Linear"):
         create("cam").prepare(Setup(probe, default_target(probe), model, model, torch.device("cpu")))
+
+
+# ----------------------------------------------- smoothgradcam++, sscam, iscam (torchcam 0.5.0)
+
+
+def torchcam_maps(cls: type, model_key: str, x: torch.Tensor, classes: torch.Tensor, seed: int = 0,
+                  **kwargs: object) -> np.ndarray:  # fmt: skip
+    """torchcam's maps of ``cls`` ``(N, SIZE, SIZE)`` after camx's finish (bilinear, min-max); its
+    noise comes from torch's global generator, seeded here; a ViT's tokens reshaped as camx does."""
+    import torch.nn.functional as F
+
+    model = frozen(MODELS[model_key]())
+    target = target_of(model)
+    if model_key == "vit":
+        kwargs["reshape_transform"] = lambda t: to_feature_map(t, target)
+    gradient = cls.__name__.startswith("Smooth") or issubclass(cls, _corrected_base())
+    with cls(model, target.name, input_shape=(3, SIZE, SIZE), **kwargs) as cam:
+        torch.manual_seed(seed)
+        with contextlib.nullcontext() if gradient else torch.no_grad():
+            model(x)
+        maps = cam(class_idx=[int(c) for c in classes])[0].detach()
+    up = F.interpolate(maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return np.stack([minmax(m) for m in up])
+
+
+def _corrected_base() -> type:
+    from torchcam.methods import SmoothGradCAMpp
+
+    return SmoothGradCAMpp
+
+
+def corrected_smoothgradcampp() -> type:
+    """torchcam's SmoothGradCAMpp with Grad-CAM++'s formula put right (docs/methods.md): the
+    means of ``g``, ``g^2``, ``g^3`` over its noisy passes, ``a = g2 / (2 g2 + sum_ij(A) g3)``
+    (torchcam: ``sum_ij(A g3)``), ``ReLU`` of the mean gradient (torchcam: the last sample's),
+    and the plain input's activation in the map (torchcam: the last noisy pass's)."""
+
+    class Corrected(_corrected_base()):  # type: ignore[misc]
+        def _compute_smoothgrad_weights(self, class_idx, eps, **kwargs):  # noqa: ANN001, ANN003, ANN202, ARG002
+            plain = [a.clone() for a in self.hook_a]
+            sums = [[torch.zeros_like(a) for a in plain] for _ in range(3)]
+            for _ in range(self.num_samples):
+                noisy = self._input + self._distrib.sample(self._input.size())
+                self._backprop(self.model(noisy.requires_grad_(True)), class_idx, **kwargs)
+                for layer, g in enumerate(self.hook_g):
+                    for p in range(3):
+                        sums[p][layer] += g ** (p + 1)
+            self.hook_a = plain
+            weights = []
+            for layer, a in enumerate(plain):
+                g1, g2, g3 = (sums[p][layer] / self.num_samples for p in range(3))
+                alpha = g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3 + 1e-6)
+                alpha = torch.where(g2 != 0, alpha, torch.zeros_like(alpha))
+                weights.append((torch.relu(g1) * alpha).sum(dim=(2, 3)))
+            return weights
+
+    return Corrected
+
+
+NOISY = {"smoothgradcam++": "gradcam++", "sscam": "scorecam"}
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("name", list(NOISY))
+def test_smoothgradcam_and_sscam_without_noise_equal_gradcampp_and_scorecam(name: str, model_key: str, n: int) -> None:
+    x = batch(n, seed=n)
+    model = frozen(MODELS[model_key]())
+    noiseless, _ = ours(name, model, x, noise_std=0.0, noise_samples=3)
+    plain, _ = ours(NOISY[name], model, x)
+    # the CNNs: bit for bit; the ViT's noisy passes run in batches of other sizes (2.4e-7)
+    np.testing.assert_allclose(noiseless, plain, rtol=0, atol=0 if model_key != "vit" else 1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", list(MODELS))
+def test_iscam_equals_torchcam(model_key: str, n: int) -> None:
+    from torchcam.methods import ISCAM
+
+    x = batch(n, seed=n)
+    mine, classes = ours("iscam", frozen(MODELS[model_key]()), x)
+    theirs = torchcam_maps(ISCAM, model_key, x, classes)
+    np.testing.assert_allclose(mine, theirs, atol=1e-4)  # measured: 2.4e-7 (CNNs), 9.5e-7 (ViT)
+
+
+def test_iscam_with_one_step_is_torchcams_scorecam() -> None:
+    from torchcam.methods import ScoreCAM
+
+    x = batch(2, seed=5)
+    mine, classes = ours("iscam", frozen(make_bnnet()), x, noise_samples=1)
+    np.testing.assert_allclose(mine, torchcam_maps(ScoreCAM, "bnnet", x, classes), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["smoothgradcam++", "sscam"])
+def test_smoothgradcam_and_sscam_are_reproducible_and_follow_the_seed(name: str) -> None:
+    model = frozen(make_vit())
+    x = batch(2, seed=3)
+    a, _ = ours(name, model, x, seed=0, noise_samples=2)
+    b, _ = ours(name, model, x, seed=0, noise_samples=2)
+    c, _ = ours(name, model, x, seed=1, noise_samples=2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+#: (model, options) where the noise moves the mean map well away from the noiseless one
+#: (by 18 and 36 times the tolerance's sigma), so that the comparison has power
+SEEDED = {
+    "sscam": ("vit", {"noise_samples": 8, "noise_std": 2.0}),
+    "smoothgradcam++": ("bnnet", {"noise_samples": 4, "noise_std": 1.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_smoothgradcam_and_sscam_mean_over_seeds_equals_the_references(name: str) -> None:
+    """The mean map over 30 seeds of camx and of the reference (torchcam's SSCAM; torchcam's
+    SmoothGradCAMpp corrected, whose own is 0.37 away here). Per pixel, the difference of two
+    means of 30 independent draws has the standard deviation ``sqrt((var_camx + var_ref) / 30)``,
+    measured from the draws: allow 5 of those (measured: at most 2.5)."""
+    from torchcam.methods import SSCAM
+
+    model_key, options = SEEDED[name]
+    model = frozen(MODELS[model_key]())
+    x = batch(2, seed=21)
+    draws = 30
+    mine = np.stack([ours(name, model, x, seed=s, **options)[0] for s in range(draws)])  # type: ignore[arg-type]
+    classes = ours(name, model, x, seed=0, **options)[1]  # type: ignore[arg-type]
+    cls = SSCAM if name == "sscam" else corrected_smoothgradcampp()
+    ref_options = {"num_samples": options["noise_samples"], "std": options["noise_std"]}
+    theirs = np.stack([torchcam_maps(cls, model_key, x, classes, seed=1000 + s, **ref_options) for s in range(draws)])
+    sigma = np.sqrt((mine.var(axis=0) + theirs.var(axis=0)) / draws)
+    difference = np.abs(mine.mean(axis=0) - theirs.mean(axis=0))
+    assert (difference <= 5 * sigma + 1e-6).all(), float((difference / np.maximum(sigma, 1e-9)).max())
+    noiseless, _ = ours(NOISY[name], model, x)
+    assert (np.abs(mine.mean(axis=0) - noiseless) > 5 * sigma + 1e-6).any(), "the noise made no difference"
+
+
+def test_smoothgradcam_sscam_and_iscam_with_gradcam_through_the_cli(image_dir, tiny_factory, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--batch-size", "4", "--seed", "7",
+            "--method", "gradcam,smoothgradcam++,sscam,iscam",
+            "--noise-samples", "3", "--noise-std", "0.5"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["done"] == 6 and summary["timings"]["extra_passes"] > 0
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 24
+    for key, method in records:
+        assert records[(key, method)]["status"] == "ok"
+        assert (out / f"{key}.{method}.npy").is_file() and (out / f"{key}.{method}.jpg").is_file()
+    for method in ("smoothgradcam++", "sscam"):
+        record = records[("a.jpg", method)]
+        assert (record["noise_samples"], record["noise_std"], record["seed"]) == (3, 0.5, 7)
+    assert records[("a.jpg", "iscam")]["noise_samples"] == 3 and "noise_std" not in records[("a.jpg", "iscam")]
+    assert "noise_samples" not in records[("a.jpg", "gradcam")]
+    again = CliRunner().invoke(main, [*args[:3], str(tmp_path / "again"), *args[4:]])
+    assert again.exit_code == 0, again.output
+    for method in ("smoothgradcam++", "sscam", "iscam"):
+        np.testing.assert_array_equal(
+            np.load(out / f"a.jpg.{method}.npy"), np.load(tmp_path / "again" / f"a.jpg.{method}.npy")
+        )
+
+
+@pytest.mark.parametrize(("name", "per_image"), [("smoothgradcam++", 3), ("sscam", 3 * 12), ("iscam", 3 * 12)])
+def test_smoothgradcam_sscam_and_iscam_fill_full_batches_count_their_passes_and_stop(name: str, per_image: int) -> None:
+    import threading
+
+    from cam_cli.methods.base import Stopped
+
+    model = frozen(make_bnnet())
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    method = create(name, MethodOptions(noise_samples=3))
+    method.prepare(Setup(probe, default_target(probe), model, model, torch.device("cpu")))
+    sizes: list[int] = []
+    counting = lambda t: (sizes.append(len(t)), model(t))[1]  # noqa: E731
+    explainer = BatchExplainer(counting, model, default_target(probe), [method])
+    passes: list[int] = []
+    explainer.batch_size, explainer.on_passes = 4, passes.append
+    explainer.explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))
+    total = 3 * per_image
+    assert sizes == [3] + [4] * (total // 4) + ([total % 4] if total % 4 else []), "the images' copies mixed"
+    assert sum(passes) == total
+    stop = threading.Event()
+    explainer.stop, explainer.on_passes = stop, lambda n: stop.set()
+    with pytest.raises(Stopped):
+        explainer.explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))

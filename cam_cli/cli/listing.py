@@ -128,6 +128,7 @@ def methods(as_json: bool) -> None:
     click.echo("* one backward pass shared by every method so marked; fwd/bwd are per image, the method alone")
     if any(entry.forwards_note for entry in METHODS.values()):
         click.echo("* K = the target layer's channels (2048 for resnet50's layer4): the passes one image costs")
+        click.echo("* N = --noise-samples (smoothgradcam++, sscam) or the steps of iscam's integral")
         click.echo(
             "* ^ ablationcam: 1 where global average pooling and one linear layer follow the layer (closed form);"
             " else K passes of the layers after it, or K whole passes where the network cannot be cut there"

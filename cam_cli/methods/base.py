@@ -76,6 +76,10 @@ class MethodOptions:
     #: kpcacam: scikit-learn KernelPCA's kernel and its gamma (None: 1 / channels)
     kpca_kernel: str = "sigmoid"
     kpca_gamma: float | None = None
+    #: smoothgradcam++ and sscam: noisy copies per image (iscam: integration steps), and the
+    #: noise's standard deviation; None: the method's own default (torchcam 0.5.0's)
+    noise_samples: int | None = None
+    noise_std: float | None = None
 
 
 @dataclass

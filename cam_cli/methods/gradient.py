@@ -35,10 +35,18 @@ class GradCAMPlusPlus(Method):
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         g = capture.gradient(r)
         g2 = g * g
-        total = capture.features.sum(dim=SPATIAL, keepdim=True)
-        alpha = g2 / (2 * g2 + total * g2 * g + 1e-6)
-        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-        return (torch.relu(g) * alpha).sum(dim=SPATIAL)
+        return plus_plus_weights(g, g2, g2 * g, capture.features)
+
+
+def plus_plus_weights(g: torch.Tensor, g2: torch.Tensor, g3: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++'s channel weights ``(N, K)`` from the first three derivatives ``(N, K, h, w)``
+    (``g``, ``g^2``, ``g^3`` under the exponential, or their means over noisy inputs for
+    Smooth Grad-CAM++) and the activation ``A``: ``a = g2 / (2 g2 + sum_ij(A) g3 + 1e-6)``,
+    0 where ``g2 = 0``; ``w_k = sum_ij ReLU(g) a``."""
+    total = features.sum(dim=SPATIAL, keepdim=True)
+    alpha = g2 / (2 * g2 + total * g3 + 1e-6)
+    alpha = torch.where(g2 != 0, alpha, torch.zeros_like(alpha))
+    return (torch.relu(g) * alpha).sum(dim=SPATIAL)
 
 
 class XGradCAM(Method):

@@ -118,11 +118,40 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+#: how a chunk's masks are changed for one of several samples: ``(masks (B, 1, S, S), sample (B,),
+#: channel (B,))`` -> the masks to multiply the input with (in place allowed)
+Perturb = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def score_cam_masks(flat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's Score-CAM masks: ``(B, 1, h, w)`` activations -> bilinear
+    (``align_corners=True``) to ``size``, then min-max per row with ``MASK_EPS``."""
+    masks = F.interpolate(flat, size=size, mode="bilinear", align_corners=True)  # (B, 1, S, S)
+    low = masks.amin(dim=(2, 3), keepdim=True)
+    high = masks.amax(dim=(2, 3), keepdim=True)
+    return masks.sub_(low).div_(high - low + MASK_EPS)
+
+
+def torchcam_masks(flat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchcam 0.5.0's Score-CAM masks: min-max per row at the feature resolution
+    (``(A - min) / (max - min + 1e-8)``), then bilinear (``align_corners=False``) to ``size``."""
+    low = flat.amin(dim=(2, 3), keepdim=True)
+    shifted = flat - low
+    normalised = shifted / (shifted.amax(dim=(2, 3), keepdim=True) + MASK_EPS)
+    return F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)
+
+
+def accumulator(device: torch.device) -> torch.dtype:
+    """float64 for sums of many float32 values, where the device has it (not MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def masked_scores(capture: Capture) -> torch.Tensor:
     """Score-CAM's ``s`` ``(N, R, K)``: the logits of the explained classes on ``x * M_k``.
 
     Each chunk holds ``batch_size`` masked images, of one image's channels or of
-    several images', so only ``(B, 3, S, S)`` is ever built.
+    several images', so only ``(B, 3, S, S)`` is ever built. A stop between chunks
+    keeps the scores of the images whose rows are all done (:func:`fill_scores`).
     """
     assert capture.x is not None and capture.forward is not None
     x, features, classes, forward = capture.x, capture.features, capture.classes, capture.forward
@@ -132,10 +161,7 @@ def masked_scores(capture: Capture) -> torch.Tensor:
     layout = _memory_format(x)
 
     def score(start: int, end: int, image: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-        masks = F.interpolate(flat[start:end], size=size, mode="bilinear", align_corners=True)  # (B, 1, S, S)
-        low = masks.amin(dim=(2, 3), keepdim=True)
-        high = masks.amax(dim=(2, 3), keepdim=True)
-        masks.sub_(low).div_(high - low + MASK_EPS)
+        masks = score_cam_masks(flat[start:end], size)
         rows = x.index_select(0, image.to(x.device))
         batch = torch.empty(rows.shape, dtype=x.dtype, device=x.device, memory_format=layout)
         torch.mul(rows, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
@@ -143,6 +169,54 @@ def masked_scores(capture: Capture) -> torch.Tensor:
         return logits.gather(1, classes.index_select(0, image).to(logits.device))
 
     return fill_scores(capture, capture.batch_size, score)
+
+
+def sampled_scores(
+    capture: Capture,
+    samples: int = 1,
+    perturb: Perturb | None = None,
+    make_masks: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = score_cam_masks,
+) -> torch.Tensor:
+    """Score-CAM's scores averaged over ``samples`` versions of every mask: ``(N, R, K)``,
+    the mean over ``s`` of the explained classes' logits on ``x * perturb(M_k, s)``.
+
+    The ``N * samples * K`` masked images, in that order (image, sample, channel), run in
+    chunks of ``batch_size`` built when they run; with one sample and no ``perturb`` the
+    chunks are Score-CAM's own. Sums are kept in float64, so identical samples average
+    to exactly their value. With one sample, no ``perturb`` and Score-CAM's masks, it is
+    :func:`masked_scores` (whose stop keeps the images already scored).
+    """
+    if samples <= 1 and perturb is None and make_masks is score_cam_masks:
+        return masked_scores(capture)
+    assert capture.x is not None and capture.forward is not None
+    x, features, classes = capture.x, capture.features, capture.classes
+    n, k, h, w = features.shape
+    ranks = classes.shape[1]
+    samples = max(1, int(samples))
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    flat = features.reshape(n * k, 1, h, w)
+    sums = torch.zeros(n * k, ranks, device=features.device, dtype=accumulator(features.device))
+    layout = _memory_format(x)
+    per_image = samples * k
+    step = max(1, int(capture.batch_size))
+    for start in range(0, n * per_image, step):
+        end = min(start + step, n * per_image)
+        rows = torch.arange(start, end, device=features.device)
+        image = rows.div(per_image, rounding_mode="floor")
+        sample = rows.div(k, rounding_mode="floor").remainder(samples)
+        channel = rows.remainder(k)
+        source = image * k + channel
+        masks = make_masks(flat.index_select(0, source), size)
+        if perturb is not None:
+            masks = perturb(masks, sample, channel)
+        picked = x.index_select(0, image.to(x.device))
+        batch = torch.empty(picked.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        torch.mul(picked, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
+        logits = capture.forward(batch).float()
+        chosen = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(sums.device)
+        sums.index_add_(0, source, chosen.to(sums.dtype))
+        tick(capture, end - start)
+    return (sums / samples).float().view(n, k, ranks).transpose(1, 2)
 
 
 def fold_batch_norms(module: nn.Module) -> nn.Module | None:
@@ -202,6 +276,10 @@ class ScoreCAM(Method):
             except Exception:
                 self.folded = None
 
+    def scores(self, capture: Capture) -> torch.Tensor:
+        """The channel scores ``(N, R, K)`` the weights are the softmax of."""
+        return masked_scores(capture)
+
     def maps(self, capture: Capture) -> torch.Tensor:
         def keep(on: Capture, scores: torch.Tensor) -> None:
             on._cache[(self.name, "scores")] = scores
@@ -210,9 +288,9 @@ class ScoreCAM(Method):
             if self.folded is not None and self.module is not None:
                 folded = self.folded
                 with standing_in(self.module, lambda t, *_, **__: folded(t)):
-                    keep(capture, masked_scores(capture))
+                    keep(capture, self.scores(capture))
             else:
-                keep(capture, masked_scores(capture))
+                keep(capture, self.scores(capture))
         except Stopped as stopped:  # the images whose passes are all done are finished all the same
             raise finish_stopped(self, capture, stopped, keep) from None
         return super().maps(capture)

@@ -65,6 +65,7 @@ class MethodInfo:
 _GRAD = "cam_cli.methods.gradient"
 _ACT = "cam_cli.methods.activation"
 _PERT = "cam_cli.methods.perturbation"
+_SMOOTH = "cam_cli.methods.smooth"
 
 _ENTRIES = (
     MethodInfo(
@@ -82,6 +83,13 @@ _ENTRIES = (
         "Chattopadhyay et al., Grad-CAM++, WACV 2018",
         "a = g^2 / (2g^2 + sum_ij(A) g^3 + 1e-6); w_k = sum_ij ReLU(g) a; ReLU(sum_k w_k A_k)",
         backwards=1, shares_backward=True, plain_gradient=True,
+    ),
+    MethodInfo(
+        "smoothgradcam++", "gradient", f"{_SMOOTH}:SmoothGradCAMPlusPlus", True,
+        "Omeiza et al., Smooth Grad-CAM++, 2019 (arXiv:1908.01224)",
+        "Grad-CAM++ with g, g^2, g^3 the means over N copies x + d, d ~ N(0, std^2) (--noise-samples 4, "
+        "--noise-std 0.3, seeded by --seed), A the plain input's; 1 + N forward and N backward passes per image",
+        backwards=4, forwards_note="1+N",
     ),
     MethodInfo(
         "xgradcam", "gradient", f"{_GRAD}:XGradCAM", True,
@@ -139,6 +147,20 @@ _ENTRIES = (
         "M_k = minmax(upsample(A_k)) to the input (bilinear, align_corners=True); s_k = y_c(x * M_k) "
         "(1 + K forward passes per image, K = the layer's channels); w = softmax_k(s); ReLU(sum_k w_k A_k)",
         aug_smooth=True, forwards_note="1+K",
+    ),
+    MethodInfo(
+        "sscam", "perturbation", f"{_SMOOTH}:SSCAM", True,
+        "Wang et al., SS-CAM: Smoothed Score-CAM for Sharper Visual Feature Localization, 2020 (arXiv:2006.14255)",
+        "Score-CAM with s_k = mean over N draws of y_c(x * (M_k + d)), d ~ N(0, std^2) at the input's resolution "
+        "(--noise-samples 35, --noise-std 2, seeded by --seed; 1 + N*K forward passes per image)",
+        forwards_note="1+NK",
+    ),
+    MethodInfo(
+        "iscam", "perturbation", f"{_SMOOTH}:ISCAM", True,
+        "Naidu et al., IS-CAM: Integrated Score-CAM for axiomatic-based explanations, 2020 (arXiv:2010.03023)",
+        "Score-CAM (torchcam's masks M_k) with s_k = mean over i = 1..N of y_c(x * c_i M_k), c_i = sum_{j<=i} j/N "
+        "(--noise-samples 10 steps; 1 + N*K forward passes per image)",
+        forwards_note="1+NK",
     ),
     MethodInfo(
         "ablationcam", "perturbation", "cam_cli.methods.ablation:AblationCAM", True,

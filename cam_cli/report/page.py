@@ -142,7 +142,7 @@ class _Collector:
         for flag in ("flat", "class_agnostic"):
             if record.get(flag) is True:
                 entry[flag] = True
-        metrics = self.run.metrics.get((key, method))
+        metrics = self.run.metrics.get(rundir.record_key(record))
         if metrics:
             entry["x"] = {k: _number(v) for k, v in metrics.items()}
 
@@ -277,7 +277,8 @@ def _lines_table(run: Run, methods: list[str]) -> dict[str, Any] | None:
     known = {s.field: s for s in STATISTICS}
     columns = [(known[f].name, f, known[f].scale) if f in known else (f, f, 1.0) for f in run.metric_names]
     rows = []
-    for method in methods:
+    # by record key's method part: lines of a fixed class or a topK target are their own rows, as in the summary
+    for method in sorted({m for _, m in run.metrics}, key=lambda m: (m.split(".")[0] not in methods, m)):
         values = [v for (key, m), v in run.metrics.items() if m == method]
         if not values:
             continue

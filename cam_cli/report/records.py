@@ -51,10 +51,12 @@ def _is_metric(name: str, value: Any) -> bool:
 
 
 def read_metrics(path: Path) -> tuple[dict[tuple[str, str], dict[str, float]], list[str]]:
-    """Per (key, method), the metrics of ``OUT/metrics.jsonl``; and their names in order.
+    """Per record key (:func:`cam_cli.rundir.record_key`: the input's key and the method,
+    with a fixed class or ``topK`` target as in the manifest), the metrics of
+    ``OUT/metrics.jsonl``; and their names in order.
 
     Lines with ``status: error`` or without a key and method are left out; a
-    later line for the same (key, method) replaces an earlier one.
+    later line for the same record key replaces an earlier one.
     """
     found: dict[tuple[str, str], dict[str, float]] = {}
     names: dict[str, None] = {}
@@ -66,7 +68,7 @@ def read_metrics(path: Path) -> tuple[dict[tuple[str, str], dict[str, float]], l
         values = {k: float(v) for k, v in line.items() if _is_metric(k, v)}
         for name in values:
             names.setdefault(name, None)
-        found[(line["key"], line["method"])] = values
+        found[record_key(line)] = values
     ordered = [n for n in KNOWN_METRICS if n in names] + sorted(n for n in names if n not in KNOWN_METRICS)
     return found, ordered
 

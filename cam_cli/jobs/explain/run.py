@@ -67,6 +67,8 @@ class ExplainConfig:
     finer_gamma: float = 1.0
     kpca_kernel: str = "sigmoid"
     kpca_gamma: float | None = None
+    noise_samples: int | None = None
+    noise_std: float | None = None
     aug_smooth: bool = False
     eigen_smooth: bool = False
 
