@@ -226,26 +226,41 @@ class BatchExplainer:
                     maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
         late = [m for m in methods if m.after_pass]
         if late:  # passes of their own, with the hook off and no graph
-            for capture in captures:
-                capture.activation = capture.graph_logits = None
-                capture.x, capture.forward = x, self.forward
-                capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    for i, method in enumerate(late):
-                        try:
-                            maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
-                        except Stopped as stopped:
-                            # the later methods (and layers) have not run: nothing is finished for them
-                            if (stopped.maps is None or not stopped.finished or i < len(late) - 1 or self.aug_smooth
-                                    or len(captures) > 1):  # fmt: skip
-                                raise Stopped() from None
-                            count = stopped.finished
-                            for name in maps:
-                                maps[name] = maps[name][:count]
-                            maps[method.name] = stopped.maps.detach()
-                            return logits[:count], chosen[:count]
-            finally:
-                self.extra_seconds += time.perf_counter() - started
+            return self._after_pass(x, captures, late, maps, logits, chosen)
+        return logits, chosen
+
+    def _after_pass(
+        self,
+        x: torch.Tensor,
+        captures: list[Capture],
+        late: list[Method],
+        maps: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        chosen: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps of the methods with passes of their own (Score-CAM and kin); after a stop
+        that left the first images finished, only those (logits and classes narrowed)."""
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        for capture in captures:
+            capture.activation = capture.graph_logits = None
+            capture.x, capture.forward = x, self.forward
+            capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for i, method in enumerate(late):
+                    try:
+                        maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                    except Stopped as stopped:
+                        # the later methods (and layers) have not run: nothing is finished for them
+                        if (stopped.maps is None or not stopped.finished or i < len(late) - 1 or self.aug_smooth
+                                or len(captures) > 1):  # fmt: skip
+                            raise Stopped() from None
+                        count = stopped.finished
+                        for name in maps:
+                            maps[name] = maps[name][:count]
+                        maps[method.name] = stopped.maps.detach()
+                        return logits[:count], chosen[:count]
+        finally:
+            self.extra_seconds += time.perf_counter() - started
         return logits, chosen
