@@ -12,14 +12,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_method_parity import MODELS, SIZE, batch, frozen, minmax, sign_corrected_projection
+from test_method_parity import MODELS, SIZE, batch, frozen, minmax, reshape_for, sign_corrected_projection, target_of
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cam_cli
 from cam_cli import rundir
 from cam_cli.cli import main
 from cam_cli.errors import ModelError
 
-LAYERS = {"tiny": ["features.1", "features.3"], "bnnet": ["features.2", "features.5"]}
+LAYERS = {
+    "tiny": ["features.1", "features.3"],
+    "bnnet": ["features.2", "features.5"],
+    "vit": ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1.ln_1"],
+}
 FUSED = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "segeigencam", "scorecam"]
 
 
@@ -29,6 +34,7 @@ def reference(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor)
 
     model = MODELS[model_key]().requires_grad_(True)
     layers = [model.get_submodule(n) for n in LAYERS[model_key]]
+    reshape = reshape_for(model_key, target_of(frozen(MODELS[model_key]())))  # tokens -> (N, K, h, w)
     cls = {
         "gradcam": pgc.GradCAM,
         "gradcam++": pgc.GradCAMPlusPlus,
@@ -39,7 +45,8 @@ def reference(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor)
         "segeigencam": pgc.SegEigenCAM,
         "scorecam": pgc.ScoreCAM,
     }[name]
-    with sign_corrected_projection(), exact_min_max(), cls(model=model, target_layers=layers) as cam:
+    kernels = sdpa_kernel([SDPBackend.MATH])
+    with kernels, sign_corrected_projection(), exact_min_max(), cls(model, layers, reshape_transform=reshape) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 
 
