@@ -184,6 +184,9 @@ class Method:
     after_pass: ClassVar[bool] = False
     #: the forward passes of its own one image costs (set by ``prepare``; 0 for most methods)
     passes_per_image: int = 0
+    #: reads every hooked layer at once (``layer_maps``) instead of one map per layer that the
+    #: explainer fuses (RefineCAM)
+    multi_layer: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -208,6 +211,11 @@ class Method:
 
     def weighted(self, capture: Capture, r: int) -> torch.Tensor:
         return self.weights(capture, r)[:, :, None, None] * capture.features
+
+    def layer_maps(self, captures: list[Capture], size: tuple[int, int]) -> torch.Tensor:
+        """Raw maps ``(N, R, S, S)`` at the input's ``size`` from every hooked layer's capture
+        (the layers of one pass, in ``--layer`` order), for methods with ``multi_layer``."""
+        raise NotImplementedError
 
     def maps(self, capture: Capture) -> torch.Tensor:
         """Raw maps ``(N, R, h, w)``: ``sum_k`` of the weighted activations (or their first

@@ -80,6 +80,14 @@ def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.T
     return torch.stack(fused).mean(dim=0)
 
 
+def layer_maps(method: Method, captures: list[Capture], size: tuple[int, int]) -> torch.Tensor:
+    """One method's raw maps from the captures of every hooked layer: its own reading of all
+    of them (``multi_layer``), or each layer's maps fused (:func:`fuse_layers`)."""
+    if method.multi_layer:
+        return method.layer_maps(captures, size).detach()
+    return fuse_layers([method.maps(c).detach() for c in captures], size)
+
+
 def finish_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(N, R, h, w)`` -> bilinear to ``size`` then exact min-max per map (flat: zeros)."""
     up = (
@@ -223,7 +231,7 @@ class BatchExplainer:
                 capture.group = captures if chain else []
             for method in methods:
                 if not method.after_pass:
-                    maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                    maps[method.name] = layer_maps(method, captures, size)
         late = [m for m in methods if m.after_pass]
         if late:  # passes of their own, with the hook off and no graph
             for capture in captures:
@@ -235,7 +243,7 @@ class BatchExplainer:
                 with torch.inference_mode():
                     for i, method in enumerate(late):
                         try:
-                            maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                            maps[method.name] = layer_maps(method, captures, size)
                         except Stopped as stopped:
                             # the later methods (and layers) have not run: nothing is finished for them
                             if (stopped.maps is None or not stopped.finished or i < len(late) - 1 or self.aug_smooth
