@@ -17,7 +17,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from cam_cli.methods.base import (
     ActivationCapture,
     Capture,
     ClassChooser,
+    MapLabels,
     Method,
     Stopped,
     TargetLayer,
@@ -54,13 +56,29 @@ class MultiExplanation:
     top1: torch.Tensor
     maps: dict[str, torch.Tensor]
     stopped: bool = False
+    #: the classes of methods that label their maps themselves (DFF's concepts)
+    labels: dict[str, MapLabels] = field(default_factory=dict)
 
     def classes_of(self, method: Method) -> torch.Tensor:
+        if method.name in self.labels:
+            return self.labels[method.name].classes
         return self.classes if method.info.class_specific else self.top1
 
     def scores(self, classes: torch.Tensor) -> torch.Tensor:
         """Softmax probability of ``classes`` ``(N, R)``."""
         return self.logits.softmax(dim=1).gather(1, classes)
+
+    def scores_of(self, method: Method) -> torch.Tensor:
+        """The score of each of ``method``'s maps ``(N, R_m)``: the image's probability of the
+        map's class, or the method's own (DFF: the concept's)."""
+        if method.name in self.labels:
+            return self.labels[method.name].scores
+        return self.scores(self.classes_of(method))
+
+    def details_of(self, method: Method) -> list[list[dict[str, Any]]] | None:
+        """Per image and map, what the method says of the map beyond its class (DFF), or None."""
+        labels = self.labels.get(method.name)
+        return None if labels is None else labels.details
 
 
 def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -160,10 +178,13 @@ class BatchExplainer:
         own_pass: list[Method],
     ) -> MultiExplanation:
         maps: dict[str, torch.Tensor] = {}
+        labels: dict[str, MapLabels] = {}
         logits = chosen = None
         stopped = False
         if layer_methods:
             logits, chosen = self._layer_pass(x, choose, classes, maps, layer_methods)
+            labels = {m.name: m.concept_labels.first(len(logits)) for m in layer_methods if m.labels_maps
+                      and m.name in maps and m.concept_labels is not None}  # fmt: skip
             if len(logits) < len(x):  # stopped: only the first images are finished
                 stopped, x = True, x[: len(logits)]
         for method in own_pass:
@@ -173,7 +194,7 @@ class BatchExplainer:
                 logits, chosen = own_logits, own_classes
             maps[method.name] = own_maps
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped)
+        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels)
 
     @staticmethod
     def _capture(

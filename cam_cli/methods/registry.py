@@ -189,6 +189,14 @@ _ENTRIES = (
         eigen_smooth=False,
     ),
     MethodInfo(
+        "dff", "activation", f"{_ACT}:DFF", False,
+        "Collins et al., Deep Feature Factorization for Concept Discovery, ECCV 2018",
+        "per image, NMF of the non-negative A (K, h*w) into C = --concepts (5) concepts (scikit-learn, seeded); "
+        "one map per concept (its row of H), labelled by the layers after A fed the concept's vector "
+        "(1 + C forward passes per image)",
+        eigen_smooth=False, aug_smooth=False, forwards_note="1+C",
+    ),
+    MethodInfo(
         "fem", "activation", f"{_ACT}:FEM", False,
         "Fuad et al., Features Understanding in 3D CNNs (FEM), IPTA 2020",
         "w_k = share of positions with A_k > mean_ij A_k + 2 std_ij A_k; ReLU(sum_k w_k A_k)", eigen_smooth=False,
