@@ -669,3 +669,92 @@ def test_refinecam_through_the_cli_writes_what_the_manifest_names_and_resumes(im
     assert (summary["done"], summary["skipped"]) == (0, 6)
     one = CliRunner().invoke(main, [*args[:-4], "--method", "refinecam", "--layer", "features.3"])
     assert one.exit_code == 1 and "two or more with --layer a,b,c" in one.stderr
+
+
+# ----------------------------------------------- dff (pytorch-grad-cam's DeepFeatureFactorization, per image)
+
+
+def dff_reference(model_key: str, x: torch.Tensor, concepts: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """pytorch-grad-cam's DFF run on each image alone (it factorises a batch jointly), its concepts
+    labelled by the model's head and put in camx's order (top class probability, highest first):
+    maps ``(N, C, SIZE, SIZE)``, classes and scores ``(N, C)``."""
+    from pytorch_grad_cam import DeepFeatureFactorization
+
+    model = MODELS[model_key]()
+    head = model.fc if model_key == "tiny" else model.head
+    maps, classes, scores = [], [], []
+    for i in range(len(x)):
+        dff = DeepFeatureFactorization(model, model.features, computation_on_concepts=head)
+        _, explanations, outputs = dff(x[i : i + 1], concepts)
+        top = torch.softmax(torch.from_numpy(outputs), dim=-1).max(dim=-1)
+        order = torch.argsort(top.values, descending=True, stable=True)
+        maps.append(explanations[0][order.numpy()])
+        classes.append(top.indices[order])
+        scores.append(top.values[order])
+    return np.stack(maps), torch.stack(classes), torch.stack(scores)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", ["tiny", "bnnet"])
+def test_dff_equals_pytorch_grad_cams_concepts_image_by_image(model_key: str, n: int) -> None:
+    import cam_cli
+
+    x = batch(n, seed=n + 40)
+    mine = cam_cli.explain(frozen(MODELS[model_key]()), x, methods="dff", concepts=3)["dff"]
+    maps, classes, scores = dff_reference(model_key, x, 3)
+    assert mine.maps.shape == (n, 3, SIZE, SIZE)
+    assert torch.equal(mine.classes, classes)
+    np.testing.assert_allclose(mine.scores.numpy(), scores.numpy(), atol=1e-5)
+    for i in range(n):
+        for c in range(3):
+            np.testing.assert_allclose(mine.maps[i, c].numpy(), minmax(maps[i, c]), atol=1e-4, err_msg=f"{i} {c}")
+
+
+def test_dff_refuses_tokens_and_several_layers() -> None:
+    import cam_cli
+
+    with pytest.raises(ModelError, match="dff .*tokens"):
+        cam_cli.explain(frozen(make_vit()), batch(1), methods="dff")
+    with pytest.raises(ModelError, match="dff factorises one layer"):
+        cam_cli.explain(frozen(make_bnnet()), batch(1), methods="dff", layer=REFINE_LAYERS["bnnet"])
+
+
+def test_dff_through_the_cli_writes_a_map_per_concept_and_resumes(image_dir, tiny_factory, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--method", "dff,gradcam",
+            "--concepts", "3"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["done"] == 6
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 12
+    named = set()
+    for (_, method), record in records.items():
+        assert record["status"] == "ok"
+        assert len(record["targets"]) == (3 if method == "dff" else 1)
+        named |= {t[k] for t in record["targets"] for k in ("overlay", "map")}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.jsonl"}
+    assert written == named
+    line = records[("a.jpg", "dff")]
+    assert line["concepts"] == 3 and line["class_agnostic"] is True
+    assert sorted(t["concept"] for t in line["targets"]) == [0, 1, 2]
+    first = line["targets"][0]
+    assert (line["class_index"], line["score"]) == (first["class_index"], first["score"])
+    assert first["concept_classes"][0] == first["class_index"] and len(first["concept_scores"]) == 3
+    assert [t["score"] for t in line["targets"]] == sorted((t["score"] for t in line["targets"]), reverse=True)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["done"], summary["skipped"]) == (0, 6)
+    more = CliRunner().invoke(main, [*args[:-2], "--concepts", "2"])  # other settings: redone
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.stdout.splitlines()[-1])["done"] == 6
+    assert len(rundir.load_manifest(out / "manifest.jsonl")[("a.jpg", "dff")]["targets"]) == 2
