@@ -41,7 +41,9 @@ class MethodMaps:
     ``target="topK"`` with ``K > 1``. ``classes``: the class each map explains, int64,
     ``(N,)`` or ``(N, K)``. ``scores``: the softmax probability of that class, float32,
     same shape as ``classes``. Methods that are not class-specific (Eigen-CAM) give one
-    map an image, of the top-1 class, whatever the target: ``(N, 1, H, W)`` for topK.
+    map an image, of the top-1 class, whatever the target: ``(N, 1, H, W)`` for topK;
+    ``dff`` gives ``concepts`` maps an image, ``(N, C, H, W)``, each with the class the
+    network gives its concept and that class's probability for it, best first.
     All three are on the device the model ran on.
     """
 
@@ -115,6 +117,7 @@ def explain(
     kpca_gamma: float | None = None,
     noise_samples: int | None = None,
     noise_std: float | None = None,
+    concepts: int = 5,
 ) -> dict[str, MethodMaps]:
     """Explain a batch with one or several CAM methods, all from one forward pass a chunk.
 
@@ -148,9 +151,9 @@ def explain(
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast for the model only;
             the maps are computed in float32).
         batch_size: images per pass (and per masked pass of Score-CAM and the like).
-        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma, noise_samples, noise_std:
+        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma, noise_samples, noise_std, concepts:
             as the CLI's ``--aug-smooth``, ``--eigen-smooth``, ``--finer-gamma``, ``--seed``,
-            ``--kpca-kernel``, ``--kpca-gamma``, ``--noise-samples`` and ``--noise-std``
+            ``--kpca-kernel``, ``--kpca-gamma``, ``--noise-samples``, ``--noise-std`` and ``--concepts``
             (None: the method's own default).
 
     Returns:
@@ -189,8 +192,11 @@ def explain(
         raise CamxError(f"noise_samples must be at least 1, not {noise_samples}")
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
         raise CamxError(f"noise_std must be a finite number >= 0, not {noise_std}")
+    if concepts < 1:
+        raise CamxError(f"concepts must be at least 1, not {concepts}")
     options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth, kpca_kernel=kpca_kernel,
-                            kpca_gamma=kpca_gamma, noise_samples=noise_samples, noise_std=noise_std)  # fmt: skip
+                            kpca_gamma=kpca_gamma, noise_samples=noise_samples, noise_std=noise_std,
+                            concepts=concepts)  # fmt: skip
     with _borrowed(classifier.module) as home:
         run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
         text = _target_text(target)
@@ -298,12 +304,11 @@ def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batc
             raw = result.maps[method.name].detach()
             n, r = raw.shape[:2]
             maps = upsample_normalise(raw.flatten(0, 1), height, width).view(n, r, height, width)
-            classes = result.classes_of(method)
-            parts[method.name].append((maps, classes, result.scores(classes).float()))
+            parts[method.name].append((maps, result.classes_of(method), result.scores_of(method).float()))
     out = {}
     for name, chunks in parts.items():
         maps, classes, scores = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
-        if spec.count == 1:
+        if spec.count == 1 and maps.shape[1] == 1:  # dff's concepts stay (N, C, H, W)
             maps, classes, scores = maps[:, 0], classes[:, 0], scores[:, 0]
         out[name] = MethodMaps(maps, classes, scores)
     return out

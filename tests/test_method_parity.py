@@ -252,9 +252,12 @@ def shapley_by_hand(
     return scale_cam_image(scale_cam_image(np.maximum(cam, 0), (SIZE, SIZE)))
 
 
-#: CAM's reference is torchcam (test_methods.py); the noisy and integrated methods' are at the end of this file
-OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam")
+#: CAM's reference is torchcam (test_methods.py); the noisy and integrated methods' are at the end of this file,
+#: RefineCAM's (several layers) and DFF's (K concepts an image) too
+OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam", "refinecam", "dff")
 PGC_METHODS = [m for m in method_names() if m not in OWN_REFERENCE]
+#: methods that read several layers at once: not run on one default layer here
+MULTI_LAYER = ("refinecam",)
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -295,7 +298,7 @@ def test_eigen_smooth_equals_the_sign_corrected_reference(name: str, model_key: 
         np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4, err_msg=f"{name} {model_key} image {i}")
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", [m for m in method_names() if m not in MULTI_LAYER])
 def test_batch_size_does_not_change_any_method(name: str) -> None:
     model = frozen(make_bnnet() if name != "cam" else make_tiny())
     x = batch(5, seed=11)
@@ -307,7 +310,7 @@ def test_batch_size_does_not_change_any_method(name: str) -> None:
 def test_several_methods_in_one_pass_equal_each_alone() -> None:
     model = frozen(make_bnnet())
     x = batch(3, seed=13)
-    own_passes = ("cam", "smoothgradcam++")
+    own_passes = ("cam", "smoothgradcam++", "dff", *MULTI_LAYER)  # dff: a labelling pass of its own
     names = [m for m in method_names() if m not in own_passes and info(m).family != "perturbation"]
     probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
     target = default_target(probe)
@@ -560,3 +563,198 @@ def test_smoothgradcam_sscam_and_iscam_fill_full_batches_count_their_passes_and_
     explainer.stop, explainer.on_passes = stop, lambda n: stop.set()
     with pytest.raises(Stopped):
         explainer.explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))
+
+
+# ----------------------------------------------- refinecam (pytorch-grad-cam's RefineCAM, several layers)
+
+REFINE_LAYERS = {
+    "tiny": ["features.1", "features.3"],
+    "bnnet": ["features.2", "features.5"],
+    "vit": ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1.ln_1"],
+}
+
+
+def refine_reference(model_key: str, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
+    """pytorch-grad-cam's RefineCAM (its default base, Grad-CAM++) on the same layers and classes."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = MODELS[model_key]().requires_grad_(True)
+    layers = [model.get_submodule(name) for name in REFINE_LAYERS[model_key]]
+    reshape = reshape_for(model_key, target_of(frozen(MODELS[model_key]())))
+    with sdpa_kernel([SDPBackend.MATH]):
+        return pgc.RefineCAM(model, layers, reshape)(x, [ClassifierOutputTarget(int(c)) for c in classes])
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", list(MODELS))
+def test_refinecam_equals_pytorch_grad_cams(model_key: str, n: int) -> None:
+    import cam_cli
+
+    x = batch(n, seed=n + 30)
+    result = cam_cli.explain(frozen(MODELS[model_key]()), x, methods="refinecam", layer=REFINE_LAYERS[model_key])
+    mine = result["refinecam"]
+    theirs = refine_reference(model_key, x, mine.classes)
+    assert mine.maps.shape == (n, SIZE, SIZE) and float(mine.maps.std()) > 0.05  # not flat
+    for i in range(n):
+        np.testing.assert_allclose(mine.maps[i].numpy(), minmax(theirs[i]), atol=1e-4, err_msg=f"{model_key} {i}")
+
+
+def test_refinecam_takes_one_forward_and_one_backward_for_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cam_cli.probe import resolve_targets
+
+    model = frozen(make_bnnet())
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    targets = resolve_targets(probe, ",".join(REFINE_LAYERS["bnnet"]))
+    methods = [create("refinecam"), create("gradcam")]
+    for method in methods:
+        method.prepare(Setup(probe, targets[0], model, model, torch.device("cpu"), tuple(targets)))
+    forwards: list[int] = []
+    backwards: list[int] = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: (backwards.append(1), grad(*a, **k))[1])
+    counting = lambda t: (forwards.append(1), model(t))[1]  # noqa: E731
+    result = BatchExplainer(counting, model, targets, methods).explain(batch(3), lambda lg: lg.argmax(1, keepdim=True))
+    assert result.maps["refinecam"].shape == (3, 1, SIZE, SIZE)
+    assert len(forwards) == 1 and len(backwards) == 1, "both layers and both methods from one pass each way"
+
+
+def test_refinecam_is_the_product_of_its_layers_and_needs_two() -> None:
+    import cam_cli
+
+    model = frozen(make_bnnet())
+    x = batch(2, seed=6)
+    both = cam_cli.explain(model, x, methods="refinecam", layer=REFINE_LAYERS["bnnet"])["refinecam"].maps
+    alone = [cam_cli.explain(model, x, methods="gradcam++", layer=name)["gradcam++"].maps
+             for name in REFINE_LAYERS["bnnet"]]  # fmt: skip
+    product = alone[0] * alone[1]
+    low = product.amin(dim=(1, 2), keepdim=True)
+    expected = (product - low) / (product.amax(dim=(1, 2), keepdim=True) - low)
+    # each layer's map is min-maxed at the input's size, as camx finishes Grad-CAM++'s (same size here)
+    np.testing.assert_allclose(both.numpy(), expected.numpy(), atol=1e-5)
+    with pytest.raises(ModelError, match="refinecam .* two or more with --layer a,b,c"):
+        cam_cli.explain(model, x, methods="refinecam")
+
+
+def test_refinecam_through_the_cli_writes_what_the_manifest_names_and_resumes(image_dir, tiny_factory,
+                                                                             tmp_path) -> None:  # noqa: ANN001  # fmt: skip
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--method", "refinecam,gradcam",
+            "--layer", "features.1,features.3", "--target", "top2"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["done"] == 6
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 12
+    named = set()
+    for record in records.values():
+        assert record["status"] == "ok" and record["layer"] == "features.1,features.3"
+        assert len(record["targets"]) == 2
+        named |= {t[k] for t in record["targets"] for k in ("overlay", "map")}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.jsonl"}
+    assert written == named
+    assert np.load(out / "a.jpg.refinecam.top1.npy").max() == 1
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["done"], summary["skipped"]) == (0, 6)
+    one = CliRunner().invoke(main, [*args[:-4], "--method", "refinecam", "--layer", "features.3"])
+    assert one.exit_code == 1 and "two or more with --layer a,b,c" in one.stderr
+
+
+# ----------------------------------------------- dff (pytorch-grad-cam's DeepFeatureFactorization, per image)
+
+
+def dff_reference(model_key: str, x: torch.Tensor, concepts: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """pytorch-grad-cam's DFF run on each image alone (it factorises a batch jointly), its concepts
+    labelled by the model's head and put in camx's order (top class probability, highest first):
+    maps ``(N, C, SIZE, SIZE)``, classes and scores ``(N, C)``."""
+    from pytorch_grad_cam import DeepFeatureFactorization
+
+    model = MODELS[model_key]()
+    head = model.fc if model_key == "tiny" else model.head
+    maps, classes, scores = [], [], []
+    for i in range(len(x)):
+        dff = DeepFeatureFactorization(model, model.features, computation_on_concepts=head)
+        _, explanations, outputs = dff(x[i : i + 1], concepts)
+        top = torch.softmax(torch.from_numpy(outputs), dim=-1).max(dim=-1)
+        order = torch.argsort(top.values, descending=True, stable=True)
+        maps.append(explanations[0][order.numpy()])
+        classes.append(top.indices[order])
+        scores.append(top.values[order])
+    return np.stack(maps), torch.stack(classes), torch.stack(scores)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", ["tiny", "bnnet"])
+def test_dff_equals_pytorch_grad_cams_concepts_image_by_image(model_key: str, n: int) -> None:
+    import cam_cli
+
+    x = batch(n, seed=n + 40)
+    mine = cam_cli.explain(frozen(MODELS[model_key]()), x, methods="dff", concepts=3)["dff"]
+    maps, classes, scores = dff_reference(model_key, x, 3)
+    assert mine.maps.shape == (n, 3, SIZE, SIZE)
+    assert torch.equal(mine.classes, classes)
+    np.testing.assert_allclose(mine.scores.numpy(), scores.numpy(), atol=1e-5)
+    for i in range(n):
+        for c in range(3):
+            np.testing.assert_allclose(mine.maps[i, c].numpy(), minmax(maps[i, c]), atol=1e-4, err_msg=f"{i} {c}")
+
+
+def test_dff_refuses_tokens_and_several_layers() -> None:
+    import cam_cli
+
+    with pytest.raises(ModelError, match="dff .*tokens"):
+        cam_cli.explain(frozen(make_vit()), batch(1), methods="dff")
+    with pytest.raises(ModelError, match="dff factorises one layer"):
+        cam_cli.explain(frozen(make_bnnet()), batch(1), methods="dff", layer=REFINE_LAYERS["bnnet"])
+
+
+def test_dff_through_the_cli_writes_a_map_per_concept_and_resumes(image_dir, tiny_factory, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--method", "dff,gradcam",
+            "--concepts", "3"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["done"] == 6
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 12
+    named = set()
+    for (_, method), record in records.items():
+        assert record["status"] == "ok"
+        assert len(record["targets"]) == (3 if method == "dff" else 1)
+        named |= {t[k] for t in record["targets"] for k in ("overlay", "map")}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.jsonl"}
+    assert written == named
+    line = records[("a.jpg", "dff")]
+    assert line["concepts"] == 3 and line["class_agnostic"] is True
+    assert sorted(t["concept"] for t in line["targets"]) == [0, 1, 2]
+    first = line["targets"][0]
+    assert (line["class_index"], line["score"]) == (first["class_index"], first["score"])
+    assert first["concept_classes"][0] == first["class_index"] and len(first["concept_scores"]) == 3
+    assert [t["score"] for t in line["targets"]] == sorted((t["score"] for t in line["targets"]), reverse=True)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["done"], summary["skipped"]) == (0, 6)
+    more = CliRunner().invoke(main, [*args[:-2], "--concepts", "2"])  # other settings: redone
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.stdout.splitlines()[-1])["done"] == 6
+    assert len(rundir.load_manifest(out / "manifest.jsonl")[("a.jpg", "dff")]["targets"]) == 2

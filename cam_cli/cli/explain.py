@@ -131,6 +131,13 @@ from cam_cli.errors import plural
     help="kpcacam: the kernel's coefficient [default: 1 / the layer's channels].",
 )
 @click.option(
+    "--concepts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="dff: the concepts (NMF components) each image is factorised into, one map each.",
+)
+@click.option(
     "--noise-samples",
     type=click.IntRange(min=1),
     default=None,

@@ -80,6 +80,22 @@ class MethodOptions:
     #: noise's standard deviation; None: the method's own default (torchcam 0.5.0's)
     noise_samples: int | None = None
     noise_std: float | None = None
+    #: dff: the concepts (NMF components) an image is factorised into, one map each
+    concepts: int = 5
+
+
+@dataclass
+class MapLabels:
+    """The classes a method gives its own maps (``Method.labels_maps``): ``classes`` and
+    ``scores`` ``(N, R)``, one per map, and per image and map a dict of details for the
+    manifest (DFF: the concept's index and its top classes with their scores)."""
+
+    classes: torch.Tensor
+    scores: torch.Tensor
+    details: list[list[dict[str, Any]]]
+
+    def first(self, count: int) -> MapLabels:
+        return MapLabels(self.classes[:count], self.scores[:count], self.details[:count])
 
 
 @dataclass
@@ -184,6 +200,14 @@ class Method:
     after_pass: ClassVar[bool] = False
     #: the forward passes of its own one image costs (set by ``prepare``; 0 for most methods)
     passes_per_image: int = 0
+    #: reads every hooked layer at once (``layer_maps``) instead of one map per layer that the
+    #: explainer fuses (RefineCAM)
+    multi_layer: ClassVar[bool] = False
+    #: gives each of its maps a class of its own (``concept_labels`` after ``maps``), not the
+    #: image's explained classes (DFF's concepts)
+    labels_maps: ClassVar[bool] = False
+    #: those classes, for the batch ``maps`` was last called on
+    concept_labels: MapLabels | None = None
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -199,6 +223,10 @@ class Method:
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def map_count(self, targets: int) -> int:
+        """How many maps an input gets from this method when ``--target`` asks for ``targets``."""
+        return targets if self.info.class_specific else 1
+
     def run(
         self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, classes: torch.Tensor | None,
         choose: ClassChooser,
@@ -208,6 +236,11 @@ class Method:
 
     def weighted(self, capture: Capture, r: int) -> torch.Tensor:
         return self.weights(capture, r)[:, :, None, None] * capture.features
+
+    def layer_maps(self, captures: list[Capture], size: tuple[int, int]) -> torch.Tensor:
+        """Raw maps ``(N, R, S, S)`` at the input's ``size`` from every hooked layer's capture
+        (the layers of one pass, in ``--layer`` order), for methods with ``multi_layer``."""
+        raise NotImplementedError
 
     def maps(self, capture: Capture) -> torch.Tensor:
         """Raw maps ``(N, R, h, w)``: ``sum_k`` of the weighted activations (or their first
@@ -261,6 +294,7 @@ __all__ = [
     "ClassChooser",
     "Explanation",
     "Layout",
+    "MapLabels",
     "Method",
     "MethodOptions",
     "Setup",

@@ -17,7 +17,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from cam_cli.methods.base import (
     ActivationCapture,
     Capture,
     ClassChooser,
+    MapLabels,
     Method,
     Stopped,
     TargetLayer,
@@ -54,13 +56,29 @@ class MultiExplanation:
     top1: torch.Tensor
     maps: dict[str, torch.Tensor]
     stopped: bool = False
+    #: the classes of methods that label their maps themselves (DFF's concepts)
+    labels: dict[str, MapLabels] = field(default_factory=dict)
 
     def classes_of(self, method: Method) -> torch.Tensor:
+        if method.name in self.labels:
+            return self.labels[method.name].classes
         return self.classes if method.info.class_specific else self.top1
 
     def scores(self, classes: torch.Tensor) -> torch.Tensor:
         """Softmax probability of ``classes`` ``(N, R)``."""
         return self.logits.softmax(dim=1).gather(1, classes)
+
+    def scores_of(self, method: Method) -> torch.Tensor:
+        """The score of each of ``method``'s maps ``(N, R_m)``: the image's probability of the
+        map's class, or the method's own (DFF: the concept's)."""
+        if method.name in self.labels:
+            return self.labels[method.name].scores
+        return self.scores(self.classes_of(method))
+
+    def details_of(self, method: Method) -> list[list[dict[str, Any]]] | None:
+        """Per image and map, what the method says of the map beyond its class (DFF), or None."""
+        labels = self.labels.get(method.name)
+        return None if labels is None else labels.details
 
 
 def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -78,6 +96,14 @@ def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.T
             scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
         fused.append(scaled.clamp(min=0))
     return torch.stack(fused).mean(dim=0)
+
+
+def layer_maps(method: Method, captures: list[Capture], size: tuple[int, int]) -> torch.Tensor:
+    """One method's raw maps from the captures of every hooked layer: its own reading of all
+    of them (``multi_layer``), or each layer's maps fused (:func:`fuse_layers`)."""
+    if method.multi_layer:
+        return method.layer_maps(captures, size).detach()
+    return fuse_layers([method.maps(c).detach() for c in captures], size)
 
 
 def finish_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -152,10 +178,13 @@ class BatchExplainer:
         own_pass: list[Method],
     ) -> MultiExplanation:
         maps: dict[str, torch.Tensor] = {}
+        labels: dict[str, MapLabels] = {}
         logits = chosen = None
         stopped = False
         if layer_methods:
             logits, chosen = self._layer_pass(x, choose, classes, maps, layer_methods)
+            labels = {m.name: m.concept_labels.first(len(logits)) for m in layer_methods if m.labels_maps
+                      and m.name in maps and m.concept_labels is not None}  # fmt: skip
             if len(logits) < len(x):  # stopped: only the first images are finished
                 stopped, x = True, x[: len(logits)]
         for method in own_pass:
@@ -165,7 +194,7 @@ class BatchExplainer:
                 logits, chosen = own_logits, own_classes
             maps[method.name] = own_maps
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped)
+        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels)
 
     @staticmethod
     def _capture(
@@ -223,7 +252,7 @@ class BatchExplainer:
                 capture.group = captures if chain else []
             for method in methods:
                 if not method.after_pass:
-                    maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                    maps[method.name] = layer_maps(method, captures, size)
         late = [m for m in methods if m.after_pass]
         if late:  # passes of their own, with the hook off and no graph
             return self._after_pass(x, captures, late, maps, logits, chosen)
@@ -250,7 +279,7 @@ class BatchExplainer:
             with torch.inference_mode():
                 for i, method in enumerate(late):
                     try:
-                        maps[method.name] = fuse_layers([method.maps(c).detach() for c in captures], size)
+                        maps[method.name] = layer_maps(method, captures, size)
                     except Stopped as stopped:
                         # the later methods (and layers) have not run: nothing is finished for them
                         if (stopped.maps is None or not stopped.finished or i < len(late) - 1 or self.aug_smooth

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from cam_cli.methods.base import Capture, Method, first_component, to_feature_map
+from cam_cli.errors import ModelError
+from cam_cli.methods.base import Capture, Method, Setup, first_component, to_feature_map
 
 SPATIAL = (2, 3)
 
@@ -159,3 +161,44 @@ class FinerCAM(Method):
         reference = distance.argmin(dim=1)
         g_ref = to_feature_map(capture.score_gradient(reference).detach(), capture.target).float()
         return (capture.gradient(r) - self.options.finer_gamma * g_ref).mean(dim=SPATIAL)
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each map of ``(N, R, h, w)`` scaled to ``[0, 1]`` (a flat one: zeros)."""
+    low = maps.amin(dim=SPATIAL, keepdim=True)
+    span = maps.amax(dim=SPATIAL, keepdim=True) - low
+    return (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+class RefineCAM(Method):
+    """Domeniconi et al. 2026 ("How to Evaluate and Refine your CAM", arXiv:2605.14641): the
+    element-wise product over the hooked layers ``l`` of ``minmax(up(minmax(M_l)))``, ``M_l``
+    each layer's Grad-CAM++ map ``(N, R, h_l, w_l)``, ``up`` bilinear to the input's size.
+
+    Every layer is hooked in the one forward pass, and their gradients come from one
+    backward pass (``Capture.group``). Needs two layers or more (``--layer a,b,c``,
+    from the coarsest to the finest or in any order: the product does not depend on it)."""
+
+    name = "refinecam"
+    needs_gradient = True
+    multi_layer = True
+
+    def prepare(self, setup: Setup) -> None:
+        if len(setup.targets) < 2:
+            raise ModelError(
+                "refinecam multiplies the maps of several layers: name two or more with --layer a,b,c "
+                "(e.g. the last block of each stage, layer1,layer2,layer3,layer4 on a ResNet; "
+                "`camx layers MODEL` lists them)"
+            )
+
+    def layer_maps(self, captures: list[Capture], size: tuple[int, int]) -> torch.Tensor:
+        base = GradCAMPlusPlus(self.options)
+        product: torch.Tensor | None = None
+        for capture in captures:
+            scaled = _min_max(base.maps(capture))
+            if tuple(scaled.shape[-2:]) != size:
+                scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
+            scaled = _min_max(scaled)
+            product = scaled if product is None else product * scaled
+        assert product is not None
+        return product

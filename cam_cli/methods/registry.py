@@ -136,6 +136,13 @@ _ENTRIES = (
         plain_gradient=True,
     ),
     MethodInfo(
+        "refinecam", "gradient", f"{_GRAD}:RefineCAM", True,
+        "Domeniconi et al., How to Evaluate and Refine your CAM, 2026 (arXiv:2605.14641)",
+        "prod over the layers l of --layer a,b,c (two or more) of minmax(up(minmax(M_l))), M_l the layer's "
+        "Grad-CAM++ map, up bilinear to the input; all layers in one forward and one backward pass",
+        backwards=1, shares_backward=True, eigen_smooth=False, aug_smooth=False, plain_gradient=True,
+    ),
+    MethodInfo(
         "fullgrad", "gradient", "cam_cli.methods.fullgrad:FullGrad", True,
         "Srinivas & Fleuret, Full-Gradient Representation, NeurIPS 2019",
         "|x * dy/dx| + sum over Conv2d/BatchNorm2d biases of |b * dy/db|, each min-max'ed and resized",
@@ -180,6 +187,14 @@ _ENTRIES = (
         "Karmani et al., KPCA-CAM: Visual Explainability of Deep Computer Vision Models using Kernel PCA, 2024",
         "ReLU(first kernel principal component of A (sigmoid kernel by default), sign-corrected)",
         eigen_smooth=False,
+    ),
+    MethodInfo(
+        "dff", "activation", f"{_ACT}:DFF", False,
+        "Collins et al., Deep Feature Factorization for Concept Discovery, ECCV 2018",
+        "per image, NMF of the non-negative A (K, h*w) into C = --concepts (5) concepts (scikit-learn, seeded); "
+        "one map per concept (its row of H), labelled by the layers after A fed the concept's vector "
+        "(1 + C forward passes per image)",
+        eigen_smooth=False, aug_smooth=False, forwards_note="1+C",
     ),
     MethodInfo(
         "fem", "activation", f"{_ACT}:FEM", False,

@@ -105,19 +105,21 @@ class Engine:
         for method in self.explainer.methods:
             if method.name not in wanted:
                 continue
-            classes = result.classes_of(method)
             per_method[method.name] = (
                 result.maps[method.name].detach(),
-                classes.cpu().tolist(),
-                result.scores(classes).cpu().tolist(),
+                result.classes_of(method).cpu().tolist(),
+                result.scores_of(method).cpu().tolist(),
+                result.details_of(method),
             )
         jobs = []
         for j, index in enumerate(batch.indices[: len(result.logits)]):
             image = todo[index]
-            results = [
-                MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j])
-                for name in self.plan.missing[image.key]
-            ]
+            results = []
+            for name in self.plan.missing[image.key]:
+                maps, classes, scores, details = per_method[name]
+                results.append(
+                    MethodResult(name, maps[j], classes[j], scores[j], None if details is None else details[j])
+                )
             jobs.append((image, batch.originals[j], results))
         return jobs
 

@@ -25,7 +25,6 @@ from cam_cli.jobs.data import ImageDataset, collate
 from cam_cli.jobs.explain.engine import Engine, Progress, Summary
 from cam_cli.jobs.explain.session import open_session, parse_method_list, select_images
 from cam_cli.jobs.explain.writer import Writer
-from cam_cli.methods import info
 from cam_cli.probe import layers_label
 from cam_cli.rundir.plan import ResumePlan, refuse_writing_over_inputs
 
@@ -69,6 +68,7 @@ class ExplainConfig:
     kpca_gamma: float | None = None
     noise_samples: int | None = None
     noise_std: float | None = None
+    concepts: int = 5
     aug_smooth: bool = False
     eigen_smooth: bool = False
 
@@ -98,7 +98,7 @@ class Explainer:
             images=self.images,
             methods=self.method_names,
             settings={m.name: self._settings(m) for m in self.session.methods},
-            counts={name: self.target.count if info(name).class_specific else 1 for name in self.method_names},
+            counts={m.name: m.map_count(self.target.count) for m in self.session.methods},
             class_name=self.classifier.class_name,
             fmt=config.fmt,
             boxes=config.boxes or config.draw_boxes,

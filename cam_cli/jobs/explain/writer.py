@@ -41,6 +41,8 @@ class MethodResult:
     maps: torch.Tensor
     classes: list[int]
     scores: list[float]
+    #: per map, what the method says of it beyond its class (DFF: the concept and its top classes)
+    details: list[dict[str, Any]] | None = None
 
 
 def encode(bgr: np.ndarray, fmt: str) -> bytes:
@@ -139,6 +141,10 @@ class Writer:
                 "overlay": overlay_rel,
                 "map": map_rel,
             }
+            if result.details is not None:
+                entry.update(result.details[r])
+                if "concept_classes" in entry:
+                    entry["concept_class_names"] = [self.plan.class_name(c) for c in entry["concept_classes"]]
             if flat_maps is not None and render.is_flat(flat_maps[r]):
                 entry["flat"] = True
             picture = overlay_np[r]
