@@ -106,18 +106,21 @@ class Engine:
             if method.name not in wanted:
                 continue
             classes = result.classes_of(method)
+            gradients = result.gradients.get(method.name)
             per_method[method.name] = (
                 result.maps[method.name].detach(),
                 classes.cpu().tolist(),
                 result.scores(classes).cpu().tolist(),
+                None if gradients is None else gradients.detach(),
             )
         jobs = []
         for j, index in enumerate(batch.indices[: len(result.logits)]):
             image = todo[index]
-            results = [
-                MethodResult(name, per_method[name][0][j], per_method[name][1][j], per_method[name][2][j])
-                for name in self.plan.missing[image.key]
-            ]
+            results = []
+            for name in self.plan.missing[image.key]:
+                maps, indices, probabilities, images = per_method[name]
+                gradient = None if images is None else images[j]
+                results.append(MethodResult(name, maps[j], indices[j], probabilities[j], gradient))
             jobs.append((image, batch.originals[j], results))
         return jobs
 

@@ -103,6 +103,7 @@ class Explainer:
             fmt=config.fmt,
             boxes=config.boxes or config.draw_boxes,
             overwrite=config.overwrite,
+            gradients=frozenset(name for name in self.method_names if info(name).gradient_file),
         )
         self.plan.check_owner()  # another model's maps in OUT: refused before anything is written
         self.timings = Timings()

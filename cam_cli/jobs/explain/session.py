@@ -74,7 +74,9 @@ def check_methods(
     names = parse_method_list(method)
     check_smoothing(names, aug_smooth, eigen_smooth)
     if layer is not None and not any(info(n).uses_layer for n in names):
-        raise CamxError(f"{flag} does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+        reads = {"fullgrad": "every biased layer"}
+        why = "; ".join(f"{n} reads {reads.get(n, 'the gradient at the input')}, not one layer" for n in names)
+        raise CamxError(f"{flag} does not apply to {', '.join(names)} ({why})")
     return names
 
 
