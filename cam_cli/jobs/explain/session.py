@@ -187,7 +187,8 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
         try:
             explainer.explain(x, target.chooser(), names={method.name})
         except ModelError as exc:
-            raise ModelError(f"{method.name}: {exc}") from None
+            named = str(exc).startswith(f"{method.name}: ")  # the method's own message names it
+            raise ModelError(str(exc) if named else f"{method.name}: {exc}") from None
         except Exception as exc:
             message = " ".join(str(exc).split())[:240]
             raise ModelError(f"{method.name} cannot run on this model: {message}") from None
