@@ -796,3 +796,17 @@ def test_guided_methods_with_gradcam_through_the_cli(image_dir, tiny_factory, tm
     assert evaluated.exit_code == 0, evaluated.output
     scored = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["method"] for line in scored} >= {"gradcam", "guided-backprop", "guided-gradcam"}
+
+
+def test_guided_images_come_back_from_the_api() -> None:
+    import cam_cli
+
+    model = frozen(make_bnnet())
+    x = batch(3, seed=12)
+    result = cam_cli.explain(model, x, methods="gradcam,guided-backprop,guided-gradcam", target="top2")
+    assert result["gradcam"].gradients is None
+    _, maps, images = guided("guided-backprop", model, x, lambda lg: lg.topk(2, dim=1).indices)
+    assert result["guided-backprop"].gradients.shape == (3, 2, 3, SIZE, SIZE)
+    np.testing.assert_allclose(result["guided-backprop"].gradients.numpy(), images, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(result["guided-backprop"].maps.numpy(), maps, atol=1e-6)
+    assert result["guided-gradcam"].maps.shape == (3, 2, SIZE, SIZE)
