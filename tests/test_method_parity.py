@@ -717,11 +717,17 @@ def test_guided_relus_reach_functional_and_in_place_relus() -> None:
 
 
 @pytest.mark.parametrize("name", GUIDED)
-def test_guided_methods_refuse_the_vit_in_one_line(name: str) -> None:
+def test_guided_methods_refuse_the_vit_and_the_smoothing_in_one_line(name: str) -> None:
+    from cam_cli.errors import CamxError
+    from cam_cli.jobs.explain.session import check_methods
+
     with pytest.raises(ModelError) as raised:
         guided(name, frozen(make_vit()), batch(1))
     message = str(raised.value)
     assert message.startswith(f"{name}: the model calls no ReLU") and "GELU" in message and "\n" not in message
+    for aug, eigen in ((True, False), (False, True)):
+        with pytest.raises(CamxError, match=f"does not apply to {name}; run those without it"):
+            check_methods(name, None, aug, eigen)
 
 
 def test_guided_picture_is_pytorch_grad_cams_deprocess_image() -> None:

@@ -89,13 +89,15 @@ class GuidedReLUs(TorchFunctionMode):
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if func not in RELUS and func not in IN_PLACE_RELUS:
+            return func(*args, **kwargs)
+        z = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        if not isinstance(z, torch.Tensor):
+            return func(*args, **kwargs)
         in_place = func in IN_PLACE_RELUS or (
             func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
         )
-        if not (in_place or func in RELUS) or not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
         self.count += 1
-        z = args[0]
         out = GuidedReLU.apply(z, self.switch)
         return z.copy_(out) if in_place else out
 
