@@ -44,12 +44,16 @@ class MethodMaps:
     map an image, of the top-1 class, whatever the target: ``(N, 1, H, W)`` for topK;
     ``dff`` gives ``concepts`` maps an image, ``(N, C, H, W)``, each with the class the
     network gives its concept and that class's probability for it, best first.
-    All three are on the device the model ran on.
+    ``gradients``: for ``guided-backprop`` and ``guided-gradcam``, the 3-channel image
+    behind each map (the guided gradient, times the Grad-CAM map for the latter), float32
+    ``(N, 3, H, W)`` or ``(N, K, 3, H, W)``, not normalised; None for the other methods.
+    All of them are on the device the model ran on.
     """
 
     maps: torch.Tensor
     classes: torch.Tensor
     scores: torch.Tensor
+    gradients: torch.Tensor | None = None
 
 
 def load_model(
@@ -298,6 +302,7 @@ def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batc
     """Every method's finished maps of ``inputs``, ``batch_size`` images a pass."""
     height, width = int(inputs.shape[-2]), int(inputs.shape[-1])
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {m.name: [] for m in explainer.methods}
+    gradients: dict[str, list[torch.Tensor]] = {m.name: [] for m in explainer.methods if m.gives_gradients}
     for start in range(0, inputs.shape[0], batch_size):
         result = _explain_chunk(explainer, inputs[start : start + batch_size], spec, first=start == 0)
         for method in explainer.methods:
@@ -305,12 +310,16 @@ def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batc
             n, r = raw.shape[:2]
             maps = upsample_normalise(raw.flatten(0, 1), height, width).view(n, r, height, width)
             parts[method.name].append((maps, result.classes_of(method), result.scores_of(method).float()))
+            if method.name in gradients:
+                gradients[method.name].append(result.gradients[method.name].detach())
     out = {}
     for name, chunks in parts.items():
         maps, classes, scores = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
+        images = torch.cat(gradients[name]) if name in gradients else None
         if spec.count == 1 and maps.shape[1] == 1:  # dff's concepts stay (N, C, H, W)
             maps, classes, scores = maps[:, 0], classes[:, 0], scores[:, 0]
-        out[name] = MethodMaps(maps, classes, scores)
+            images = None if images is None else images[:, 0]
+        out[name] = MethodMaps(maps, classes, scores, images)
     return out
 
 

@@ -118,6 +118,20 @@ def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tup
     return norms, overlays
 
 
+def gradient_picture(gradient: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A guided gradient as its papers show it: ``(3, S, S)`` float (RGB) -> ``(height, width, 3)``
+    uint8 **BGR**. pytorch-grad-cam's ``deprocess_image`` (Keras Grad-CAM's): centred on grey,
+    ``0.5 + 0.1 (G - mean) / (std + 1e-5)`` over all its values, clipped to [0, 1], then resized
+    (bilinear) to the image and scaled to 0..255 (truncated)."""
+    g = np.asarray(gradient, dtype=np.float32).transpose(1, 2, 0)
+    g = g - g.mean()
+    g = g / (g.std() + 1e-5)
+    picture = np.clip(g * 0.1 + 0.5, 0, 1).astype(np.float32)
+    if picture.shape[:2] != (height, width):
+        picture = cv2.resize(picture, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray((picture * 255).astype(np.uint8)[:, :, ::-1])
+
+
 def draw_box(overlay: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """Draw a white rectangle with a black edge around ``box`` (x0, y0, x1, y1 exclusive)."""
     x0, y0, x1, y1 = box

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -253,8 +254,10 @@ def shapley_by_hand(
 
 
 #: CAM's reference is torchcam (test_methods.py); the noisy and integrated methods' are at the end of this file,
-#: RefineCAM's (several layers) and DFF's (K concepts an image) too
-OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam", "refinecam", "dff")
+#: RefineCAM's (several layers), DFF's (K concepts an image) and the guided ones' (pytorch-grad-cam's
+#: GuidedBackpropReLUModel, which has no CAM interface) too
+GUIDED = ("guided-backprop", "guided-gradcam")
+OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam", "refinecam", "dff", *GUIDED)
 PGC_METHODS = [m for m in method_names() if m not in OWN_REFERENCE]
 #: methods that read several layers at once: not run on one default layer here
 MULTI_LAYER = ("refinecam",)
@@ -320,7 +323,7 @@ def test_several_methods_in_one_pass_equal_each_alone() -> None:
     calls = []
     counting = lambda t: (calls.append(1), model(t))[1]  # noqa: E731
     result = BatchExplainer(counting, model, target, methods).explain(x, lambda lg: lg.argmax(1, keepdim=True))
-    assert len(calls) == 2, "one forward for every layer method, one for FullGrad's own pass"
+    assert len(calls) == 4, "one forward for every layer method, one for each own pass (FullGrad, the guided two)"
     for name in names:
         alone, _ = ours(name, model, x)
         together = np.stack([upsample_normalise(result.maps[name][i], SIZE, SIZE)[0].numpy() for i in range(3)])
@@ -758,3 +761,256 @@ def test_dff_through_the_cli_writes_a_map_per_concept_and_resumes(image_dir, tin
     assert more.exit_code == 0, more.output
     assert json.loads(more.stdout.splitlines()[-1])["done"] == 6
     assert len(rundir.load_manifest(out / "manifest.jsonl")[("a.jpg", "dff")]["targets"]) == 2
+
+
+# ----------------------------------------------- guided-backprop, guided-gradcam (pytorch-grad-cam 1.5.7)
+
+
+def guided(name: str, model: nn.Module, x: torch.Tensor, choose=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:  # noqa: ANN001
+    """camx's classes ``(N, R)``, finished maps ``(N, R, SIZE, SIZE)`` and 3-channel images
+    ``(N, R, 3, SIZE, SIZE)`` of a guided method, through the batch explainer."""
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    target = default_target(probe) if info(name).uses_layer else None
+    method = create(name)
+    method.prepare(Setup(probe, target, model, model, torch.device("cpu")))
+    result = BatchExplainer(model, model, target, [method]).explain(
+        x, choose or (lambda logits: logits.argmax(1, keepdim=True))
+    )
+    maps = result.maps[name]
+    finished = np.stack([upsample_normalise(m, SIZE, SIZE).numpy() for m in maps])
+    return result.classes, finished, result.gradients[name].numpy()
+
+
+def pgc_guided(name: str, model_key: str, x: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
+    """pytorch-grad-cam's guided gradient ``(N, 3, SIZE, SIZE)`` (its model takes one image at a
+    time), times its Grad-CAM map of the same class and layer for guided-gradcam."""
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = MODELS[model_key]().requires_grad_(True)
+    backprop = GuidedBackpropReLUModel(model, device="cpu")
+    images = np.stack([backprop(x[i : i + 1].clone(), target_category=int(c)) for i, c in enumerate(classes)])
+    images = images.transpose(0, 3, 1, 2)
+    if name == "guided-gradcam":
+        fresh = MODELS[model_key]().requires_grad_(True)
+        layer = fresh.get_submodule(target_of(frozen(MODELS[model_key]())).name)
+        with GradCAM(fresh, [layer]) as cam:
+            maps = cam(x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+        images = images * maps[:, None]
+    return images
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("model_key", ["tiny", "bnnet"])
+@pytest.mark.parametrize("name", GUIDED)
+def test_guided_methods_equal_pytorch_grad_cams_guided_backprop(name: str, model_key: str, n: int) -> None:
+    x = batch(n, seed=n)
+    classes, maps, images = guided(name, frozen(MODELS[model_key]()), x)
+    theirs = pgc_guided(name, model_key, x, classes[:, 0])
+    # the gradients are ~1e-4 here: 1e-4 of their largest value (measured: 2e-7 of it)
+    scale = np.abs(theirs).max()
+    assert scale > 0 and np.abs(images[:, 0] - theirs).max() <= 1e-4 * scale, np.abs(images[:, 0] - theirs).max()
+    saliency = np.abs(theirs).max(axis=1)  # Simonyan et al.'s convention, then camx's finish
+    for i in range(n):
+        np.testing.assert_allclose(maps[i, 0], minmax(saliency[i]), atol=1e-4, err_msg=f"{name} image {i}")
+        assert maps[i, 0].max() == 1.0
+
+
+def test_guided_gradcam_is_guided_backprop_times_the_gradcam_map() -> None:
+    """The identity behind it, with camx's own Grad-CAM: upsampled and min-max'ed at the input size
+    (pytorch-grad-cam's scale: min-max at the layer's resolution, resize, min-max again)."""
+    import torch.nn.functional as F
+
+    model = frozen(make_bnnet())
+    x = batch(3, seed=8)
+    _, _, backprop = guided("guided-backprop", model, x)
+    _, _, product = guided("guided-gradcam", model, x)
+    probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+    cam = BatchExplainer(model, model, default_target(probe), [create("gradcam")]).explain(
+        x, lambda lg: lg.argmax(1, keepdim=True)
+    )
+    low = torch.as_tensor(np.stack([minmax(m) for m in cam.maps["gradcam"][:, 0].numpy()]))
+    up = F.interpolate(low[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+    up = np.stack([minmax(m) for m in up])
+    expected = backprop[:, 0] * up[:, None]
+    np.testing.assert_allclose(product[:, 0], expected, rtol=0, atol=1e-6 * np.abs(backprop).max())
+
+
+def test_guided_methods_give_one_map_per_target_class() -> None:
+    model = frozen(make_bnnet())
+    x = batch(2, seed=4)
+    for name in GUIDED:
+        classes, maps, images = guided(name, model, x, lambda lg: lg.topk(3, dim=1).indices)
+        assert maps.shape == (2, 3, SIZE, SIZE) and images.shape == (2, 3, 3, SIZE, SIZE)
+        for r in range(3):
+            fixed = classes[:, r : r + 1]
+            _, alone, alone_images = guided(name, model, x, lambda lg, fixed=fixed: fixed)
+            np.testing.assert_allclose(maps[:, r], alone[:, 0], atol=1e-6, err_msg=f"{name} rank {r}")
+            np.testing.assert_allclose(images[:, r], alone_images[:, 0], rtol=1e-5, atol=1e-12)
+        assert np.abs(maps[:, 0] - maps[:, 1]).max() > 1e-3, "another class, another map"
+
+
+def model_state(model: nn.Module) -> list[tuple[object, ...]]:
+    """Everything guided backpropagation might leave changed on a model."""
+    return [
+        (name, type(m), getattr(m, "inplace", None), len(m._forward_hooks), len(m._forward_pre_hooks),
+         len(m._backward_hooks), len(m._backward_pre_hooks))
+        for name, m in model.named_modules()
+    ] + [(name, p.requires_grad, p.grad) for name, p in model.named_parameters()]  # fmt: skip
+
+
+def test_guided_methods_leave_the_model_as_it_was_also_on_error() -> None:
+    model = frozen(make_bnnet())  # its ReLUs are in place
+    before = model_state(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = batch(2, seed=6)
+    for name in GUIDED:
+        guided(name, model, x)
+        assert model_state(model) == before
+
+        def failing(t: torch.Tensor) -> torch.Tensor:
+            model(t)
+            raise RuntimeError("boom")
+
+        probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
+        method = create(name)
+        method.prepare(Setup(probe, default_target(probe), model, model, torch.device("cpu")))
+        with pytest.raises(RuntimeError, match="boom"):
+            BatchExplainer(failing, model, default_target(probe), [method]).explain(x, lambda lg: lg.argmax(1)[:, None])
+        assert model_state(model) == before
+        assert torch._C._len_torch_function_stack() == 0, "the guided mode was left on"
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    # and its backward is the plain one again: as a fresh copy's
+    xg = x.clone().requires_grad_(True)
+    (mine,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
+    xf = x.clone().requires_grad_(True)
+    (fresh,) = torch.autograd.grad(frozen(make_bnnet())(xf)[:, 0].sum(), xf)
+    assert torch.equal(mine, fresh)
+
+
+class FunctionalNet(nn.Module):
+    """The tiny model's layers with its ReLUs called as functions, in place and not."""
+
+    def __init__(self, modules: nn.Module) -> None:
+        super().__init__()
+        self.net = modules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net.features
+        x = torch.nn.functional.relu(f[0](x), inplace=True)
+        x = f[2](x).relu_()
+        return self.net.fc(torch.flatten(self.net.pool(x), 1))
+
+
+def test_guided_relus_reach_functional_and_in_place_relus() -> None:
+    tiny = frozen(make_tiny())
+    functional = frozen(FunctionalNet(make_tiny()))
+    x = batch(2, seed=10)
+    _, maps, images = guided("guided-backprop", tiny, x)
+    _, f_maps, f_images = guided("guided-backprop", functional, x)
+    np.testing.assert_allclose(f_images, images, rtol=0, atol=1e-7 * np.abs(images).max())
+    xg = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(tiny(xg).gather(1, tiny(x).argmax(1, keepdim=True)).sum(), xg)
+    assert np.abs(images[:, 0] - plain.numpy()).max() > 0.1 * np.abs(plain.numpy()).max(), "nothing was guided"
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_guided_methods_refuse_the_vit_and_the_smoothing_in_one_line(name: str) -> None:
+    from cam_cli.errors import CamxError
+    from cam_cli.jobs.explain.session import check_methods
+
+    with pytest.raises(ModelError) as raised:
+        guided(name, frozen(make_vit()), batch(1))
+    message = str(raised.value)
+    assert message.startswith(f"{name}: the model calls no ReLU") and "GELU" in message and "\n" not in message
+    for aug, eigen in ((True, False), (False, True)):
+        with pytest.raises(CamxError, match=f"does not apply to {name}; run those without it"):
+            check_methods(name, None, aug, eigen)
+
+
+def test_guided_picture_is_pytorch_grad_cams_deprocess_image() -> None:
+    from pytorch_grad_cam.utils.image import deprocess_image
+
+    from cam_cli.render import gradient_picture
+
+    _, _, images = guided("guided-backprop", frozen(make_bnnet()), batch(1, seed=2))
+    gradient = images[0, 0]
+    theirs = deprocess_image(gradient.transpose(1, 2, 0))  # RGB
+    mine = gradient_picture(gradient, SIZE, SIZE)  # BGR, for OpenCV's encoders
+    assert np.abs(mine[:, :, ::-1].astype(int) - theirs.astype(int)).max() <= 1  # float rounding at a level's edge
+    assert gradient_picture(gradient, 45, 67).shape == (45, 67, 3)
+
+
+def test_guided_methods_with_gradcam_through_the_cli(image_dir, tiny_factory, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from cam_cli import rundir
+    from cam_cli.cli import main
+    from cam_cli.render import gradient_picture
+
+    out = tmp_path / "out"
+    args = ["explain", str(image_dir), "-o", str(out), "--model", tiny_factory, "--weights", "NONE", "--device", "cpu",
+            "-q", "--json", "--workers", "0", "--input-size", "32", "--batch-size", "4", "--format", "png",
+            "--method", "gradcam,guided-backprop,guided-gradcam", "--target", "top2"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["done"] == 6
+    records = rundir.load_manifest(out / "manifest.jsonl")
+    assert len(records) == 18
+    named = {"manifest.jsonl"}
+    flat: set[tuple[str, str, int]] = set()
+    for record in records.values():
+        key, method = record["key"], record["method"]
+        assert record["status"] == "ok"
+        assert len(record["targets"]) == 2
+        for rank, entry in enumerate(record["targets"], start=1):
+            stem = f"{key}.{method}.top{rank}"
+            assert (entry["overlay"], entry["map"]) == (f"{stem}.png", f"{stem}.npy")
+            heat = np.load(out / entry["map"])
+            assert heat.shape == (record["height"], record["width"])
+            assert heat.max() == 1.0 or (entry.get("flat") and heat.max() == 0), stem
+            if entry.get("flat"):
+                flat.add((key, method, rank))
+            named |= {entry["overlay"], entry["map"]}
+            if method == "gradcam":
+                assert "gradient" not in entry and "gradient" not in record
+                continue
+            assert entry["gradient"] == f"{stem}.grad.npy"
+            gradient = np.load(out / entry["gradient"])
+            assert gradient.shape == (3, 32, 32) and gradient.dtype == np.float32
+            named.add(entry["gradient"])
+            picture = cv2.imread(str(out / entry["overlay"]))
+            np.testing.assert_array_equal(picture, gradient_picture(gradient, record["height"], record["width"]))
+        assert record.get("gradient") == record["targets"][0].get("gradient")
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert written == named, "a file no line names, or a line's missing file"
+    # a flat (all-negative) Grad-CAM map makes its Guided Grad-CAM flat too; guided backprop never is
+    assert {(k, r) for k, m, r in flat if m == "gradcam"} == {(k, r) for k, m, r in flat if m == "guided-gradcam"}
+    assert not any(m == "guided-backprop" for _, m, _ in flat)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["done"], summary["skipped"]) == (0, 6), "the resume redid something"
+    (out / "a.jpg.guided-gradcam.top2.grad.npy").unlink()
+    redo = json.loads(CliRunner().invoke(main, args).stdout.splitlines()[-1])
+    assert (redo["done"], redo["skipped"]) == (1, 5) and (out / "a.jpg.guided-gradcam.top2.grad.npy").is_file()
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out), "-q", "--device", "cpu", "--workers", "0"])
+    assert evaluated.exit_code == 0, evaluated.output
+    scored = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["method"] for line in scored} >= {"gradcam", "guided-backprop", "guided-gradcam"}
+
+
+def test_guided_images_come_back_from_the_api() -> None:
+    import cam_cli
+
+    model = frozen(make_bnnet())
+    x = batch(3, seed=12)
+    result = cam_cli.explain(model, x, methods="gradcam,guided-backprop,guided-gradcam", target="top2")
+    assert result["gradcam"].gradients is None
+    _, maps, images = guided("guided-backprop", model, x, lambda lg: lg.topk(2, dim=1).indices)
+    assert result["guided-backprop"].gradients.shape == (3, 2, 3, SIZE, SIZE)
+    np.testing.assert_allclose(result["guided-backprop"].gradients.numpy(), images, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(result["guided-backprop"].maps.numpy(), maps, atol=1e-6)
+    assert result["guided-gradcam"].maps.shape == (3, 2, SIZE, SIZE)

@@ -208,6 +208,12 @@ class Method:
     labels_maps: ClassVar[bool] = False
     #: those classes, for the batch ``maps`` was last called on
     concept_labels: MapLabels | None = None
+    #: ``run`` is a pass of its own even though the method reads a target layer (Guided
+    #: Grad-CAM); methods without a layer (``uses_layer`` False) always run their own
+    own_pass: ClassVar[bool] = False
+    #: ``run_with_gradients`` gives the 3-channel input-resolution image behind each map
+    #: (guided backpropagation), written beside the map
+    gives_gradients: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -233,6 +239,14 @@ class Method:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """A pass of the method's own (methods without a target layer): ``(logits, classes, maps)``."""
         raise NotImplementedError
+
+    def run_with_gradients(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, classes: torch.Tensor | None,
+        choose: ClassChooser,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """``run``, and for methods that ``gives_gradients`` the images ``(N, R, 3, S, S)``
+        behind the maps (None for the others)."""
+        return (*self.run(forward, x, classes, choose), None)
 
     def weighted(self, capture: Capture, r: int) -> torch.Tensor:
         return self.weights(capture, r)[:, :, None, None] * capture.features

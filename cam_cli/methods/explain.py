@@ -3,7 +3,8 @@
 ``BatchExplainer.explain(x, choose)`` runs the model once on a batch with the
 target layer hooked, and asks each method for its maps from that capture;
 gradients are computed on the first method's request and shared (see
-``Capture``). Methods without a target layer (FullGrad) run their own pass.
+``Capture``). Methods without a target layer (FullGrad, Guided Backpropagation) and
+those that set ``own_pass`` (Guided Grad-CAM) run their own pass.
 With ``aug_smooth`` the batch goes through six augmented passes (horizontal
 flip x scaling the normalised input by 0.9, 1, 1.1, as pytorch-grad-cam's
 ``aug_smooth``), each finished at the input size (ReLU where the method has
@@ -58,6 +59,9 @@ class MultiExplanation:
     stopped: bool = False
     #: the classes of methods that label their maps themselves (DFF's concepts)
     labels: dict[str, MapLabels] = field(default_factory=dict)
+    #: ``gradients[name]``: ``(N, R_m, 3, S, S)`` float32 at the input's size, for the methods
+    #: that give the image behind their maps (guided backpropagation)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def classes_of(self, method: Method) -> torch.Tensor:
         if method.name in self.labels:
@@ -140,8 +144,8 @@ class BatchExplainer:
         self.on_passes: Callable[[int], None] | None = None
         self.stop: threading.Event | None = None
         self.extra_seconds = 0.0
-        self.layer_methods = [m for m in self.methods if m.info.uses_layer]
-        self.own_pass = [m for m in self.methods if not m.info.uses_layer]
+        self.own_pass = [m for m in self.methods if not m.info.uses_layer or m.own_pass]
+        self.layer_methods = [m for m in self.methods if m not in self.own_pass]
         if self.layer_methods and target is None:
             raise ModelError(f"{self.layer_methods[0].name} needs a target layer")
 
@@ -179,6 +183,7 @@ class BatchExplainer:
     ) -> MultiExplanation:
         maps: dict[str, torch.Tensor] = {}
         labels: dict[str, MapLabels] = {}
+        gradients: dict[str, torch.Tensor] = {}
         logits = chosen = None
         stopped = False
         if layer_methods:
@@ -188,13 +193,17 @@ class BatchExplainer:
             if len(logits) < len(x):  # stopped: only the first images are finished
                 stopped, x = True, x[: len(logits)]
         for method in own_pass:
-            own_logits, own_classes, own_maps = method.run(self.forward, x, chosen if chosen is not None else classes,
-                                                           choose)  # fmt: skip
+            own_logits, own_classes, own_maps, own_gradients = method.run_with_gradients(
+                self.forward, x, chosen if chosen is not None else classes, choose
+            )
             if logits is None:
                 logits, chosen = own_logits, own_classes
             maps[method.name] = own_maps
+            if own_gradients is not None:
+                gradients[method.name] = own_gradients
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels)
+        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels,
+                                gradients)  # fmt: skip
 
     @staticmethod
     def _capture(

@@ -45,6 +45,9 @@ class MethodInfo:
     #: needs nothing but the gradient of a class score at the target layer: the probe's
     #: backward pass reaching the layer shows that it can run (no dry run at start-up)
     plain_gradient: bool = False
+    #: writes the 3-channel image behind each map beside it (``KEY.METHOD.grad.npy``), and
+    #: shows that image, not a jet overlay (guided backpropagation)
+    gradient_file: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ _GRAD = "cam_cli.methods.gradient"
 _ACT = "cam_cli.methods.activation"
 _PERT = "cam_cli.methods.perturbation"
 _SMOOTH = "cam_cli.methods.smooth"
+_GUIDED = "cam_cli.methods.guided"
 
 _ENTRIES = (
     MethodInfo(
@@ -147,6 +151,20 @@ _ENTRIES = (
         "Srinivas & Fleuret, Full-Gradient Representation, NeurIPS 2019",
         "|x * dy/dx| + sum over Conv2d/BatchNorm2d biases of |b * dy/db|, each min-max'ed and resized",
         backwards=1, uses_layer=False, eigen_smooth=False,
+    ),
+    MethodInfo(
+        "guided-backprop", "gradient", f"{_GUIDED}:GuidedBackprop", True,
+        "Springenberg et al., Striving for Simplicity: The All Convolutional Net, ICLR 2015 (workshop)",
+        "G = dy/dx with every ReLU's backward G_in * 1[z > 0] * 1[G_in > 0]; map max_c |G_c| "
+        "(the 3-channel G in KEY.METHOD.grad.npy)",
+        backwards=1, uses_layer=False, eigen_smooth=False, aug_smooth=False, gradient_file=True,
+    ),
+    MethodInfo(
+        "guided-gradcam", "gradient", f"{_GUIDED}:GuidedGradCAM", True,
+        "Selvaraju et al., Grad-CAM, ICCV 2017 (Guided Grad-CAM)",
+        "G * up(minmax(Grad-CAM)), G the guided-backprop gradient; map max_c |G_c * up(...)| "
+        "(the 3-channel product in KEY.METHOD.grad.npy); a forward of its own",
+        backwards=2, eigen_smooth=False, aug_smooth=False, gradient_file=True,
     ),
     MethodInfo(
         "scorecam", "perturbation", f"{_PERT}:ScoreCAM", True,

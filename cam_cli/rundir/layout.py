@@ -6,6 +6,8 @@ reader of every record of OUT. Torch-free.
     OUT/KEY.METHOD.FMT, OUT/KEY.METHOD.npy       overlay and map of one input and method
     OUT/KEY.METHOD.topR.FMT / .npy               --target topK: one pair per rank R
     OUT/KEY.METHOD.classC.FMT / .npy             a fixed --target class C
+    OUT/KEY.METHOD[.topR|.classC].grad.npy       guided-backprop, guided-gradcam: the 3-channel
+                                                 image behind the map (beside each .npy)
     OUT/manifest.jsonl                           one line per input and method
     OUT/manifest.shard-K-of-N.jsonl              the line of shard K of N (--shard, torchrun)
     OUT/.NAME.journal                            lines appended while a run writes NAME
@@ -56,6 +58,12 @@ def output_names(key: str, method: str, fmt: str, count: int, variant: str | Non
     if count == 1:
         return [(f"{key}.{method}.{fmt}", f"{key}.{method}.npy")]
     return [(f"{key}.{method}.top{r}.{fmt}", f"{key}.{method}.top{r}.npy") for r in range(1, count + 1)]
+
+
+def gradient_name(map_rel: str) -> str:
+    """The 3-channel gradient file beside a map (guided methods): ``KEY.METHOD.npy`` ->
+    ``KEY.METHOD.grad.npy``, ``KEY.METHOD.top2.npy`` -> ``KEY.METHOD.top2.grad.npy``."""
+    return f"{map_rel.removesuffix('.npy')}.grad.npy"
 
 
 def is_run_folder(names: Sequence[str]) -> bool:

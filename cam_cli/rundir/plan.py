@@ -19,7 +19,7 @@ from typing import Any
 from cam_cli.errors import InputError
 from cam_cli.images import InputImage
 from cam_cli.rundir.files import write_atomic
-from cam_cli.rundir.layout import MANIFEST, output_names, read_run, shard_parts
+from cam_cli.rundir.layout import MANIFEST, gradient_name, output_names, read_run, shard_parts
 from cam_cli.rundir.records import (
     RecordKey,
     dumps_record,
@@ -36,7 +36,7 @@ FLAGS = ("aug_smooth", "eigen_smooth", "draw_boxes")
 IDENTITY = ("model", "weights", "input_size", "mean", "std", "output_key", "layer")
 #: Fields of a record that are not settings (compared when two runs share files).
 OUTCOME = ("input", "key", "status", "error", "overlay", "map", "class_index", "class_name", "score", "targets",
-           "width", "height", "flat", "box", "target", "variant")  # fmt: skip
+           "width", "height", "flat", "box", "target", "variant", "gradient")  # fmt: skip
 
 
 def model_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +73,8 @@ class ResumePlan:
     fmt: str = "jpg"
     boxes: bool = False
     overwrite: bool = False
+    #: methods whose lines name a gradient file beside each map (``gradient``: guided backprop)
+    gradients: frozenset[str] = frozenset()
     carried: dict[RecordKey, dict[str, Any]] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     #: files of earlier records this run redoes, to remove once replaced (when the new
@@ -85,6 +87,12 @@ class ResumePlan:
 
     def names(self, key: str, method: str) -> list[tuple[str, str]]:
         return output_names(key, method, self.fmt, self.counts[method], self.settings[method].get("variant"))
+
+    def gradient_names(self, key: str, method: str) -> list[str] | None:
+        """The gradient file beside each map of ``method`` (None: a method without one)."""
+        if method not in self.gradients:
+            return None
+        return [gradient_name(map_rel) for _, map_rel in self.names(key, method)]
 
     def record_key(self, key: str, method: str) -> RecordKey:
         variant = record_variant(self.settings[method])
@@ -174,8 +182,12 @@ class ResumePlan:
 
     def all_outputs(self) -> list[Path]:
         """Every output path this run may write (for clearing stale temporaries)."""
-        names = (pair for image in self.images for method in self.methods for pair in self.names(image.key, method))
-        return [self.out_dir / rel for pair in names for rel in pair]
+        paths = []
+        for image in self.images:
+            for method in self.methods:
+                paths += [rel for pair in self.names(image.key, method) for rel in pair]
+                paths += self.gradient_names(image.key, method) or []
+        return [self.out_dir / rel for rel in paths]
 
     def record(self, image: InputImage, method: str, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -211,7 +223,8 @@ class ResumePlan:
         for target in targets:  # class names follow --labels
             if target.get("class_name") != self.class_name(int(target.get("class_index", -1))):
                 return False
-        paths = [t.get(k) for t in targets for k in ("overlay", "map")]
+        fields = ("overlay", "map", "gradient") if method in self.gradients else ("overlay", "map")
+        paths = [t.get(k) for t in targets for k in fields]
         suffix = f".{self.fmt}"
         return all(isinstance(p, str) and (self.out_dir / p).is_file() for p in paths) and all(
             str(t["overlay"]).endswith(suffix) for t in targets

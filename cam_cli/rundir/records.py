@@ -48,12 +48,16 @@ def record_key(record: dict[str, Any]) -> RecordKey:
     return (str(record.get("key", record.get("input"))), f"{method}.{variant}" if variant else method)
 
 
+#: the fields of a record (and of each of its targets) that name a file of OUT
+FILE_FIELDS = ("overlay", "map", "gradient")
+
+
 def record_files(record: dict[str, Any]) -> set[str]:
-    """The files of OUT a record names (overlays and maps of every target), relative to OUT."""
-    found = {record.get(k) for k in ("overlay", "map")}
+    """The files of OUT a record names (overlays, maps and gradients of every target), relative to OUT."""
+    found = {record.get(k) for k in FILE_FIELDS}
     for target in record.get("targets") or []:
         if isinstance(target, dict):
-            found |= {target.get(k) for k in ("overlay", "map")}
+            found |= {target.get(k) for k in FILE_FIELDS}
     return {f for f in found if isinstance(f, str) and f}
 
 

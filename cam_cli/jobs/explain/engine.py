@@ -105,21 +105,23 @@ class Engine:
         for method in self.explainer.methods:
             if method.name not in wanted:
                 continue
+            gradients = result.gradients.get(method.name)
             per_method[method.name] = (
                 result.maps[method.name].detach(),
                 result.classes_of(method).cpu().tolist(),
                 result.scores_of(method).cpu().tolist(),
                 result.details_of(method),
+                None if gradients is None else gradients.detach(),
             )
         jobs = []
         for j, index in enumerate(batch.indices[: len(result.logits)]):
             image = todo[index]
             results = []
             for name in self.plan.missing[image.key]:
-                maps, classes, scores, details = per_method[name]
-                results.append(
-                    MethodResult(name, maps[j], classes[j], scores[j], None if details is None else details[j])
-                )
+                maps, classes, scores, details, images = per_method[name]
+                gradient = None if images is None else images[j]
+                detail = None if details is None else details[j]
+                results.append(MethodResult(name, maps[j], classes[j], scores[j], detail, gradient))
             jobs.append((image, batch.originals[j], results))
         return jobs
 

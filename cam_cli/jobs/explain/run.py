@@ -25,6 +25,7 @@ from cam_cli.jobs.data import ImageDataset, collate
 from cam_cli.jobs.explain.engine import Engine, Progress, Summary
 from cam_cli.jobs.explain.session import open_session, parse_method_list, select_images
 from cam_cli.jobs.explain.writer import Writer
+from cam_cli.methods import info
 from cam_cli.probe import layers_label
 from cam_cli.rundir.plan import ResumePlan, refuse_writing_over_inputs
 
@@ -103,6 +104,7 @@ class Explainer:
             fmt=config.fmt,
             boxes=config.boxes or config.draw_boxes,
             overwrite=config.overwrite,
+            gradients=frozenset(name for name in self.method_names if info(name).gradient_file),
         )
         self.plan.check_owner()  # another model's maps in OUT: refused before anything is written
         self.timings = Timings()

@@ -74,7 +74,9 @@ def check_methods(
     names = parse_method_list(method)
     check_smoothing(names, aug_smooth, eigen_smooth)
     if layer is not None and not any(info(n).uses_layer for n in names):
-        raise CamxError(f"{flag} does not apply to {', '.join(names)} (it reads every biased layer, not one)")
+        reads = {"fullgrad": "every biased layer"}
+        why = "; ".join(f"{n} reads {reads.get(n, 'the gradient at the input')}, not one layer" for n in names)
+        raise CamxError(f"{flag} does not apply to {', '.join(names)} ({why})")
     return names
 
 
@@ -186,7 +188,8 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
         try:
             explainer.explain(x, target.chooser(), names={method.name})
         except ModelError as exc:
-            raise ModelError(f"{method.name}: {exc}") from None
+            named = str(exc).startswith(f"{method.name}: ")  # the method's own message names it
+            raise ModelError(str(exc) if named else f"{method.name}: {exc}") from None
         except Exception as exc:
             message = " ".join(str(exc).split())[:240]
             raise ModelError(f"{method.name} cannot run on this model: {message}") from None

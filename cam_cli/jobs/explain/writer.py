@@ -35,7 +35,8 @@ class ImageFailed(Exception):
 
 @dataclass
 class MethodResult:
-    """One method's raw maps of one image: ``maps`` ``(R, h, w)``, a class and score per map."""
+    """One method's raw maps of one image: ``maps`` ``(R, h, w)``, a class and score per map;
+    ``gradients`` ``(R, 3, S, S)``: the image behind each map (guided methods), else None."""
 
     method: str
     maps: torch.Tensor
@@ -43,6 +44,7 @@ class MethodResult:
     scores: list[float]
     #: per map, what the method says of it beyond its class (DFF: the concept and its top classes)
     details: list[dict[str, Any]] | None = None
+    gradients: torch.Tensor | None = None
 
 
 def encode(bgr: np.ndarray, fmt: str) -> bytes:
@@ -130,6 +132,8 @@ class Writer:
             with torch.inference_mode():
                 norm_np, overlay_np = render.render_on_device(maps, original, self.alpha)
         flat_maps = (raw if raw is not None else maps.detach().cpu().numpy()) if len(maps) else None
+        gradients = None if result.gradients is None else result.gradients.detach().float().cpu().numpy()
+        gradient_names = self.plan.gradient_names(image.key, result.method)
         targets = []
         pictures = []
         for r, (overlay_rel, map_rel) in enumerate(self.plan.names(image.key, result.method)):
@@ -145,9 +149,12 @@ class Writer:
                 entry.update(result.details[r])
                 if "concept_classes" in entry:
                     entry["concept_class_names"] = [self.plan.class_name(c) for c in entry["concept_classes"]]
+            if gradient_names is not None:
+                entry["gradient"] = gradient_names[r]
             if flat_maps is not None and render.is_flat(flat_maps[r]):
                 entry["flat"] = True
-            picture = overlay_np[r]
+            # guided methods show their gradient image, not the map over the image
+            picture = overlay_np[r] if gradients is None else render.gradient_picture(gradients[r], height, width)
             if self.boxes or self.draw_boxes:  # a drawn box is recorded too
                 box = render.localisation_box(norm_np[r], self.box_threshold)
                 entry["box"] = list(box) if box is not None else None
@@ -155,11 +162,17 @@ class Writer:
                     picture = render.draw_box(picture.copy(), box)
             pictures.append(encode(picture, self.fmt))  # may refuse this image: nothing written yet
             targets.append(entry)
+        if gradient_names is not None and gradients is None:
+            raise ImageFailed(f"{result.method} gave no gradient image")
         for r, entry in enumerate(targets):
             rundir.write_npy(self.out_dir / entry["map"], norm_np[r])
+            if gradients is not None and "gradient" in entry:
+                rundir.write_npy(self.out_dir / entry["gradient"], gradients[r])
             rundir.write_atomic(self.out_dir / entry["overlay"], pictures[r])
         first = targets[0]
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}
+        if "gradient" in first:
+            extra["gradient"] = first["gradient"]
         if any(t.get("flat") for t in targets):
             extra["flat"] = True  # constant before min-max: an all-zero map that explains nothing
         return self.plan.record(
