@@ -1014,3 +1014,25 @@ def test_guided_images_come_back_from_the_api() -> None:
     np.testing.assert_allclose(result["guided-backprop"].gradients.numpy(), images, rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(result["guided-backprop"].maps.numpy(), maps, atol=1e-6)
     assert result["guided-gradcam"].maps.shape == (3, 2, SIZE, SIZE)
+
+
+class Relu6Net(nn.Module):
+    """A mobile-style CNN: its only activation is ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU6(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU6()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("name", GUIDED)
+def test_guided_methods_refuse_a_model_without_relus_naming_what_it_uses(name: str) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match=f"{name}: the model calls no ReLU .*ReLU6"):
+        guided(name, frozen(Relu6Net().eval()), batch(1))

@@ -109,8 +109,8 @@ def guided_relus(switch: Switch, name: str) -> Iterator[GuidedReLUs]:
         yield mode
     if mode.count == 0:
         raise ModelError(
-            f"{name}: the model calls no ReLU (a ViT's activations are GELUs), so its guided gradient "
-            "would be the plain input gradient; use gradcam or another method"
+            f"{name}: the model calls no ReLU (its activations are others: GELU in a ViT, ReLU6 or SiLU in "
+            "mobile CNNs), so its guided gradient would be the plain input gradient; use gradcam or another method"
         )
 
 
