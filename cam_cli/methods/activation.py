@@ -24,6 +24,16 @@ from cam_cli.methods.base import (
 SPATIAL = (2, 3)
 
 
+def decomposition(method: str, name: str) -> Any:
+    """scikit-learn's ``sklearn.decomposition.NAME`` (the ``sklearn`` extra), or a one-line
+    ``CamxError`` naming ``method`` and the extra to install."""
+    try:
+        import sklearn.decomposition
+    except ImportError:
+        raise CamxError(f"{method} needs scikit-learn: pip install 'camx[sklearn]'") from None
+    return getattr(sklearn.decomposition, name)
+
+
 class EigenCAM(Method):
     """Muhammad & Yeasin 2020: the first principal component of ``A`` (sign-corrected), then ReLU."""
 
@@ -43,11 +53,7 @@ class KPCACAM(Method):
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         super().__init__(options)
-        try:
-            from sklearn.decomposition import KernelPCA
-        except ImportError:
-            raise CamxError("kpcacam needs scikit-learn: pip install 'camx[sklearn]'") from None
-        self._pca = KernelPCA
+        self._pca = decomposition(self.name, "KernelPCA")
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "kpca_kernel": self.options.kpca_kernel, "kpca_gamma": self.options.kpca_gamma}
@@ -120,11 +126,7 @@ class DFF(Method):
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         super().__init__(options)
-        try:
-            from sklearn.decomposition import NMF
-        except ImportError:
-            raise CamxError("dff needs scikit-learn: pip install 'camx[sklearn]'") from None
-        self._nmf = NMF
+        self._nmf = decomposition(self.name, "NMF")
         self._target: TargetLayer | None = None
         self._module: torch.nn.Module | None = None
 
