@@ -103,56 +103,7 @@ from cam_cli.errors import plural
     help="Box threshold, as a fraction of the map's maximum.",
 )
 @click.option("--draw-boxes", is_flag=True, help="Draw the localisation box on the overlay.")
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the random method's weights and of the noise of smoothgradcam++ and sscam.",
-)
-@click.option(
-    "--finer-gamma",
-    type=FiniteFloat(min=0),
-    default=1.0,
-    show_default=True,
-    help="finercam: weight of the nearest other class's score.",
-)
-@click.option(
-    "--kpca-kernel",
-    type=click.Choice(["linear", "poly", "rbf", "sigmoid", "cosine"]),
-    default="sigmoid",
-    show_default=True,
-    help="kpcacam: the kernel of the kernel PCA.",
-)
-@click.option(
-    "--kpca-gamma",
-    type=FiniteFloat(min=0),
-    default=None,
-    help="kpcacam: the kernel's coefficient [default: 1 / the layer's channels].",
-)
-@click.option(
-    "--concepts",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="dff: the concepts (NMF components) each image is factorised into, one map each.",
-)
-@click.option(
-    "--noise-samples",
-    type=click.IntRange(min=1),
-    default=None,
-    help="smoothgradcam++, sscam: noisy copies per image; iscam: integration steps "
-    "[default: torchcam's, 4, 35 and 10].",
-)
-@click.option(
-    "--noise-std",
-    type=FiniteFloat(min=0),
-    default=None,
-    help="smoothgradcam++: std of the noise on the normalised input; sscam: on the masks "
-    "[default: torchcam's, 0.3 and 2.0]. Seeded by --seed.",
-)
-@click.option("--aug-smooth", is_flag=True, help="Average each map over flips and scalings of the input (6 passes).")
-@click.option("--eigen-smooth", is_flag=True, help="Use the first principal component of the weighted activations.")
+@opt.method_options()
 @click.option("--report", "make_report", is_flag=True, help="Build OUT/report/index.html (`camx report`) at the end.")
 @opt.output_options(
     "No progress or summary line (errors still go to stderr). Progress is a bar on a terminal, else a plain "
