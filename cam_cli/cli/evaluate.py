@@ -18,7 +18,7 @@ import click
 from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
 from cam_cli.errors import plural
-from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics, statistic
+from cam_cli.metrics import DEFAULT_METRICS, METRICS, REGION_METRICS, parse_metrics, statistic
 from cam_cli.metrics.options import BASELINES
 
 
@@ -36,7 +36,8 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     callback=_metrics,
     default=",".join(DEFAULT_METRICS),
     show_default=True,
-    help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from).",
+    help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from; "
+    f"{', '.join(REGION_METRICS)} need --masks-from or --boxes-from).",
 )
 @click.option(
     "--steps",
@@ -64,6 +65,27 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
     help="Ground-truth boxes (CSV key,x0,y0,x1,y1[,class] or COCO-style JSON); adds pointing and iou.",
+)
+@click.option(
+    "--masks-from",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Ground-truth masks: a folder of PNGs, one per input (nonzero = object), or COCO JSON with polygons; "
+    "adds the region metrics unless --metrics names some.",
+)
+@click.option(
+    "--topk",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Pixels of the map's top that topk-intersection compares with the region.",
+)
+@click.option(
+    "--complexity-eps",
+    type=FiniteFloat(min=0),
+    default=1e-5,
+    show_default=True,
+    help="effective-complexity counts the pixels above this (the map scaled to a maximum of 1).",
 )
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
@@ -99,8 +121,9 @@ def evaluate(out_dir: Path, **options: Any) -> None:
 
     Every ok line of OUT's manifest (its rank-1 map) is scored with the model
     the manifest records, rebuilt: deletion and insertion AUC (RISE), Average
-    Drop and Increase in Confidence (Grad-CAM++), optionally ROAD and, with
-    --boxes-from, the pointing game and box IoU. One line per (input, method)
+    Drop and Increase in Confidence (Grad-CAM++), optionally ROAD, the
+    complexity of the map and, with --boxes-from, the pointing game and box
+    IoU; with --masks-from (or boxes), how much of the map lies on the object. One line per (input, method)
     goes to OUT/metrics.jsonl; the summary per method (means with 95% bootstrap
     intervals, ranks, the gap to the random control) to OUT/metrics-summary.json
     and stdout. Re-running resumes and skips what is done.
@@ -110,6 +133,7 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         camx explain ./imgs --method gradcam,cam,random -o ./out
         camx evaluate ./out
         camx evaluate ./out --metrics all --boxes-from boxes.csv --device cuda --json
+        camx evaluate ./out --metrics sparseness,complexity --masks-from ./masks
     """
     from cam_cli.jobs.evaluate import EvaluateConfig, Evaluator
 
@@ -120,6 +144,13 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         names += [n for n in ("pointing", "iou") if n not in names]
     elif any(METRICS[n].family == "localisation" for n in names):
         raise click.UsageError("the metrics pointing and iou need ground-truth boxes: pass --boxes-from FILE")
+    if options["masks_from"] is not None and not any(METRICS[n].family == "region" for n in names):
+        names += list(REGION_METRICS)
+    regional = [n for n in names if METRICS[n].family == "region"]
+    if regional and options["masks_from"] is None and options["boxes_from"] is None:
+        raise click.UsageError(
+            f"the metrics {', '.join(regional)} need ground truth: pass --masks-from DIR|FILE.json or --boxes-from FILE"
+        )
     with reported_errors(as_json):
         config = EvaluateConfig(out_dir=out_dir, metrics=names, **options)
         evaluator = Evaluator(config)

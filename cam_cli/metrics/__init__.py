@@ -7,7 +7,8 @@ its values. ``camx evaluate``, its table and ``camx report`` all read it.
 Implementations are imported on first use (``plan_factory``), so importing this
 package costs nothing (and no torch). Perturbation metrics give a plan of
 perturbed inputs (:mod:`cam_cli.metrics.base`); localisation metrics compare the
-map with ground-truth boxes and need no model.
+map with ground-truth boxes, region metrics with a mask (or the boxes filled in),
+complexity metrics look at the map alone: these need no model.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ class MetricSpec:
     """A metric's registry entry.
 
     ``statistics``: what it adds to a ``metrics.jsonl`` line and how each is
-    summarised; ``settings``: the :class:`MetricOptions` fields (and ``boxes``) its
-    values depend on; ``entry``: ``module:function`` of its plan factory
+    summarised; ``family``: ``perturbation`` (a plan of model passes), ``localisation``
+    (the map against boxes), ``region`` (the map against a mask or boxes) or
+    ``complexity`` (the map alone); ``settings``: the :class:`MetricOptions` fields
+    (and ``boxes``, ``regions``) its values depend on; ``entry``: ``module:function`` of its plan factory
     (perturbation metrics; metrics of one entry share one plan).
     """
 
     name: str
-    family: Literal["perturbation", "localisation"]
+    family: Literal["perturbation", "localisation", "region", "complexity"]
     statistics: tuple[Statistic, ...]
     settings: tuple[str, ...]
     entry: str | None = None
@@ -118,9 +121,48 @@ METRICS: dict[str, MetricSpec] = {
             ("boxes",),
         ),
         MetricSpec("iou", "localisation", (Statistic("iou", "iou", "higher", "box IoU"),), ("boxes", "box_threshold")),
+        MetricSpec(
+            "sparseness",
+            "complexity",
+            (Statistic("sparseness", "sparseness", "higher", "sparseness"),),
+            (),
+            reference="Quantus 0.6 Sparseness",
+        ),
+        MetricSpec(
+            "complexity",
+            "complexity",
+            (Statistic("complexity", "complexity", "lower", "complexity"),),
+            (),
+            reference="Quantus 0.6 Complexity",
+        ),
+        MetricSpec(
+            "effective-complexity",
+            "complexity",
+            (Statistic("effective_complexity", "effective_complexity", "lower", "eff. complexity", 0),),
+            ("complexity_eps",),
+            reference="Quantus 0.6 EffectiveComplexity",
+        ),
+        *(
+            MetricSpec(
+                name,
+                "region",
+                (Statistic(name.replace("-", "_"), name.replace("-", "_"), "higher", title),),
+                ("regions", "topk") if name == "topk-intersection" else ("regions",),
+                reference=f"Quantus 0.6 {reference}",
+            )
+            for name, title, reference in (
+                ("energy-pointing", "energy pointing", "AttributionLocalisation"),
+                ("relevance-mass", "relevance mass", "RelevanceMassAccuracy"),
+                ("relevance-rank", "relevance rank", "RelevanceRankAccuracy"),
+                ("topk-intersection", "top-k intersection", "TopKIntersection"),
+                ("mask-auc", "mask AUC", "AUC"),
+            )
+        ),
     )
 }
 DEFAULT_METRICS = ("deletion", "insertion", "confidence")
+#: the metrics that compare the map with a region (``--masks-from`` adds them)
+REGION_METRICS = tuple(n for n, spec in METRICS.items() if spec.family == "region")
 
 __all__ = [
     "BASELINES",
@@ -128,6 +170,7 @@ __all__ = [
     "METRICS",
     "MetricOptions",
     "MetricSpec",
+    "REGION_METRICS",
     "Statistic",
     "fields_of",
     "parse_metrics",

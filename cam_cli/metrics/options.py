@@ -10,10 +10,13 @@ BASELINES = ("zero", "blur")
 @dataclass(frozen=True)
 class MetricOptions:
     """``steps`` and ``baseline`` shape deletion/insertion; ``road_noise`` and
-    ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU."""
+    ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU; ``topk``
+    the top-k intersection; ``complexity_eps`` the effective complexity."""
 
     steps: int = 20
     baseline: str = "zero"
     road_noise: float = 0.01
     seed: int = 0
     box_threshold: float = 0.2
+    topk: int = 1000
+    complexity_eps: float = 1e-5

@@ -23,7 +23,10 @@ from cam_cli.jobs.evaluate.lines import Lines, Pair
 from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, fields_of, plan_factory
 from cam_cli.metrics.base import Group, Samples, Scheduler
-from cam_cli.metrics.localisation import GroundTruth, localise
+from cam_cli.metrics.complexity import complexity_values
+from cam_cli.metrics.localisation import GroundTruth, boxes_of_class, localise
+from cam_cli.metrics.masks import Region, boxes_mask, regions_mask
+from cam_cli.metrics.regions import region_values
 
 #: a rebuilt model whose probability differs from the manifest's by more than this share of it is reported
 SCORE_TOLERANCE = 0.02
@@ -50,6 +53,8 @@ class Scoring:
     workers: int | None
     emit: Emit
     result: EvaluateResult
+    #: the ``--masks-from`` regions by key; None: the region metrics fill in the boxes
+    masks: dict[str, list[Region]] | None = None
 
 
 @dataclass
@@ -119,6 +124,12 @@ class SetupPass:
                 dataset.pairs[item.index], item.maps, item.natives, item.errors, strict=True
             ):
                 error = error or self._class_error(pair)
+                local: dict[str, Any] = {}
+                if error is None and self.scoring.localising:
+                    try:
+                        local = self._localise(pair, native)
+                    except ValueError as exc:  # a mask of the wrong size, an unreadable mask
+                        error = str(exc)
                 if error is not None:
                     scored.errors.append(self.scoring.lines.line(pair, None, error, None))
                     continue
@@ -129,7 +140,7 @@ class SetupPass:
                 scored.image_of.append(slot)
                 scored.maps.append(resized)
                 scored.pairs.append(pair)
-                scored.local.append(self._localise(pair, native) if self.scoring.localising else {})
+                scored.local.append(local)
         return scored
 
     def _class_error(self, pair: Pair) -> str | None:
@@ -147,9 +158,18 @@ class SetupPass:
         name = classifier.class_name(class_index) if classifier and classifier.categories else None
         truths = self.scoring.boxes.get(str(pair.record["key"]), [])
         options = self.scoring.lines.options
-        return localise(
-            native, truths, class_index, name or pair.record.get("class_name"), wanted, options.box_threshold
-        )
+        class_name = name or pair.record.get("class_name")
+        values: dict[str, Any] = localise(native, truths, class_index, class_name, wanted, options.box_threshold)
+        regional = [n for n in wanted if METRICS[n].family == "region"]
+        if regional:
+            masks = self.scoring.masks
+            if masks is not None:
+                mask = regions_mask(masks.get(str(pair.record["key"]), []), class_index, class_name, native.shape)
+            else:
+                mask = boxes_mask(boxes_of_class(truths, class_index, class_name), native.shape)
+            values.update(region_values(native, mask, regional, options.topk))
+        values.update(complexity_values(native, wanted, options.complexity_eps))
+        return values
 
     def _score(self, scored: Scored) -> None:
         """Emit the failed lines; hand the perturbation plans of the others to the

@@ -26,6 +26,10 @@ class EvaluateConfig:
     boxes_from: Path | None = None
     seed: int = 0
     box_threshold: float = 0.2
+    #: a folder of PNG masks or COCO JSON with polygons, for the region metrics
+    masks_from: Path | None = None
+    topk: int = 1000
+    complexity_eps: float = 1e-5
     model: str | None = None
     weights: str | None = None
     num_classes: int | None = None

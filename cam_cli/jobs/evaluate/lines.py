@@ -17,7 +17,7 @@ from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, MetricOptions
 
 #: what may shape a metric's values (each metric's ``settings`` name some), in a line's order
-SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold")
+SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold", "regions", "topk", "complexity_eps")
 
 
 @dataclass
@@ -45,11 +45,13 @@ class Lines:
         names: Sequence[str],
         options: MetricOptions,
         boxes_digest: str | None,
+        regions_digest: str | None = None,
     ) -> None:
         self.config = config
         self.names = list(names)
         self.options = options
         self.boxes_digest = boxes_digest
+        self.regions_digest = regions_digest  # the masks', or the boxes' as regions
 
     def common(self, record: dict[str, Any], setup: ModelSetup, stat: tuple[int, int] | None) -> dict[str, Any]:
         """What shapes every metric of a line: the model as rebuilt, the map file, the class."""
@@ -77,6 +79,9 @@ class Lines:
             "seed": self.options.seed,
             "boxes": self.boxes_digest,
             "box_threshold": self.options.box_threshold,
+            "regions": self.regions_digest,
+            "topk": self.options.topk,
+            "complexity_eps": self.options.complexity_eps,
         }
         return {s: values[s] for s in METRICS[name].settings}
 
@@ -159,6 +164,8 @@ class Lines:
         part.update({s: merged[s] for s in SETTINGS if s in merged})
         if "boxes" in part and self.config.boxes_from is not None:
             part["boxes_from"] = str(self.config.boxes_from)
+        if "regions" in part and self.config.masks_from is not None:
+            part["masks_from"] = str(self.config.masks_from)
         return part
 
 

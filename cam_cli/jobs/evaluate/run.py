@@ -34,7 +34,10 @@ from cam_cli.jobs.evaluate.setups import Setups, weights_argument
 from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
 from cam_cli.metrics.localisation import GroundTruth, read_boxes
+from cam_cli.metrics.masks import Region, masks_digest, match_keys, read_masks
 
+#: the metric families computed from the map alone (and ground truth), without the model
+MAP_ONLY = ("localisation", "region", "complexity")
 #: the fields a manifest line needs for its map to be evaluated
 NEEDED = ("key", "method", "map", "class_index")
 MODEL_FIELDS = ("model", "input_size")
@@ -51,7 +54,7 @@ class Evaluator:
         self.config = config
         self.out_dir = config.out_dir
         self.names = _metric_names(config.metrics)
-        self.localising = [m for m in self.names if METRICS[m].family == "localisation"]
+        self.localising = [m for m in self.names if METRICS[m].family in MAP_ONLY]
         self.perturbing = [m for m in self.names if METRICS[m].family == "perturbation"]
         check_precision(config.precision)
         self.warnings: list[str] = []
@@ -62,9 +65,12 @@ class Evaluator:
             road_noise=config.road_noise,
             seed=config.seed,
             box_threshold=config.box_threshold,
+            topk=config.topk,
+            complexity_eps=config.complexity_eps,
         )
         self.boxes, boxes_digest = self._read_boxes(ok)
-        self.lines = Lines(config, self.names, self.options, boxes_digest)
+        self.masks, regions_digest = self._read_masks(ok, boxes_digest)
+        self.lines = Lines(config, self.names, self.options, boxes_digest, regions_digest)
         self.device = open_device(config.device)
         self.setups = Setups(config, ok)
         self.records = [(r, self.setups.of(r)) for r in ok]
@@ -132,13 +138,40 @@ class Evaluator:
 
     def _read_boxes(self, records: Sequence[dict[str, Any]]) -> tuple[dict[str, list[GroundTruth]], str | None]:
         """The ground-truth boxes by record key and the digest of their file, when a
-        localisation metric is asked for."""
-        if not self.localising:
+        localisation metric is asked for (or a region metric without ``--masks-from``)."""
+        boxed = [
+            m
+            for m in self.names
+            if METRICS[m].family == "localisation" or (METRICS[m].family == "region" and not self.config.masks_from)
+        ]
+        if not boxed:
             return {}, None
         if self.config.boxes_from is None:
-            raise InputError(f"the metrics {', '.join(self.localising)} need ground-truth boxes: pass --boxes-from")
+            raise InputError(f"the metrics {', '.join(boxed)} need ground-truth boxes: pass --boxes-from")
         boxes = self._match_boxes(read_boxes(self.config.boxes_from), records)
         return boxes, hashlib.sha256(self.config.boxes_from.read_bytes()).hexdigest()[:16]
+
+    def _read_masks(
+        self, records: Sequence[dict[str, Any]], boxes_digest: str | None
+    ) -> tuple[dict[str, list[Region]] | None, str | None]:
+        """The ``--masks-from`` regions by record key (None: the region metrics use the
+        boxes) and what identifies the regions, when a region metric is asked for."""
+        if not any(METRICS[m].family == "region" for m in self.names):
+            return None, None
+        if self.config.masks_from is None:
+            return None, f"boxes:{boxes_digest}"
+        path = self.config.masks_from
+        found = read_masks(path)
+        keys = sorted({str(r["key"]) for r in records})
+        matched, unmatched = match_keys(found, keys)
+        if unmatched:
+            self.warnings.append(f"--masks-from {path}: {plural(unmatched, 'mask')} of {len(found)} match no input")
+        if len(matched) < len(keys):
+            self.warnings.append(
+                f"--masks-from {path}: {len(keys) - len(matched)} of {plural(len(keys), 'input')} have no mask "
+                "(their region metrics are null)"
+            )
+        return matched, masks_digest(path)
 
     def _match_boxes(
         self, boxes: dict[str, list[GroundTruth]], records: Sequence[dict[str, Any]]
@@ -219,6 +252,7 @@ class Evaluator:
             self.config.workers,
             emit,
             result,
+            masks=self.masks,
         )
 
     def _run_setups(self, pairs: list[Pair], scoring: Scoring, stop: threading.Event | None) -> int:
@@ -249,6 +283,7 @@ class Evaluator:
                 "road_noise": self.options.road_noise,
                 "seed": self.options.seed,
                 "boxes_from": str(self.config.boxes_from) if self.config.boxes_from else None,
+                "masks_from": str(self.config.masks_from) if self.config.masks_from else None,
                 "precision": self.config.precision,
                 "bootstrap_samples": BOOTSTRAP_SAMPLES,
             },
