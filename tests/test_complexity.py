@@ -95,7 +95,7 @@ def test_evaluate_scores_complexity_without_a_model_and_resumes(
     assert code == 0, stderr
     assert payload["done"] == 18 and payload["forward_passes"] == 0  # no model pass at all
     lines = lines_of(out)
-    for (key, method), line in lines.items():
+    for line in lines.values():
         norm_map = np.load(out / line["map"])
         assert line["sparseness"] == pytest.approx(sparseness(norm_map), abs=1e-6)
         assert line["complexity"] == pytest.approx(complexity(norm_map), abs=1e-6)

@@ -103,7 +103,7 @@ def _png_mask(path: Path, mtime_ns: int) -> np.ndarray:
             array = np.stack([np.asarray(image.getchannel(b)) for b in bands], axis=-1)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ValueError(f"cannot read mask {path}: {' '.join(str(exc).split())[:200]}") from None
-    return np.asarray(array != 0).any(axis=-1)
+    return np.asarray((array != 0).any(axis=-1), dtype=bool)
 
 
 def _coco_mask(region: Region) -> np.ndarray:
@@ -166,7 +166,9 @@ def _read_coco(data: dict[str, Any], path: Path) -> dict[str, list[Region]]:
         category = note.get("category_id")
         label = names.get(category)
         classes = (str(label).strip().lower(),) if label else (() if category is None else (str(category),))
-        found.setdefault(image["file_name"], []).append(_coco_region(note.get("segmentation"), size, classes, path, number))
+        found.setdefault(image["file_name"], []).append(
+            _coco_region(note.get("segmentation"), size, classes, path, number)
+        )
     return found
 
 
@@ -196,11 +198,11 @@ def match_keys(found: dict[str, list[Region]], keys: Iterable[str]) -> tuple[dic
     full = set(keys)
     stems: dict[str, set[str]] = {}
     names: dict[str, set[str]] = {}
-    for key in full:
-        stem = os.path.splitext(key)[0]
-        stems.setdefault(stem, set()).add(key)
-        for spelling in (key, stem):
-            names.setdefault(os.path.basename(spelling), set()).add(key)
+    for each in full:
+        stem = os.path.splitext(each)[0]
+        stems.setdefault(stem, set()).add(each)
+        for spelling in (each, stem):
+            names.setdefault(os.path.basename(spelling), set()).add(each)
     matched: dict[str, list[Region]] = {}
     unmatched = 0
     for name, regions in found.items():
