@@ -5,7 +5,9 @@ own resolution, rows ``y`` and columns ``x``.
 * ``energy_pointing`` (Wang et al., "Score-CAM", CVPR-W 2020, the energy-based
   pointing game): the share of the map's energy inside the region,
   ``Σ_{in} a / Σ a``. Quantus's ``AttributionLocalisation`` (Kohlbrenner et al.
-  2020) computes the same.
+  2020) computes the same. A box covers rows ``y0:y1`` and columns ``x0:x1``
+  of the map; the Score-CAM authors' ``utils/energyPointGame.py`` fills
+  ``[x0:x1, y0:y1]`` of an ``(H, W)`` map, swapping x and y on non-square maps.
 * ``relevance_mass`` (Arras et al., "CLEVR-XAI", Information Fusion 2022): the
   same ratio, as Quantus's ``RelevanceMassAccuracy``; on camx's non-negative
   maps the two coincide (they differ only for signed maps, which camx never
