@@ -269,7 +269,10 @@ def test_each_metric_has_its_own_count_and_the_registrys_title(image_dir, tiny_f
             (out / "metrics-summary.json").unlink()
             table = page_data(build_report(out))["metrics"]
             assert table["source"] == "metrics.jsonl"
-        assert table["names"][-2:] == ["pointing_pct", "iou"]
+        names = table["names"]
+        assert names[names.index("pointing_pct") + 1] == "iou"
+        assert {"sparseness", "complexity", "energy_pointing", "mask_auc"} <= set(names)
+        assert table["better"]["complexity"] == "lower" and table["better"]["energy_pointing"] == "higher"
         assert table["titles"] == {name: statistic(name).title for name in table["names"]}
         assert table["titles"]["increase_in_confidence_pct"] == "Incr. Conf. %"
         for row in table["rows"]:
@@ -277,6 +280,8 @@ def test_each_metric_has_its_own_count_and_the_registrys_title(image_dir, tiny_f
             hits = [line["pointing_hit"] for line in mine if line["pointing_hit"] is not None]
             assert row["n"] == 6 and len(hits) == 2  # only a.jpg and b.png have a box
             assert row["count"]["pointing_pct"] == row["count"]["iou"] == 2
+            assert row["count"]["energy_pointing"] == row["count"]["relevance_rank"] == 2  # boxes as regions
+            assert row["count"]["sparseness"] == row["count"]["complexity"] == 6
             assert row["count"]["deletion_auc"] == row["count"]["average_drop_pct"] == 6
             assert row["mean"]["pointing_pct"] == pytest.approx(100 * sum(hits) / 2)
             assert row["count"]["pointing_pct"] == summary["methods"][row["method"]]["metrics"]["pointing_pct"]["n"]
