@@ -26,8 +26,8 @@ own resolution, rows ``y`` and columns ``x``.
 Ties at the top-``K`` boundary are shared: where pixels of equal value straddle
 it, each of them counts for the share of the remaining places it would get under
 a random order, so the value does not depend on a sort's order of equals.
-Quantus sorts with ``np.argsort`` (not stable), which picks some of them by
-memory layout; the two agree whenever no tie straddles the boundary.
+Quantus sorts with ``np.argsort`` (not stable), whose order of equal values
+numpy does not define; the two agree whenever no tie straddles the boundary.
 Every value is None without a region (no mask or box of the explained class).
 """
 
