@@ -146,3 +146,18 @@ def test_sess_through_the_cli_records_its_options_and_refuses_a_bad_base(image_d
         assert saved.min() == 0.0 and saved.max() == 1.0
     bad = CliRunner().invoke(main, [*args[:-1], "cam"])
     assert bad.exit_code == 2 and "--sess-base" in bad.output
+
+
+def test_sess_from_the_api_takes_its_options() -> None:
+    import cam_cli
+    from cam_cli.errors import CamxError
+
+    model = frozen(make_bnnet())
+    x = batch(2, seed=6)
+    result = cam_cli.explain(model, x, methods="sess", sess_scales=2, sess_base="layercam")["sess"]
+    mine, _ = ours("sess", model, x, sess_scales=2, sess_base="layercam")
+    np.testing.assert_allclose(result.maps.numpy(), mine, atol=1e-5)
+    with pytest.raises(CamxError, match="sess_scales must be at least 1"):
+        cam_cli.explain(model, x, methods="sess", sess_scales=0)
+    with pytest.raises(ModelError, match="--sess-base cam is not one of"):
+        cam_cli.explain(model, x, methods="sess", sess_base="cam")
