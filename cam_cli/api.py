@@ -122,6 +122,8 @@ def explain(
     noise_samples: int | None = None,
     noise_std: float | None = None,
     concepts: int = 5,
+    sess_base: str = "gradcam",
+    sess_scales: int = 12,
 ) -> dict[str, MethodMaps]:
     """Explain a batch with one or several CAM methods, all from one forward pass a chunk.
 
@@ -155,9 +157,11 @@ def explain(
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast for the model only;
             the maps are computed in float32).
         batch_size: images per pass (and per masked pass of Score-CAM and the like).
-        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma, noise_samples, noise_std, concepts:
+        aug_smooth, eigen_smooth, finer_gamma, seed, kpca_kernel, kpca_gamma, noise_samples, noise_std, concepts,
+            sess_base, sess_scales:
             as the CLI's ``--aug-smooth``, ``--eigen-smooth``, ``--finer-gamma``, ``--seed``,
-            ``--kpca-kernel``, ``--kpca-gamma``, ``--noise-samples``, ``--noise-std`` and ``--concepts``
+            ``--kpca-kernel``, ``--kpca-gamma``, ``--noise-samples``, ``--noise-std``, ``--concepts``,
+            ``--sess-base`` and ``--sess-scales``
             (None: the method's own default).
 
     Returns:
@@ -198,9 +202,11 @@ def explain(
         raise CamxError(f"noise_std must be a finite number >= 0, not {noise_std}")
     if concepts < 1:
         raise CamxError(f"concepts must be at least 1, not {concepts}")
+    if sess_scales < 1:
+        raise CamxError(f"sess_scales must be at least 1, not {sess_scales}")
     options = MethodOptions(seed=seed, finer_gamma=finer_gamma, eigen_smooth=eigen_smooth, kpca_kernel=kpca_kernel,
                             kpca_gamma=kpca_gamma, noise_samples=noise_samples, noise_std=noise_std,
-                            concepts=concepts)  # fmt: skip
+                            concepts=concepts, sess_base=sess_base, sess_scales=sess_scales)  # fmt: skip
     with _borrowed(classifier.module) as home:
         run_on = home if device is None else resolve_device(device) if isinstance(device, str) else device
         text = _target_text(target)

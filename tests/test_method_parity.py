@@ -257,10 +257,12 @@ def shapley_by_hand(
 #: RefineCAM's (several layers), DFF's (K concepts an image) and the guided ones' (pytorch-grad-cam's
 #: GuidedBackpropReLUModel, which has no CAM interface) too
 GUIDED = ("guided-backprop", "guided-gradcam")
-OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam", "refinecam", "dff", *GUIDED)
+OWN_REFERENCE = ("cam", "smoothgradcam++", "sscam", "iscam", "refinecam", "dff", *GUIDED, "sess", "legrad")
 PGC_METHODS = [m for m in method_names() if m not in OWN_REFERENCE]
 #: methods that read several layers at once: not run on one default layer here
 MULTI_LAYER = ("refinecam",)
+#: methods for vision transformers only (test_legrad.py)
+VIT_ONLY = ("legrad",)
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -301,7 +303,7 @@ def test_eigen_smooth_equals_the_sign_corrected_reference(name: str, model_key: 
         np.testing.assert_allclose(mine[i], minmax(theirs[i]), atol=1e-4, err_msg=f"{name} {model_key} image {i}")
 
 
-@pytest.mark.parametrize("name", [m for m in method_names() if m not in MULTI_LAYER])
+@pytest.mark.parametrize("name", [m for m in method_names() if m not in MULTI_LAYER + VIT_ONLY])
 def test_batch_size_does_not_change_any_method(name: str) -> None:
     model = frozen(make_bnnet() if name != "cam" else make_tiny())
     x = batch(5, seed=11)
@@ -313,7 +315,7 @@ def test_batch_size_does_not_change_any_method(name: str) -> None:
 def test_several_methods_in_one_pass_equal_each_alone() -> None:
     model = frozen(make_bnnet())
     x = batch(3, seed=13)
-    own_passes = ("cam", "smoothgradcam++", "dff", *MULTI_LAYER)  # dff: a labelling pass of its own
+    own_passes = ("cam", "smoothgradcam++", "dff", *MULTI_LAYER, *VIT_ONLY)  # dff: a labelling pass of its own
     names = [m for m in method_names() if m not in own_passes and info(m).family != "perturbation"]
     probe = run_probe(Classifier(module=model, name="m", weights="seeded", input_size=SIZE))
     target = default_target(probe)

@@ -129,6 +129,7 @@ def methods(as_json: bool) -> None:
     if any(entry.forwards_note for entry in METHODS.values()):
         click.echo("* K = the target layer's channels (2048 for resnet50's layer4): the passes one image costs")
         click.echo("* N = --noise-samples (smoothgradcam++, sscam) or the steps of iscam's integral")
+        click.echo("* P = sess's patches, each one forward and one backward pass (122 at 224 pixels, --sess-scales 12)")
         click.echo(
             "* ^ ablationcam: 1 where global average pooling and one linear layer follow the layer (closed form);"
             " else K passes of the layers after it, or K whole passes where the network cannot be cut there"

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from cam_cli.cli.common import FiniteFloat, parse_device
+from cam_cli.methods.registry import SESS_BASES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -128,6 +129,21 @@ def method_options() -> Decorator:
             default=5,
             show_default=True,
             help="dff: the concepts (NMF components) each image is factorised into, one map each.",
+        ),
+        click.option(
+            "--sess-base",
+            type=click.Choice(list(SESS_BASES)),
+            default="gradcam",
+            show_default=True,
+            help="sess: the method explaining each patch.",
+        ),
+        click.option(
+            "--sess-scales",
+            type=click.IntRange(min=1),
+            default=12,
+            show_default=True,
+            help="sess: the scales the input is resized to (the first is the input; 122 patches at 224 pixels "
+            "with 12).",
         ),
         click.option(
             "--noise-samples",

@@ -82,6 +82,9 @@ class MethodOptions:
     noise_std: float | None = None
     #: dff: the concepts (NMF components) an image is factorised into, one map each
     concepts: int = 5
+    #: sess: the base method explaining each patch, and the number of scales (None: gradcam, 12)
+    sess_base: str | None = None
+    sess_scales: int | None = None
 
 
 @dataclass

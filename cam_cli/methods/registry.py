@@ -188,12 +188,30 @@ _ENTRIES = (
         forwards_note="1+NK",
     ),
     MethodInfo(
+        "sess", "perturbation", "cam_cli.methods.sess:SESS", True,
+        "Tursun et al., SESS: Saliency Enhancing with Scaling and Sliding, ECCV 2022",
+        "the input resized to --sess-scales (12) scales w + round(2w/7) i, w x w windows slid with stride w; "
+        "each patch's base map (--sess-base, gradcam) upsampled and min-max'ed, times its class probability "
+        "over the best patch's, pasted back; per pixel the mean over the patches reaching it, Gaussian blur "
+        "11x11 sigma 5 (1 + P forward and P backward passes per image, P = 122 patches at 224 pixels)",
+        backwards=122, aug_smooth=False, forwards_note="1+P",
+    ),
+    MethodInfo(
         "ablationcam", "perturbation", "cam_cli.methods.ablation:AblationCAM", True,
         "Desai & Ramaswamy, Ablation-CAM, WACV 2020",
         "y_k = y_c with channel k of A set to 0; w_k = (y_c - y_k) / y_c; ReLU(sum_k w_k A_k). "
         "Closed form (no extra pass) where GAP + one linear layer follow the layer; else K passes of the "
         "layers after it (and one of those before), or K whole passes where the network cannot be cut there",
         forwards_note="1+K^",
+    ),
+    MethodInfo(
+        "legrad", "gradient", "cam_cli.methods.legrad:LeGrad", True,
+        "Bousselham et al., LeGrad: An Explainability Method for Vision Transformers via Feature Formation "
+        "Sensitivity, 2024 (arXiv:2404.03214)",
+        "for every block l: s_l = the head on the final norm of the mean of block l's tokens; "
+        "mean over heads and queries of ReLU(d s_l / d attn_l), prefix keys dropped, on the patch grid; "
+        "then the mean over the blocks (vision transformers: torchvision, timm, Hugging Face)",
+        backwards=1, uses_layer=False, eigen_smooth=False, aug_smooth=False,
     ),
     MethodInfo(
         "eigencam", "activation", f"{_ACT}:EigenCAM", False,
@@ -225,6 +243,10 @@ _ENTRIES = (
         "w_k ~ U(-1, 1) seeded; ReLU(sum_k w_k A_k)",
     ),
 )  # fmt: skip
+
+#: the methods SESS can run on its patches (``--sess-base``): one layer, one pass, no passes of their own
+SESS_BASES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam",
+              "segeigencam", "eigencam", "kpcacam", "fem", "random")  # fmt: skip
 
 METHODS: dict[str, MethodInfo] = {entry.name: entry for entry in _ENTRIES}
 

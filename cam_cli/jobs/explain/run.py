@@ -70,6 +70,8 @@ class ExplainConfig:
     noise_samples: int | None = None
     noise_std: float | None = None
     concepts: int = 5
+    sess_base: str = "gradcam"
+    sess_scales: int = 12
     aug_smooth: bool = False
     eigen_smooth: bool = False
 

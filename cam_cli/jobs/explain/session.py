@@ -132,7 +132,8 @@ def open_session(config: Any) -> Session:
     options = MethodOptions(seed=config.seed, finer_gamma=config.finer_gamma, eigen_smooth=config.eigen_smooth,
                             kpca_kernel=config.kpca_kernel, kpca_gamma=config.kpca_gamma,
                             noise_samples=config.noise_samples, noise_std=config.noise_std,
-                            concepts=config.concepts)  # fmt: skip
+                            concepts=config.concepts, sess_base=config.sess_base,
+                            sess_scales=config.sess_scales)  # fmt: skip
     setup = Setup(probe, target_layer, runner.module, runner.forward, device, tuple(layers))
     explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
     if probe.input is not None and not vouched_for(probe, layers, explainer.methods):
