@@ -178,6 +178,8 @@ def load_classifier(
     source = next((s for s in SOURCES if s.matches(model)), None)
     if source is None:
         raise _unknown(model)
+    if num_classes == 0 and source.name != "timm":
+        raise ModelError("--num-classes 0 (a model without a head, giving embeddings) is for timm:NAME models")
     names = read_labels(labels) if labels is not None else None
     classes = _classes(names, prompts, prompt_template)
     with seeded(seed):

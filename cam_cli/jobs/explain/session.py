@@ -130,11 +130,15 @@ def open_session(config: Any) -> Session:
         prompt_template=config.prompt_template,
     )
     reference = reference_for(config, classifier, device)
+    if reference is None and config.num_classes == 0:
+        raise CamxError("--num-classes 0 gives embeddings, not classes: explain them with --target similar:REF")
     if reference is not None:  # an embedding model, explained by its similarity to the reference
         classifier, similarity = with_reference(classifier, reference)
     probe, channels_last = probe_model(classifier, use_channels_last(device))
-    target_text = "top1" if reference is not None else config.target
-    num_classes, layers, target = resolve_for(classifier, probe, names, config.layer, target_text)
+    target_text, layer = (
+        ("top1", model_layers(config.layer)) if reference is not None else (config.target, config.layer)
+    )
+    num_classes, layers, target = resolve_for(classifier, probe, names, layer, target_text)
     if reference is not None:
         target = similarity
     target_layer = layers[0] if layers else None
@@ -152,6 +156,14 @@ def open_session(config: Any) -> Session:
         dry_run(explainer, probe.input.to(device), target)
     return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes, layers,
                    reference)  # fmt: skip
+
+
+def model_layers(layer: str | None) -> str | None:
+    """``--layer`` of an embedding model in the similarity head that wraps it (``model.``)."""
+    if layer is None:
+        return None
+    parts = [part.strip() for part in layer.split(",")]
+    return ",".join(p if p.startswith("model.") or not p else f"model.{p}" for p in parts)
 
 
 def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
