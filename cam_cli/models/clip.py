@@ -62,6 +62,8 @@ class ZeroShotHead(nn.Module):
     """``visual`` (an image tower giving ``(N, D)`` embeddings) scored against fixed text
     embeddings ``(C, D)``: ``(N, 3, S, S) -> (N, C)`` logits."""
 
+    text: torch.Tensor
+
     def __init__(
         self, visual: nn.Module, text: torch.Tensor, logit_scale: float, logit_bias: float | None = None
     ) -> None:

@@ -37,6 +37,8 @@ class SimilarityHead(nn.Module):
     """``model`` (images -> embeddings) scored against ``reference`` ``(D,)``: ``(N, 1)``,
     ``cos(e, r)`` for ``similar`` and ``1 - cos(e, r)`` for ``dissimilar``."""
 
+    reference: torch.Tensor
+
     def __init__(self, model: nn.Module, reference: torch.Tensor, kind: Kind, output_key: str | None = None) -> None:
         super().__init__()
         self.model = model

@@ -80,19 +80,20 @@ def load_reference(
             raise InputError(f"cannot read --target-embedding {npy}: {exc}") from None
         if array.ndim != 1 and not (array.ndim == 2 and array.shape[0] == 1) or not np.isfinite(array).all():
             raise InputError(f"--target-embedding {npy}: expected one finite vector, got shape {array.shape}")
-        digest = hashlib.sha256(data).hexdigest()
-        return Reference(kind, str(npy), digest, None, torch.from_numpy(array.astype(np.float32)).flatten())
+        return Reference(
+            kind, str(npy), hashlib.sha256(data).hexdigest(), None, torch.from_numpy(array.astype(np.float32)).flatten()
+        )
     assert source is not None
     if not source.exists():
         raise InputError(f"--target {kind}:{source}: no such file or folder")
     found = discover([source])
     if not found:
         raise InputError(f"--target {kind}:{source}: no images there")
-    digest = hashlib.sha256()
+    hashed = hashlib.sha256()
     for image in found:
-        digest.update(image.key.encode("utf-8") + b"\0" + image.path.read_bytes())
+        hashed.update(image.key.encode("utf-8") + b"\0" + image.path.read_bytes())
     embedding = embed_images(found, classifier, device, batch)
-    return Reference(kind, str(source), digest.hexdigest(), len(found), embedding)
+    return Reference(kind, str(source), hashed.hexdigest(), len(found), embedding)
 
 
 def embed_images(found: list[Any], classifier: Classifier, device: torch.device, batch: int) -> torch.Tensor:
