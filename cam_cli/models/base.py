@@ -43,6 +43,8 @@ class Classifier:
     output_key: str | None = None
     notes: list[str] = field(default_factory=list)
     interpolation: str = "bilinear"
+    #: a zero-shot CLIP model's text prompt of each class (None: a classifier with its own head)
+    prompts: list[str] | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return extract_logits(self.module(x), self.output_key)
@@ -65,6 +67,8 @@ class LoadedModel:
     categories: list[str] | None = None
     interpolation: str = "bilinear"
     notes: list[str] = field(default_factory=list)
+    #: a zero-shot CLIP model's prompts, one per class
+    prompts: list[str] | None = None
 
 
 def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:

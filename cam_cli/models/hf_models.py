@@ -159,12 +159,22 @@ def _labels(module: nn.Module) -> list[str] | None:
     return [v for _, v in pairs] or None
 
 
-def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | None = None) -> LoadedModel:
+def is_clip(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes a CLIP model (image and text towers)."""
+    return config.get("model_type") == "clip" or "CLIPModel" in (config.get("architectures") or [])
+
+
+def load_hf(
+    spec: str, weights: str, num_classes: int | None, input_size: int | None = None, classes: Any = None
+) -> LoadedModel:
     """Build ``hf:SPEC`` (see the module docstring)."""
     folder = resolve_folder(spec)
     config_json = refuse_remote_code(folder)  # before anything else is imported
     transformers = import_transformers()
-    auto = transformers.AutoModelForImageClassification
+    clip = is_clip(config_json)
+    if clip and num_classes is not None:
+        raise ModelError(f"hf:{spec} is a CLIP model: its classes are the prompts, not --num-classes")
+    auto = transformers.CLIPModel if clip else transformers.AutoModelForImageClassification
     choice = weights.strip()
     with _offline():
         try:
@@ -181,15 +191,16 @@ def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | 
                 config = transformers.AutoConfig.from_pretrained(
                     str(folder), local_files_only=True, trust_remote_code=False
                 )
-                if input_size is not None and isinstance(getattr(config, "image_size", None), int):
-                    config.image_size = input_size
+                vision = config.vision_config if clip else config
+                if input_size is not None and isinstance(getattr(vision, "image_size", None), int):
+                    vision.image_size = input_size
                 state = None if is_keyword(choice, "NONE") else load_state_dict(Path(choice))
                 if num_classes is not None:
                     config.num_labels = num_classes
                 module = auto.from_config(config)
                 if state is not None:
                     found = num_classes_in(state, module)
-                    if num_classes is None and found is not None and found != config.num_labels:
+                    if not clip and num_classes is None and found is not None and found != config.num_labels:
                         config.num_labels = found
                         module = auto.from_config(config)
                     apply_state_dict(module, state, choice)
@@ -198,6 +209,13 @@ def load_hf(spec: str, weights: str, num_classes: int | None, input_size: int | 
             raise
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... on folders it cannot use
             raise ModelError(f"cannot load hf:{spec}: {one_line(exc)}") from None
+    if clip:
+        from cam_cli.models.clip import hf_zero_shot
+
+        head = hf_zero_shot(module, folder, classes, transformers)
+        size, mean, std, interpolation, notes = preprocessing(folder, config_json.get("vision_config") or {})
+        return LoadedModel(head, label, input_size or size, mean, std, list(classes.names), interpolation, notes,
+                           prompts=list(classes.prompts))  # fmt: skip
     if head_name(module) is None:
         raise ModelError(f"hf:{spec} has no classification head; camx needs an AutoModelForImageClassification")
     size, mean, std, interpolation, notes = preprocessing(folder, config_json)

@@ -59,10 +59,14 @@ def _is_pooling(module: nn.Module) -> bool:
 ATTENTION_PARTS = ("attn", "attention", "self_attn", "mha")
 
 
+#: whole transformer blocks whose class name says "Attention" (OpenAI's and open_clip's CLIP)
+TRANSFORMER_BLOCKS = ("ResidualAttentionBlock",)
+
+
 def _is_attention(name: str, module: nn.Module) -> bool:
     """An attention module (timm's ``Attention``, transformers' ``ViTSelfAttention``, ``blocks.0.attn``...)."""
     kind = type(module).__name__
-    return (
+    return kind not in TRANSFORMER_BLOCKS and (
         "Attention" in kind
         or "Attn" in kind
         or kind.endswith(("MHA", "MHSA", "GPSA"))

@@ -33,7 +33,7 @@ from cam_cli.rundir.records import (
 #: Options recorded only when set; a record without one was made without it.
 FLAGS = ("aug_smooth", "eigen_smooth", "draw_boxes")
 #: What makes the model of a run: an OUT holds the maps of one (its layer included).
-IDENTITY = ("model", "weights", "input_size", "mean", "std", "output_key", "layer")
+IDENTITY = ("model", "weights", "input_size", "mean", "std", "output_key", "layer", "prompts", "reference")
 #: Fields of a record that are not settings (compared when two runs share files).
 OUTCOME = ("input", "key", "status", "error", "overlay", "map", "class_index", "class_name", "score", "targets",
            "width", "height", "flat", "box", "target", "variant", "gradient")  # fmt: skip

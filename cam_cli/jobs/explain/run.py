@@ -74,6 +74,11 @@ class ExplainConfig:
     sess_scales: int = 12
     aug_smooth: bool = False
     eigen_smooth: bool = False
+    #: a CLIP model's classes, one prompt each (else from ``labels`` and ``prompt_template``)
+    prompts: Sequence[str] = ()
+    prompt_template: str | None = None
+    #: the reference embedding of ``--target similar`` / ``dissimilar``
+    target_embedding: Path | None = None
 
 
 class Explainer:
@@ -126,11 +131,15 @@ class Explainer:
             "input_size": self.classifier.input_size,
             "mean": [round(v, 6) for v in self.classifier.mean],
             "std": [round(v, 6) for v in self.classifier.std],
-            "output_key": self.classifier.output_key,
+            "output_key": config.output_key,
             "precision": config.precision,
             "alpha": config.alpha,
             **method.settings(),
         }
+        if self.classifier.prompts is not None:
+            settings["prompts"] = list(self.classifier.prompts)  # a CLIP model's classes
+        if self.session.reference is not None:
+            settings["reference"] = self.session.reference.record()
         if self.classifier.weights == "NONE":
             settings["seed"] = config.seed  # the seed of the random initialisation
         if agnostic:

@@ -15,6 +15,7 @@ from cam_cli.device import use_channels_last
 from cam_cli.errors import CamxError, ModelError
 from cam_cli.images import InputImage, discover, select_shard
 from cam_cli.jobs.base import ModelRunner, check_precision, open_device, place_model
+from cam_cli.jobs.explain.reference import Reference, reference_for, with_reference
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
 from cam_cli.methods.base import TargetLayer
 from cam_cli.models import Classifier, load_classifier
@@ -52,6 +53,8 @@ class Session:
     num_classes: int
     #: every target layer (several with ``--layer a,b``); ``target_layer`` is the first
     target_layers: list[TargetLayer] = field(default_factory=list)
+    #: what an embedding model's images are compared with (``--target similar:REF``)
+    reference: Reference | None = None
 
     @property
     def device(self) -> torch.device:
@@ -123,9 +126,21 @@ def open_session(config: Any) -> Session:
         config.std,
         config.output_key,
         seed=config.seed,  # --weights NONE: the same command builds the same model
+        prompts=config.prompts,
+        prompt_template=config.prompt_template,
     )
+    reference = reference_for(config, classifier, device)
+    if reference is None and config.num_classes == 0:
+        raise CamxError("--num-classes 0 gives embeddings, not classes: explain them with --target similar:REF")
+    if reference is not None:  # an embedding model, explained by its similarity to the reference
+        classifier, similarity = with_reference(classifier, reference)
     probe, channels_last = probe_model(classifier, use_channels_last(device))
-    num_classes, layers, target = resolve_for(classifier, probe, names, config.layer, config.target)
+    target_text, layer = (
+        ("top1", model_layers(config.layer)) if reference is not None else (config.target, config.layer)
+    )
+    num_classes, layers, target = resolve_for(classifier, probe, names, layer, target_text)
+    if reference is not None:
+        target = similarity
     target_layer = layers[0] if layers else None
     runner = place_model(classifier.module, classifier.logits, classifier.mean, classifier.std, device,
                          config.precision, channels_last)  # fmt: skip
@@ -136,10 +151,20 @@ def open_session(config: Any) -> Session:
                             sess_scales=config.sess_scales)  # fmt: skip
     setup = Setup(probe, target_layer, runner.module, runner.forward, device, tuple(layers))
     explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
+    explainer.raw_scores = reference is not None  # the manifest's score: the similarity itself
     if probe.input is not None and not vouched_for(probe, layers, explainer.methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
         dry_run(explainer, probe.input.to(device), target)
-    return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes, layers)
+    return Session(classifier, runner, target_layer, target, explainer.methods, explainer, num_classes, layers,
+                   reference)  # fmt: skip
+
+
+def model_layers(layer: str | None) -> str | None:
+    """``--layer`` of an embedding model in the similarity head that wraps it (``model.``)."""
+    if layer is None:
+        return None
+    parts = [part.strip() for part in layer.split(",")]
+    return ",".join(p if p.startswith("model.") or not p else f"model.{p}" for p in parts)
 
 
 def probe_model(classifier: Classifier, channels_last: bool) -> tuple[Any, bool]:
