@@ -66,7 +66,47 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     help="Ground-truth boxes (CSV key,x0,y0,x1,y1[,class] or COCO-style JSON); adds pointing and iou.",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of ROAD's noise, faithfulness-correlation's subsets and the bootstrap.",
+)
+@click.option(
+    "--flip-step",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Pixels pixel-flipping flips per step (1, the reference's budget, needs --budget-ok).",
+)
+@click.option(
+    "--patch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Region-perturbation's patch side."
+)
+@click.option(
+    "--regions",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Patches region-perturbation removes, one per step (MoRF and LeRF each).",
+)
+@click.option(
+    "--corr-runs",
+    type=click.IntRange(min=2),
+    default=100,
+    show_default=True,
+    help="Random subsets faithfulness-correlation correlates over.",
+)
+@click.option(
+    "--corr-subset",
+    type=click.IntRange(min=1),
+    default=224,
+    show_default=True,
+    help="Features (one channel of one pixel each) in each of faithfulness-correlation's subsets.",
+)
+@click.option(
+    "--budget-ok",
+    is_flag=True,
+    help="Run metrics that take over ten times deletion/insertion's forward passes (refused otherwise).",
 )
 @opt.model_options(
     None,

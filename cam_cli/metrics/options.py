@@ -10,10 +10,18 @@ BASELINES = ("zero", "blur")
 @dataclass(frozen=True)
 class MetricOptions:
     """``steps`` and ``baseline`` shape deletion/insertion; ``road_noise`` and
-    ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU."""
+    ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU;
+    ``flip_step`` (pixels per step) shapes pixel flipping; ``patch_size`` and
+    ``regions`` region perturbation; ``corr_runs``, ``corr_subset`` and ``seed``
+    the faithfulness correlation."""
 
     steps: int = 20
     baseline: str = "zero"
     road_noise: float = 0.01
     seed: int = 0
     box_threshold: float = 0.2
+    flip_step: int = 1
+    patch_size: int = 8
+    regions: int = 100
+    corr_runs: int = 100
+    corr_subset: int = 224

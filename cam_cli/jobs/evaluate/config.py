@@ -26,6 +26,13 @@ class EvaluateConfig:
     boxes_from: Path | None = None
     seed: int = 0
     box_threshold: float = 0.2
+    flip_step: int = 1
+    patch_size: int = 8
+    regions: int = 100
+    corr_runs: int = 100
+    corr_subset: int = 224
+    #: run metrics whose budget is over ten times deletion/insertion's
+    budget_ok: bool = False
     model: str | None = None
     weights: str | None = None
     num_classes: int | None = None

@@ -17,7 +17,19 @@ from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, MetricOptions
 
 #: what may shape a metric's values (each metric's ``settings`` name some), in a line's order
-SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold")
+SETTINGS = (
+    "steps",
+    "baseline",
+    "road_noise",
+    "seed",
+    "boxes",
+    "box_threshold",
+    "flip_step",
+    "patch_size",
+    "regions",
+    "corr_runs",
+    "corr_subset",
+)
 
 
 @dataclass
@@ -77,6 +89,11 @@ class Lines:
             "seed": self.options.seed,
             "boxes": self.boxes_digest,
             "box_threshold": self.options.box_threshold,
+            "flip_step": self.options.flip_step,
+            "patch_size": self.options.patch_size,
+            "regions": self.options.regions,
+            "corr_runs": self.options.corr_runs,
+            "corr_subset": self.options.corr_subset,
         }
         return {s: values[s] for s in METRICS[name].settings}
 
