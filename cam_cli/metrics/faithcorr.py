@@ -9,7 +9,8 @@ paired with the map's sum over ``S``. The value is the Pearson correlation of th
 the runs: higher is better (NaN, written as null, when either is constant).
 
 The subsets of a sample are drawn by ``numpy.random.RandomState([seed, crc32(id)])``,
-``choice(3 S^2, subset, replace=False)`` once per run, where ``id`` is the sample's
+``choice(3 S^2, subset, replace=False)`` once per run (and one uniform number thrown
+away after each, as Quantus's baseline table draws one), where ``id`` is the sample's
 ``key`` and method: a value depends on ``--seed`` and the sample alone, not on the samples
 that share its batch. Quantus 0.6's ``FaithfulnessCorrelation(nr_runs=runs,
 subset_size=subset, perturb_baseline="black", abs=False, normalise=False)`` draws the same
@@ -37,9 +38,15 @@ def subset_seed(seed: int, sample_id: str) -> list[int]:
 
 
 def draw_subsets(seed: int, sample_id: str, features: int, runs: int, subset: int) -> np.ndarray:
-    """``(runs, subset)`` feature indices, one ``choice`` without replacement per run."""
+    """``(runs, subset)`` feature indices, one ``choice`` without replacement per run, each
+    followed by one uniform draw that is thrown away (Quantus 0.6's table of baselines
+    draws it on every perturbation, used or not: the same stream as Quantus's)."""
     rng = np.random.RandomState(subset_seed(seed, sample_id))
-    return np.stack([rng.choice(features, subset, replace=False) for _ in range(runs)])
+    subsets = []
+    for _ in range(runs):
+        subsets.append(rng.choice(features, subset, replace=False))
+        rng.uniform(size=1)
+    return np.stack(subsets)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
