@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,14 +26,21 @@ from conftest import SAMPLES, make_tiny
 from cam_cli import images, rundir
 from cam_cli.cli import main
 from cam_cli.jobs.data import ImageDataset
+from cam_cli.metrics.budget import deletion_insertion_passes, over_budget, passes_per_map
 from cam_cli.metrics.faithcorr import subset_seed
 from cam_cli.metrics.flipping import patch_ranks
-from cam_cli.metrics.irof import segment_order, superpixels
+from cam_cli.metrics.irof import mean_fills, segment_order, superpixels
+from cam_cli.metrics.options import MetricOptions
 from cam_cli.metrics.rise import position_ranks
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import quantus
+
+def reference() -> Any:
+    """Quantus 0.6, imported on first use (it takes seconds)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import quantus
+    return quantus
+
 
 SIZE = 48  # 48 * 48 is a multiple of 3, as Quantus's features_in_step = 3 * flip_step needs
 FLIP = 48
@@ -108,7 +116,7 @@ def lines_of(out: Path) -> list[dict]:
 
 def channel_mask_replacement(arr: np.ndarray, mask: np.ndarray, **kwargs: object) -> np.ndarray:
     """Quantus's ``baseline_replacement_by_mask`` with the mask broadcast to the image's channels."""
-    return quantus.baseline_replacement_by_mask(arr=arr, mask=np.broadcast_to(mask, arr.shape), **kwargs)
+    return reference().baseline_replacement_by_mask(arr=arr, mask=np.broadcast_to(mask, arr.shape), **kwargs)
 
 
 def by_keys(keys: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -121,6 +129,7 @@ def by_keys(keys: np.ndarray, labels: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_pixel_flipping_equals_quantus(evaluated: Path, photos: Path) -> None:
     model = make_tiny()
+    quantus = reference()
     metric = quantus.PixelFlipping(
         features_in_step=3 * FLIP,
         perturb_baseline="black",
@@ -150,7 +159,7 @@ def test_region_perturbation_equals_quantus_both_orders(evaluated: Path, photos:
             keys = np.zeros(patches)
             keys[patch.ravel()] = rank[0].numpy()
             keys = patches - keys if order == "morf" else keys
-            metric = quantus.RegionPerturbation(
+            metric = reference().RegionPerturbation(
                 patch_size=8, regions_evaluation=12, order=order, perturb_baseline="black",
                 abs=False, normalise=False, disable_warnings=True,
             )  # fmt: skip
@@ -165,6 +174,7 @@ def test_irof_equals_quantus_one_image_per_batch(evaluated: Path, photos: Path) 
     model = make_tiny()
     # Quantus 0.6's IROF hands its perturb_func a (B, 1, H, W) mask for (B, 3, H, W) images, which
     # baseline_replacement_by_mask refuses: the corrected reference broadcasts the mask over the channels
+    quantus = reference()
     metric = quantus.IROF(
         perturb_baseline="mean", perturb_func=channel_mask_replacement, abs=False, normalise=False,
         disable_warnings=True,
@@ -185,6 +195,7 @@ def test_irof_equals_quantus_one_image_per_batch(evaluated: Path, photos: Path) 
 @pytest.mark.slow
 def test_faithfulness_correlation_reproduces_quantus_under_the_recorded_seed(evaluated: Path, photos: Path) -> None:
     model = make_tiny()
+    quantus = reference()
     metric = quantus.FaithfulnessCorrelation(
         nr_runs=30, subset_size=224, perturb_baseline="black", abs=False, normalise=False,
         return_aggregate=False, disable_warnings=True,
@@ -195,3 +206,110 @@ def test_faithfulness_correlation_reproduces_quantus_under_the_recorded_seed(eva
         ours = metric(model=model, x_batch=x, y_batch=np.array([c]), a_batch=a[None, None], device="cpu", softmax=True)
         assert line["faithfulness_correlation"] == pytest.approx(ours[0], abs=1e-4)
         assert line["corr_runs"] == 30 and line["corr_subset"] == 224 and line["seed"] == 0
+
+
+@pytest.mark.slow
+def test_summary_gives_each_statistic_its_direction_and_the_table_shows_it(evaluated: Path) -> None:
+    summary = json.loads((evaluated / "metrics-summary.json").read_text())
+    better = {
+        "pixel_flipping_auc": "lower",
+        "irof": "higher",
+        "region_morf_aopc": "higher",
+        "region_lerf_aopc": "lower",
+        "faithfulness_correlation": "higher",
+    }
+    assert summary["options"]["flip_step"] == FLIP and summary["options"]["corr_runs"] == 30
+    for method in ("cam", "gradcam"):
+        entry = summary["methods"][method]
+        for stat, way in better.items():
+            values = [line[stat] for line in lines_of(evaluated) if line["method"] == method]
+            assert entry["metrics"][stat]["better"] == way and entry["metrics"][stat]["n"] == 4
+            assert entry["metrics"][stat]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+        assert "rank" in entry
+    result = CliRunner().invoke(main, ["evaluate", str(evaluated), *FAST, "--metrics", METRICS, "--flip-step", "48",
+                                       "--patch-size", "8", "--regions", "12", "--corr-runs", "30", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "| pixel flipping AUC ↓ | IROF ↑ | region MoRF AOPC ↑ | region LeRF AOPC ↓ | faith. corr. ↑ |" in result.stdout
+    )
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_and_a_changed_option_redoes_only_its_metric(evaluated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(evaluated, out)
+    before = {(line["key"], line["method"]): line for line in lines_of(out)}
+    code, payload, stderr = evaluate(out, "--patch-size", "8", "--regions", "12", "--corr-runs", "30")
+    assert code == 0, stderr
+    assert payload["skipped"] == 8 and payload["forward_passes"] == 0
+    code, payload, stderr = evaluate(out, "--patch-size", "8", "--regions", "12", "--corr-runs", "20", "--seed", "3")
+    assert code == 0, stderr
+    assert payload["done"] == 8 and payload["forward_passes"] == 8 * (1 + 20)  # the clean image and 20 subsets
+    for line in lines_of(out):
+        old = before[(line["key"], line["method"])]
+        assert line["corr_runs"] == 20 and line["seed"] == 3
+        for kept in ("pixel_flipping_auc", "irof", "region_morf_aopc", "region_lerf_aopc"):
+            assert line[kept] == old[kept]
+
+
+@pytest.mark.slow
+def test_a_reference_budget_is_refused_in_one_line_unless_budget_ok(evaluated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(evaluated, out)
+    before = (out / "metrics.jsonl").read_bytes()
+    result = CliRunner().invoke(main, ["evaluate", str(out), *FAST, "--metrics", "pixel-flipping"])
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "pixel-flipping would take 2,304 forward passes per 48x48 map" in message
+    assert "--flip-step" in message and "--budget-ok" in message
+    assert (out / "metrics.jsonl").read_bytes() == before
+    # 24 pixels per step: 96 passes per map, over ten times the 5 of deletion/insertion at --steps 3
+    code, payload, stderr = evaluate(out, "--metrics", "pixel-flipping", "--flip-step", "24", "--steps", "3")
+    assert code == 1 and "--budget-ok" in stderr
+    code, payload, stderr = evaluate(out, "--metrics", "pixel-flipping", "--flip-step", "24", "--steps", "3",
+                                     "--budget-ok")  # fmt: skip
+    assert code == 0, stderr
+    assert payload["forward_passes"] == 8 * (1 + 96)
+
+
+def test_the_budget_of_each_metric_against_deletion_and_insertion() -> None:
+    assert deletion_insertion_passes(224, 20) == 39
+    message = over_budget(["irof", "pixel-flipping"], MetricOptions(), 224)
+    assert message is not None and message.startswith("pixel-flipping would take 50,176 forward passes per 224x224")
+    assert "1287x" in message and "--flip-step" in message and "--budget-ok" in message
+    # the references' other budgets fit: IROF ~100, region perturbation 2 x 100, 100 subsets
+    assert over_budget(["irof", "region-perturbation", "faithfulness-correlation"], MetricOptions(), 224) is None
+    assert over_budget(["pixel-flipping"], MetricOptions(flip_step=256), 224) is None  # 196 passes
+    assert passes_per_map("region-perturbation", MetricOptions(patch_size=100), 224) == 2 * 9
+    assert passes_per_map("deletion", MetricOptions(), 224) is None
+
+
+def test_irof_fills_equal_the_mean_of_the_image_replaced_step_by_step() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 20, 20)).astype(np.float32)
+    segments = superpixels(image)
+    norm_map = rng.random((20, 20)).astype(np.float32)
+    order = segment_order(norm_map, segments)
+    assert len(order) == len(np.unique(segments)) > 1
+    means = [norm_map[segments == s].mean() for s in order]
+    assert all(a >= b for a, b in zip(means, means[1:], strict=False))
+    current = image.astype(np.float64).copy()
+    expected = []
+    for seg in order:
+        expected.append(current.mean())
+        current[:, segments == seg] = current.mean()
+    np.testing.assert_allclose(mean_fills(image, segments, order), expected, rtol=1e-10)
+
+
+def test_region_patches_follow_quantus_padding() -> None:
+    maps = torch.zeros(1, 10, 10)
+    maps[0, 0, 0] = 1.0  # padded to 12 x 12, one row and column before: the first patch holds pixels 0..1
+    maps[0, 9, 9] = 0.5  # and the last patch pixels 8..9
+    rank, patches = patch_ranks(maps, 3, "morf")
+    assert patches == 16
+    grid = rank[0].view(10, 10)
+    assert (grid[:2, :2] == 0).all() and grid[2, 2] != 0  # pixels 0..1 fall in the first patch
+    assert (grid[8:, 8:] == 1).all() and grid[7, 7] != 1
+    lerf, _ = patch_ranks(maps, 3, "lerf")
+    assert int(lerf[0].view(10, 10)[0, 0]) == 15

@@ -68,7 +68,18 @@ def case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_registry_lists_every_metric_and_imports_lazily() -> None:
-    assert list(METRICS) == ["deletion", "insertion", "confidence", "road", "pointing", "iou"]
+    assert list(METRICS) == [
+        "deletion",
+        "insertion",
+        "confidence",
+        "road",
+        "pixel-flipping",
+        "irof",
+        "region-perturbation",
+        "faithfulness-correlation",
+        "pointing",
+        "iou",
+    ]
     assert DEFAULT_METRICS == ("deletion", "insertion", "confidence")
     assert parse_metrics("insertion, deletion") == ["deletion", "insertion"]
     assert parse_metrics("all") == list(METRICS)
