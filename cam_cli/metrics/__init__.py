@@ -57,6 +57,8 @@ class MetricSpec:
     settings: tuple[str, ...]
     entry: str | None = None
     reference: str = ""
+    #: part of ``--metrics all`` (the costly faithfulness metrics are asked for by name)
+    in_all: bool = True
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -118,6 +120,7 @@ METRICS: dict[str, MetricSpec] = {
             ("flip_step",),
             "cam_cli.metrics.flipping:make_pixel_flipping_plan",
             "Quantus PixelFlipping (Bach 2015)",
+            in_all=False,
         ),
         MetricSpec(
             "irof",
@@ -126,6 +129,7 @@ METRICS: dict[str, MetricSpec] = {
             (),
             "cam_cli.metrics.irof:make_plan",
             "Quantus IROF (Rieger 2020)",
+            in_all=False,
         ),
         MetricSpec(
             "region-perturbation",
@@ -137,6 +141,7 @@ METRICS: dict[str, MetricSpec] = {
             ("patch_size", "regions"),
             "cam_cli.metrics.flipping:make_region_plan",
             "Quantus RegionPerturbation (Samek 2017)",
+            in_all=False,
         ),
         MetricSpec(
             "faithfulness-correlation",
@@ -145,6 +150,7 @@ METRICS: dict[str, MetricSpec] = {
             ("corr_runs", "corr_subset", "seed"),
             "cam_cli.metrics.faithcorr:make_plan",
             "Quantus FaithfulnessCorrelation (Bhatt 2020)",
+            in_all=False,
         ),
         MetricSpec(
             "pointing",
@@ -173,13 +179,14 @@ __all__ = [
 
 
 def parse_metrics(text: str) -> list[str]:
-    """``deletion,insertion`` as registry names in registry order; ``all`` for every one.
+    """``deletion,insertion`` as registry names in registry order; ``all`` for every one
+    but those left out of it (``in_all=False``: asked for by name).
 
     Raises ``ValueError`` naming the valid choices for an unknown name.
     """
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if names == ["all"]:
-        return list(METRICS)
+        return [n for n, spec in METRICS.items() if spec.in_all]
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
         raise ValueError(f"unknown metric {', '.join(unknown) or repr(text)}; choose from {', '.join(METRICS)} or all")
