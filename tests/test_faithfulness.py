@@ -9,6 +9,7 @@ relabelling that keeps every strict order of the map, so nothing else changes)."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -313,3 +314,23 @@ def test_region_patches_follow_quantus_padding() -> None:
     assert (grid[8:, 8:] == 1).all() and grid[7, 7] != 1
     lerf, _ = patch_ranks(maps, 3, "lerf")
     assert int(lerf[0].view(10, 10)[0, 0]) == 15
+
+
+@pytest.mark.slow
+def test_the_report_shows_each_statistic_with_its_title_and_direction(evaluated: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["report", str(evaluated), "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report" / "index.html").read_text("utf-8")
+    match = re.search(r'<script type="application/json" id="camx-data">(.*?)</script>', text, re.S)
+    assert match, "no data block in the page"
+    table = json.loads(match.group(1))["metrics"]
+    summary = json.loads((evaluated / "metrics-summary.json").read_text())
+    for name, title, better in (
+        ("pixel_flipping_auc", "pixel flipping AUC", "lower"),
+        ("irof", "IROF", "higher"),
+        ("region_lerf_aopc", "region LeRF AOPC", "lower"),
+        ("faithfulness_correlation", "faith. corr.", "higher"),
+    ):
+        assert table["titles"][name] == title and table["better"][name] == better
+        for row in table["rows"]:
+            assert row["mean"][name] == pytest.approx(summary["methods"][row["method"]]["metrics"][name]["mean"])
