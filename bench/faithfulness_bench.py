@@ -69,7 +69,7 @@ class Counted(torch.nn.Module):
 def by_mask(arr, mask, **kwargs):  # Quantus's IROF mask is (B, 1, H, W): broadcast it over the channels
     return quantus.baseline_replacement_by_mask(arr=arr, mask=np.broadcast_to(mask, arr.shape), **kwargs)
 
-model = Counted(classifier.module.eval())
+model = Counted(classifier.module).eval()
 common = dict(abs=False, normalise=False, disable_warnings=True)
 if metric == "pixel-flipping":
     metrics = [quantus.PixelFlipping(features_in_step=3 * settings["flip_step"], perturb_baseline="black",
