@@ -131,7 +131,7 @@ def test_png_masks_missing_unmatched_and_wrong_sized(run_dir: Path, tmp_path: Pa
     lines = lines_of(run_dir)
     line = lines[("a.jpg", "gradcam")]
     assert line["metrics"] == ["sparseness", *REGION_METRICS] and line["masks_from"] == str(masks)
-    assert line["regions"].startswith("masks:") and line["topk"] == 50
+    assert line["region_source"].startswith("masks:") and line["topk"] == 50
     norm_map = np.load(run_dir / line["map"])
     assert line["energy_pointing"] == pytest.approx(energy_pointing(norm_map, a), abs=1e-6)
     assert line["relevance_mass"] == line["energy_pointing"]
@@ -185,7 +185,7 @@ def test_coco_polygons_and_rle_equal_the_same_png_mask(run_dir: Path, tmp_path: 
     assert code == 0, stderr
     from_coco = lines_of(run_dir)
     for key in (("a.jpg", "cam"), ("b.png", "gradcam")):
-        assert from_coco[key]["regions"] != from_png[key]["regions"]
+        assert from_coco[key]["region_source"] != from_png[key]["region_source"]
         for f in FIELDS:
             assert from_coco[key][f] == from_png[key][f] is not None, (key, f)
     assert from_coco[("c.bmp", "cam")]["energy_pointing"] is None  # a zebra is not the explained class
@@ -280,7 +280,7 @@ def test_boxes_as_regions_equal_quantus_and_the_swapped_energy_game_does_not(
     assert code == 0, stderr
     swapped_differs = 0
     for (key, method), line in lines_of(out).items():
-        assert line["regions"].startswith("boxes:")
+        assert line["region_source"].startswith("boxes:")
         norm_map = np.load(out / line["map"])
         x0, y0, x1, y1 = boxes[key]["box"]
         mask = np.zeros(norm_map.shape, bool)

@@ -37,7 +37,8 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     default=",".join(DEFAULT_METRICS),
     show_default=True,
     help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from; "
-    f"{', '.join(REGION_METRICS)} need --masks-from or --boxes-from).",
+    f"{', '.join(REGION_METRICS)} need --masks-from or --boxes-from; "
+    f"all leaves out {', '.join(n for n, s in METRICS.items() if not s.in_all)}: name them).",
 )
 @click.option(
     "--steps",

@@ -50,7 +50,7 @@ class MetricSpec:
     summarised; ``family``: ``perturbation`` (a plan of model passes), ``localisation``
     (the map against boxes), ``region`` (the map against a mask or boxes) or
     ``complexity`` (the map alone); ``settings``: the :class:`MetricOptions` fields
-    (and ``boxes``, ``regions``) its values depend on; ``entry``: ``module:function`` of its plan factory
+    (and ``boxes``, ``region_source``) its values depend on; ``entry``: ``module:function`` of its plan factory
     (perturbation metrics; metrics of one entry share one plan).
     """
 
@@ -60,6 +60,8 @@ class MetricSpec:
     settings: tuple[str, ...]
     entry: str | None = None
     reference: str = ""
+    #: part of ``--metrics all`` (the costly faithfulness metrics are asked for by name)
+    in_all: bool = True
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -115,6 +117,45 @@ METRICS: dict[str, MetricSpec] = {
             "pytorch-grad-cam ROADCombined",
         ),
         MetricSpec(
+            "pixel-flipping",
+            "perturbation",
+            (Statistic("pixel_flipping_auc", "pixel_flipping_auc", "lower", "pixel flipping AUC"),),
+            ("flip_step",),
+            "cam_cli.metrics.flipping:make_pixel_flipping_plan",
+            "Quantus PixelFlipping (Bach 2015)",
+            in_all=False,
+        ),
+        MetricSpec(
+            "irof",
+            "perturbation",
+            (Statistic("irof", "irof", "higher", "IROF"),),
+            (),
+            "cam_cli.metrics.irof:make_plan",
+            "Quantus IROF (Rieger 2020)",
+            in_all=False,
+        ),
+        MetricSpec(
+            "region-perturbation",
+            "perturbation",
+            (
+                Statistic("region_morf_aopc", "region_morf_aopc", "higher", "region MoRF AOPC"),
+                Statistic("region_lerf_aopc", "region_lerf_aopc", "lower", "region LeRF AOPC"),
+            ),
+            ("patch_size", "regions"),
+            "cam_cli.metrics.flipping:make_region_plan",
+            "Quantus RegionPerturbation (Samek 2017)",
+            in_all=False,
+        ),
+        MetricSpec(
+            "faithfulness-correlation",
+            "perturbation",
+            (Statistic("faithfulness_correlation", "faithfulness_correlation", "higher", "faith. corr."),),
+            ("corr_runs", "corr_subset", "seed"),
+            "cam_cli.metrics.faithcorr:make_plan",
+            "Quantus FaithfulnessCorrelation (Bhatt 2020)",
+            in_all=False,
+        ),
+        MetricSpec(
             "pointing",
             "localisation",
             (Statistic("pointing_hit", "pointing_pct", "higher", "pointing %", 1, 100.0),),
@@ -147,7 +188,7 @@ METRICS: dict[str, MetricSpec] = {
                 name,
                 "region",
                 (Statistic(name.replace("-", "_"), name.replace("-", "_"), "higher", title),),
-                ("regions", "topk") if name == "topk-intersection" else ("regions",),
+                ("region_source", "topk") if name == "topk-intersection" else ("region_source",),
                 reference=f"Quantus 0.6 {reference}",
             )
             for name, title, reference in (
@@ -181,13 +222,14 @@ __all__ = [
 
 
 def parse_metrics(text: str) -> list[str]:
-    """``deletion,insertion`` as registry names in registry order; ``all`` for every one.
+    """``deletion,insertion`` as registry names in registry order; ``all`` for every one
+    but those left out of it (``in_all=False``: asked for by name).
 
     Raises ``ValueError`` naming the valid choices for an unknown name.
     """
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if names == ["all"]:
-        return list(METRICS)
+        return [n for n, spec in METRICS.items() if spec.in_all]
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
         raise ValueError(f"unknown metric {', '.join(unknown) or repr(text)}; choose from {', '.join(METRICS)} or all")

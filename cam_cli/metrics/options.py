@@ -11,7 +11,10 @@ BASELINES = ("zero", "blur")
 class MetricOptions:
     """``steps`` and ``baseline`` shape deletion/insertion; ``road_noise`` and
     ``seed`` shape ROAD; ``box_threshold`` shapes the localisation IoU; ``topk``
-    the top-k intersection; ``complexity_eps`` the effective complexity."""
+    the top-k intersection; ``complexity_eps`` the effective complexity;
+    ``flip_step`` (pixels per step) shapes pixel flipping; ``patch_size`` and
+    ``regions`` region perturbation; ``corr_runs``, ``corr_subset`` and ``seed``
+    the faithfulness correlation."""
 
     steps: int = 20
     baseline: str = "zero"
@@ -20,3 +23,8 @@ class MetricOptions:
     box_threshold: float = 0.2
     topk: int = 1000
     complexity_eps: float = 1e-5
+    flip_step: int = 1
+    patch_size: int = 8
+    regions: int = 100
+    corr_runs: int = 100
+    corr_subset: int = 224

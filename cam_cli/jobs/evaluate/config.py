@@ -30,6 +30,13 @@ class EvaluateConfig:
     masks_from: Path | None = None
     topk: int = 1000
     complexity_eps: float = 1e-5
+    flip_step: int = 1
+    patch_size: int = 8
+    regions: int = 100
+    corr_runs: int = 100
+    corr_subset: int = 224
+    #: run metrics whose budget is over ten times deletion/insertion's
+    budget_ok: bool = False
     model: str | None = None
     weights: str | None = None
     num_classes: int | None = None

@@ -17,7 +17,22 @@ from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, MetricOptions
 
 #: what may shape a metric's values (each metric's ``settings`` name some), in a line's order
-SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold", "regions", "topk", "complexity_eps")
+SETTINGS = (
+    "steps",
+    "baseline",
+    "road_noise",
+    "seed",
+    "boxes",
+    "box_threshold",
+    "flip_step",
+    "patch_size",
+    "regions",
+    "corr_runs",
+    "corr_subset",
+    "region_source",
+    "topk",
+    "complexity_eps",
+)
 
 
 @dataclass
@@ -79,9 +94,14 @@ class Lines:
             "seed": self.options.seed,
             "boxes": self.boxes_digest,
             "box_threshold": self.options.box_threshold,
-            "regions": self.regions_digest,
+            "region_source": self.regions_digest,
             "topk": self.options.topk,
             "complexity_eps": self.options.complexity_eps,
+            "flip_step": self.options.flip_step,
+            "patch_size": self.options.patch_size,
+            "regions": self.options.regions,
+            "corr_runs": self.options.corr_runs,
+            "corr_subset": self.options.corr_subset,
         }
         return {s: values[s] for s in METRICS[name].settings}
 
@@ -164,7 +184,7 @@ class Lines:
         part.update({s: merged[s] for s in SETTINGS if s in merged})
         if "boxes" in part and self.config.boxes_from is not None:
             part["boxes_from"] = str(self.config.boxes_from)
-        if "regions" in part and self.config.masks_from is not None:
+        if "region_source" in part and self.config.masks_from is not None:
             part["masks_from"] = str(self.config.masks_from)
         return part
 

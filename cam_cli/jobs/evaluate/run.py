@@ -33,6 +33,7 @@ from cam_cli.jobs.evaluate.lines import Lines, Pair
 from cam_cli.jobs.evaluate.setups import Setups, weights_argument
 from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
+from cam_cli.metrics.budget import over_budget
 from cam_cli.metrics.localisation import GroundTruth, read_boxes
 from cam_cli.metrics.masks import Region, masks_digest, match_keys, read_masks
 
@@ -67,6 +68,11 @@ class Evaluator:
             box_threshold=config.box_threshold,
             topk=config.topk,
             complexity_eps=config.complexity_eps,
+            flip_step=config.flip_step,
+            patch_size=config.patch_size,
+            regions=config.regions,
+            corr_runs=config.corr_runs,
+            corr_subset=config.corr_subset,
         )
         self.boxes, boxes_digest = self._read_boxes(ok)
         self.masks, regions_digest = self._read_masks(ok, boxes_digest)
@@ -77,11 +83,22 @@ class Evaluator:
         if self.perturbing:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)
+            self._check_budget()
         # after the rebuild, so that a model that does not exist is named as such first
         metrics_name, summary_name = rundir.metrics_names(self._other_model(ok))
         self.metrics_path = self.out_dir / metrics_name
         self.summary_path = self.out_dir / summary_name
         self._pending: tuple[list[Pair], int] | None = None
+
+    def _check_budget(self) -> None:
+        """``InputError`` when a metric would cost more than ten times deletion/insertion
+        per map (at the largest model input size), unless ``budget_ok``."""
+        if self.config.budget_ok:
+            return
+        size = max(setup.size for setup in self.setups)
+        refusal = over_budget(self.perturbing, self.options, size)
+        if refusal is not None:
+            raise InputError(refusal)
 
     # -- reading the run
     def _ok_records(self) -> list[dict[str, Any]]:
@@ -282,6 +299,7 @@ class Evaluator:
                 "baseline": self.options.baseline,
                 "road_noise": self.options.road_noise,
                 "seed": self.options.seed,
+                **{k: getattr(self.options, k) for k in FAITHFULNESS_OPTIONS if _uses(self.names, k)},
                 "boxes_from": str(self.config.boxes_from) if self.config.boxes_from else None,
                 "masks_from": str(self.config.masks_from) if self.config.masks_from else None,
                 "precision": self.config.precision,
@@ -297,6 +315,14 @@ class Evaluator:
             rundir.write_atomic(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
         except OSError as exc:
             raise OutputError(f"cannot write {self.summary_path}: {exc.strerror or exc}") from None
+
+
+#: the options of the faithfulness metrics, in the summary when a metric asked for uses them
+FAITHFULNESS_OPTIONS = ("flip_step", "patch_size", "regions", "corr_runs", "corr_subset")
+
+
+def _uses(names: Sequence[str], setting: str) -> bool:
+    return any(setting in METRICS[n].settings for n in names)
 
 
 def _metric_names(asked: Sequence[str]) -> list[str]:
