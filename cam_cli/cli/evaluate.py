@@ -19,7 +19,7 @@ from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
 from cam_cli.errors import plural
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, parse_metrics, statistic
-from cam_cli.metrics.options import BASELINES
+from cam_cli.metrics.options import BASELINES, MPRT_ORDERS
 
 
 def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
@@ -66,7 +66,23 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     help="Ground-truth boxes (CSV key,x0,y0,x1,y1[,class] or COCO-style JSON); adds pointing and iou.",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of ROAD's noise, MPRT's random weights, random-logit's class and the bootstrap.",
+)
+@click.option(
+    "--mprt-order",
+    type=click.Choice(list(MPRT_ORDERS)),
+    default="cascading",
+    show_default=True,
+    help="MPRT: randomise the blocks from the top down, keeping each (cascading), or one at a time.",
+)
+@click.option(
+    "--budget-ok",
+    is_flag=True,
+    help="Run metrics that would take more than 10x the forward passes of deletion and insertion (mprt).",
 )
 @opt.model_options(
     None,
@@ -208,7 +224,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             n = max((g["n"] for g in gap.values()), default=0)
             cells = [_cell(gap[s], digits[s], n) for s in stats]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _mprt_table(summary))
+
+
+def _mprt_table(summary: dict[str, Any]) -> list[str]:
+    """Each method's MPRT verdict: does its map change when the model is randomised?"""
+    verdicts = [
+        (m, summary["methods"][m]["mprt"]) for m in summary.get("ranking", []) if "mprt" in summary["methods"][m]
+    ]
+    if not verdicts:
+        return []
+    threshold = verdicts[0][1]["threshold"]
+    lines = ["", f"MPRT sanity check (rank correlation with the trained model's map after randomising every "
+             f"block; pass: its 95% interval lies below {threshold}):", "",
+             "| method | rank corr. | SSIM | verdict |", "|---|---|---|---|"]  # fmt: skip
+    for method, v in verdicts:
+        ssim = "-" if v.get("ssim") is None else f"{v['ssim']:.3f}"
+        lines.append(f"| {method} | {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | {ssim} | {v['verdict']} |")
+    return lines
 
 
 __all__ = ["evaluate", "format_summary"]

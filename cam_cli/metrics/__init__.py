@@ -52,16 +52,18 @@ class MetricSpec:
     """
 
     name: str
-    family: Literal["perturbation", "localisation"]
+    family: Literal["perturbation", "localisation", "randomisation"]
     statistics: tuple[Statistic, ...]
     settings: tuple[str, ...]
     entry: str | None = None
     reference: str = ""
+    #: fields it writes beside its statistics, not summarised (MPRT's per-block curves)
+    extra: tuple[str, ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
         """The fields it writes on a ``metrics.jsonl`` line."""
-        return tuple(s.field for s in self.statistics)
+        return tuple(s.field for s in self.statistics) + self.extra
 
     @property
     def better(self) -> tuple[Better, ...]:
@@ -118,6 +120,25 @@ METRICS: dict[str, MetricSpec] = {
             ("boxes",),
         ),
         MetricSpec("iou", "localisation", (Statistic("iou", "iou", "higher", "box IoU"),), ("boxes", "box_threshold")),
+        MetricSpec(
+            "mprt",
+            "randomisation",
+            (
+                Statistic("mprt_spearman", "mprt_spearman", "lower", "MPRT rank corr."),
+                Statistic("mprt_ssim", "mprt_ssim", "lower", "MPRT SSIM"),
+            ),
+            ("seed", "mprt_order"),
+            reference="Adebayo et al. 2018; Quantus MPRT",
+            extra=("mprt_spearman_curve", "mprt_ssim_curve", "mprt_blocks"),
+        ),
+        MetricSpec(
+            "random-logit",
+            "randomisation",
+            (Statistic("random_logit_ssim", "random_logit_ssim", "lower", "random-logit SSIM"),),
+            ("seed",),
+            reference="Sixt et al. 2020; Quantus RandomLogit",
+            extra=("random_logit_class",),
+        ),
     )
 }
 DEFAULT_METRICS = ("deletion", "insertion", "confidence")

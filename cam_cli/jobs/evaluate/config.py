@@ -26,6 +26,10 @@ class EvaluateConfig:
     boxes_from: Path | None = None
     seed: int = 0
     box_threshold: float = 0.2
+    #: MPRT: ``cascading`` (from the top block down) or ``independent`` (one block at a time)
+    mprt_order: str = "cascading"
+    #: run metrics that would take more than ten times the deletion/insertion cost
+    budget_ok: bool = False
     model: str | None = None
     weights: str | None = None
     num_classes: int | None = None

@@ -17,7 +17,7 @@ from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, MetricOptions
 
 #: what may shape a metric's values (each metric's ``settings`` name some), in a line's order
-SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold")
+SETTINGS = ("steps", "baseline", "road_noise", "seed", "boxes", "box_threshold", "mprt_order")
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Lines:
             "seed": self.options.seed,
             "boxes": self.boxes_digest,
             "box_threshold": self.options.box_threshold,
+            "mprt_order": self.options.mprt_order,
         }
         return {s: values[s] for s in METRICS[name].settings}
 

@@ -30,8 +30,9 @@ from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.lines import Lines, Pair
+from cam_cli.jobs.evaluate.randomise import randomisation_scorers
 from cam_cli.jobs.evaluate.setups import Setups, weights_argument
-from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, rows_by_method, summarise_methods
+from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, add_mprt_verdicts, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
 from cam_cli.metrics.localisation import GroundTruth, read_boxes
 
@@ -53,6 +54,7 @@ class Evaluator:
         self.names = _metric_names(config.metrics)
         self.localising = [m for m in self.names if METRICS[m].family == "localisation"]
         self.perturbing = [m for m in self.names if METRICS[m].family == "perturbation"]
+        self.randomising = [m for m in self.names if METRICS[m].family == "randomisation"]
         check_precision(config.precision)
         self.warnings: list[str] = []
         ok = self._ok_records()
@@ -62,15 +64,17 @@ class Evaluator:
             road_noise=config.road_noise,
             seed=config.seed,
             box_threshold=config.box_threshold,
+            mprt_order=config.mprt_order,
         )
         self.boxes, boxes_digest = self._read_boxes(ok)
         self.lines = Lines(config, self.names, self.options, boxes_digest)
         self.device = open_device(config.device)
         self.setups = Setups(config, ok)
         self.records = [(r, self.setups.of(r)) for r in ok]
-        if self.perturbing:
+        if self.perturbing or self.randomising:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)
+        self.scorers = randomisation_scorers(self.records, self.randomising, self.options, config)
         # after the rebuild, so that a model that does not exist is named as such first
         metrics_name, summary_name = rundir.metrics_names(self._other_model(ok))
         self.metrics_path = self.out_dir / metrics_name
@@ -219,6 +223,8 @@ class Evaluator:
             self.config.workers,
             emit,
             result,
+            self.randomising,
+            self.scorers,
         )
 
     def _run_setups(self, pairs: list[Pair], scoring: Scoring, stop: threading.Event | None) -> int:
@@ -240,6 +246,8 @@ class Evaluator:
         """Per method: n, mean and seeded 95% bootstrap interval of each metric, ranks, gaps to ``random``."""
         rows = rows_by_method((r for r, _ in self.records), rundir.load_manifest(self.metrics_path))
         methods, ranking = summarise_methods(rows, self.names, self.options.seed)
+        if "mprt" in self.names:
+            add_mprt_verdicts(methods, rows)
         return {
             "out_dir": str(self.out_dir),
             "metrics": self.names,
@@ -248,6 +256,7 @@ class Evaluator:
                 "baseline": self.options.baseline,
                 "road_noise": self.options.road_noise,
                 "seed": self.options.seed,
+                **({"mprt_order": self.options.mprt_order} if "mprt" in self.names else {}),
                 "boxes_from": str(self.config.boxes_from) if self.config.boxes_from else None,
                 "precision": self.config.precision,
                 "bootstrap_samples": BOOTSTRAP_SAMPLES,
