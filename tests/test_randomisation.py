@@ -1,0 +1,167 @@
+"""``camx evaluate --metrics mprt,random-logit``: the randomisation sanity checks, against
+Quantus 0.6's MPRT and RandomLogit themselves on real camx maps of a seeded CNN.
+
+Quantus is fed the same explanation function (``cam_cli.explain``) and, for MPRT, the same
+randomised models (its layer generator yields camx's :class:`Randomiser` depths: Quantus
+seeds every layer with ``seed + 1``, so layers of one shape get identical weights; camx
+gives each block its own seed). Its SSIM flattens the maps to 1-D rows before calling
+skimage (``a.reshape(N, -1)``); the papers compare 2-D images, so the reference here is
+Quantus's own ``ssim`` called on each 2-D pair (the corrected reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from quantus.functions.similarity_func import correlation_spearman
+from quantus.functions.similarity_func import ssim as quantus_ssim
+
+import cam_cli
+from cam_cli import rundir
+from cam_cli.cli import main
+from cam_cli.cli.evaluate import evaluate
+from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
+from cam_cli.jobs.data import ImageDataset
+from cam_cli.metrics.randomisation import Randomiser, model_blocks, ranks, spearman
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TinyNet, make_tiny  # noqa: E402
+
+SIZE = 64
+FAST = ["--device", "cpu", "--workers", "0"]
+METHODS = "gradcam,eigencam,scorecam"
+
+
+def explain_run(images: Path, out: Path, model: str, methods: str = METHODS) -> None:
+    args = ["explain", str(images), "-o", str(out), "--model", model, "--method", methods, "--input-size", str(SIZE)]
+    result = CliRunner().invoke(main, [*args, *FAST, "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def evaluate_run(out: Path, *args: str) -> tuple[int, dict, str]:
+    result = CliRunner().invoke(evaluate, [str(out), *FAST, "--json", *args], catch_exceptions=False)
+    payload = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    return result.exit_code, payload, result.stderr
+
+
+def lines_of(out: Path) -> dict[tuple[str, str], dict]:
+    return {(r["key"], r["method"]): r for r in rundir.read_records(out / "metrics.jsonl")}
+
+
+def model_inputs(out: Path, model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
+    """The run's keys and their images as evaluate feeds them to the model (decoded, resized, normalised)."""
+    records = sorted({r["key"]: r for r in rundir.read_records(out / "manifest.jsonl")}.values(), key=lambda r: r["key"])
+    dataset = ImageDataset([InputImage(Path(r["input"]), r["key"]) for r in records], SIZE, DEFAULT_MAX_PIXELS)
+    images = torch.stack([dataset[i].image for i in range(len(dataset))]).float() / 255
+    mean = torch.tensor(records[0]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(records[0]["std"]).view(1, 3, 1, 1)
+    return [r["key"] for r in records], (images - mean) / std
+
+
+def explain_func(method: str):
+    """Quantus's explanation function: camx's maps ``(N, 1, S, S)`` of each image's own target."""
+
+    def explain(model, inputs, targets, **_):
+        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+        maps = [cam_cli.explain(model, x[i : i + 1], method, target=int(t))[method].maps for i, t in enumerate(targets)]
+        return torch.cat(maps)[:, None].numpy()
+
+    return explain
+
+
+def ssim_2d(a: np.ndarray, b: np.ndarray, batched: bool = False, **_) -> np.ndarray:
+    """The corrected reference: Quantus's ssim on each pair of 2-D maps, not on flattened rows
+    (and as an array: MPRT calls ``.tolist()`` on it, which Quantus's own batched ssim, a list, lacks)."""
+    side = int(round(a.shape[1] ** 0.5))
+    return np.array([quantus_ssim(x.reshape(side, side), y.reshape(side, side)) for x, y in zip(a, b, strict=True)])
+
+
+@pytest.fixture
+def tiny_run(tiny_factory: str, sample_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    explain_run(sample_dir, out, tiny_factory)
+    return out
+
+
+def test_blocks_are_quantus_layers_top_down(tiny_model: TinyNet) -> None:
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    wrapped = PyTorchModel(tiny_model, channel_first=True)
+    theirs = [name for name, _ in wrapped.get_random_layer_generator(order="top_down")]
+    assert [name for name, _ in model_blocks(tiny_model)] == theirs == ["fc", "features.2", "features.0"]
+
+
+def test_randomiser_draws_each_block_with_its_own_initialiser_and_puts_it_back() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+    trained = copy.deepcopy(model.state_dict())
+    randomiser = Randomiser(model, seed=7)
+    assert randomiser.names == ["2", "1", "0"]
+    randomiser.set_depth(2)  # the top two blocks: the last Linear and the BatchNorm
+    assert not torch.equal(model[2].weight, trained["2.weight"])
+    assert torch.equal(model[1].running_mean, torch.zeros(4))  # BatchNorm's own reset
+    assert torch.equal(model[0].weight, trained["0.weight"])
+    # two layers of one shape get different weights (Quantus reseeds every layer alike)
+    assert not torch.equal(randomiser.random[0]["weight"], randomiser.random[2]["weight"])
+    again = Randomiser(copy.deepcopy(model), seed=7)  # the same seed, the same random weights
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(randomiser.random, again.random, strict=True) for k in a)
+    randomiser.restore()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    independent = Randomiser(model, seed=7, order="independent")
+    independent.set_depth(3)
+    assert not torch.equal(model[0].weight, trained["0.weight"])
+    assert torch.equal(model[2].weight, trained["2.weight"])
+
+
+def test_ranks_and_spearman_equal_scipy() -> None:
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=(3, 40)).astype(np.float32)  # many ties, as ReLU'd maps have
+    b = rng.random((3, 40)).astype(np.float32)
+    np.testing.assert_allclose(ranks(torch.from_numpy(a)).numpy(), rankdata(a, axis=1), atol=1e-12)
+    reference = [spearmanr(x, y)[0] for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(spearman(a, b), reference, atol=1e-12)
+    np.testing.assert_allclose(spearman(a, b), correlation_spearman(a, b, batched=True), atol=1e-12)
+    assert np.isnan(spearman(np.zeros((1, 5)), b[:1, :5]))[0]
+
+
+@pytest.mark.slow
+def test_mprt_equals_quantus_mprt_on_camx_maps(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantus
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    code, payload, err = evaluate_run(tiny_run, "--metrics", "mprt", "--seed", "3")
+    assert code == 0, err
+    lines = lines_of(tiny_run)
+    model = make_tiny()
+    keys, x = model_inputs(tiny_run, model)
+    randomised = copy.deepcopy(model)
+    mine = Randomiser(randomised, seed=3)
+
+    def camx_layers(self, order="top_down", seed=42):  # Quantus's generator, yielding camx's randomised model
+        for depth, name in enumerate(mine.names, 1):
+            mine.set_depth(depth)
+            yield name, randomised
+
+    monkeypatch.setattr(PyTorchModel, "get_random_layer_generator", camx_layers)
+    for method in METHODS.split(","):
+        y = np.array([lines[(k, method)]["class_index"] for k in keys])
+        for similarity, field in ((None, "mprt_spearman_curve"), (ssim_2d, "mprt_ssim_curve")):
+            metric = quantus.MPRT(similarity_func=similarity, abs=False, normalise=False, disable_warnings=True)
+            scores = metric(model=model, x_batch=x.numpy(), y_batch=y, explain_func=explain_func(method), batch_size=4)
+            theirs = np.array([scores[name] for name in mine.names]).T  # (images, depths)
+            ours = np.array([lines[(k, method)][field] for k in keys], dtype=np.float64)
+            np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=f"{method} {field}")
+    verdict = payload["summary"]["methods"]["gradcam"]["mprt"]
+    assert verdict["blocks"] == ["fc", "features.2", "features.0"] and len(verdict["spearman_curve"]) == 3
+    assert verdict["verdict"] in ("pass", "fail", "unclear") and verdict["threshold"] == 0.5
+    assert (tiny_run / rundir.mprt_strip_name(keys[0], "gradcam")).is_file()
