@@ -57,7 +57,8 @@ def lines_of(out: Path) -> dict[tuple[str, str], dict]:
 
 def model_inputs(out: Path, model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
     """The run's keys and their images as evaluate feeds them to the model (decoded, resized, normalised)."""
-    records = sorted({r["key"]: r for r in rundir.read_records(out / "manifest.jsonl")}.values(), key=lambda r: r["key"])
+    by_key = {r["key"]: r for r in rundir.read_records(out / "manifest.jsonl")}
+    records = [by_key[k] for k in sorted(by_key)]
     dataset = ImageDataset([InputImage(Path(r["input"]), r["key"]) for r in records], SIZE, DEFAULT_MAX_PIXELS)
     images = torch.stack([dataset[i].image for i in range(len(dataset))]).float() / 255
     mean = torch.tensor(records[0]["mean"]).view(1, 3, 1, 1)
@@ -165,3 +166,85 @@ def test_mprt_equals_quantus_mprt_on_camx_maps(tiny_run: Path, monkeypatch: pyte
     assert verdict["blocks"] == ["fc", "features.2", "features.0"] and len(verdict["spearman_curve"]) == 3
     assert verdict["verdict"] in ("pass", "fail", "unclear") and verdict["threshold"] == 0.5
     assert (tiny_run / rundir.mprt_strip_name(keys[0], "gradcam")).is_file()
+
+
+@pytest.fixture
+def two_class_factory(tiny_factory: str, tmp_path: Path) -> str:
+    """``--model two_class:build``: the tiny CNN with two classes (random-logit's other class is then fixed)."""
+    (tmp_path / "two_class.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_tiny\ndef build():\n    return make_tiny(num_classes=2)\n"
+    )
+    sys.modules.pop("two_class", None)
+    return "two_class:build"
+
+
+@pytest.mark.slow
+def test_random_logit_equals_quantus_random_logit(two_class_factory: str, sample_dir: Path, tmp_path: Path) -> None:
+    import quantus
+
+    out = tmp_path / "out"
+    explain_run(sample_dir, out, two_class_factory, "gradcam,gradcam++")
+    code, payload, err = evaluate_run(out, "--metrics", "random-logit")
+    assert code == 0, err
+    lines = lines_of(out)
+    model = make_tiny(num_classes=2)
+    keys, x = model_inputs(out, model)
+    for method in ("gradcam", "gradcam++"):
+        y = np.array([lines[(k, method)]["class_index"] for k in keys])
+        assert [lines[(k, method)]["random_logit_class"] for k in keys] == list(1 - y)
+        metric = quantus.RandomLogit(num_classes=2, similarity_func=ssim_2d, abs=False, normalise=False,
+                                     disable_warnings=True)  # fmt: skip
+        theirs = metric(model=model, x_batch=x.numpy(), y_batch=y, explain_func=explain_func(method), batch_size=4)
+        ours = [lines[(k, method)]["random_logit_ssim"] for k in keys]
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=method)
+    assert payload["summary"]["methods"]["gradcam"]["metrics"]["random_logit_ssim"]["n"] == len(keys)
+
+
+def test_random_logit_class_is_seeded_per_sample_and_never_the_explained_one() -> None:
+    from cam_cli.metrics.randomisation import other_class
+
+    drawn = [other_class(0, f"img{i}.jpg\0gradcam", 3, 10) for i in range(200)]
+    assert 3 not in drawn and set(drawn) == set(range(10)) - {3}
+    assert drawn == [other_class(0, f"img{i}.jpg\0gradcam", 3, 10) for i in range(200)]
+    assert drawn != [other_class(1, f"img{i}.jpg\0gradcam", 3, 10) for i in range(200)]
+
+
+@pytest.fixture
+def wide_factory(tiny_factory: str, tmp_path: Path) -> str:
+    """``--model wide:build``: the tiny CNN with 64 channels (Score-CAM: 64 passes an image)."""
+    (tmp_path / "wide.py").write_text(
+        f"import sys, torch\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import TinyNet\ndef build():\n"
+        "    torch.manual_seed(0)\n    return TinyNet(5, channels=64).eval()\n"
+    )
+    sys.modules.pop("wide", None)
+    return "wide:build"
+
+
+@pytest.mark.slow
+def test_mprt_resumes_recomputes_another_order_and_guards_its_budget(wide_factory: str, image_dir: Path,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    explain_run(image_dir, out, wide_factory, "gradcam,scorecam")
+    code, _, err = evaluate_run(out, "--metrics", "mprt", "--steps", "1")
+    assert code != 0 and "--budget-ok" in err and "mprt" in err
+    assert not (out / "metrics.jsonl").exists()  # refused before anything is written
+    code, payload, err = evaluate_run(out, "--metrics", "mprt,deletion", "--steps", "1", "--budget-ok")
+    assert code == 0 and payload["done"] == 12, err
+    first = lines_of(out)
+    line = first[("a.jpg", "gradcam")]
+    assert line["mprt_order"] == "cascading" and line["seed"] == 0 and len(line["mprt_ssim_curve"]) == 3
+    assert line["mprt_spearman"] == line["mprt_spearman_curve"][-1]
+    code, payload, _ = evaluate_run(out, "--metrics", "mprt,deletion", "--steps", "1", "--budget-ok")
+    assert payload["skipped"] == 12 and lines_of(out) == first
+    code, payload, _ = evaluate_run(out, "--metrics", "mprt,deletion", "--steps", "1", "--budget-ok", "--mprt-order",
+                                    "independent")  # fmt: skip
+    assert code == 0 and payload["done"] == 12 and payload["forward_passes"] == 0  # deletion's values still hold
+    again = lines_of(out)[("a.jpg", "gradcam")]
+    assert again["mprt_order"] == "independent" and again["deletion_auc"] == line["deletion_auc"]
+    assert again["mprt_spearman_curve"][0] == line["mprt_spearman_curve"][0]  # the top block alone: the same model
+    assert again["mprt_spearman"] == pytest.approx(np.mean(again["mprt_spearman_curve"]), abs=1e-6)
+    args = ["--metrics", "mprt,deletion", "--steps", "1", "--mprt-order", "independent", "--budget-ok", "-q"]
+    table = CliRunner().invoke(evaluate, [str(out), *FAST, *args])
+    assert "MPRT sanity check" in table.stdout and "| gradcam |" in table.stdout
