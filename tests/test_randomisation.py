@@ -248,3 +248,15 @@ def test_mprt_resumes_recomputes_another_order_and_guards_its_budget(wide_factor
     args = ["--metrics", "mprt,deletion", "--steps", "1", "--mprt-order", "independent", "--budget-ok", "-q"]
     table = CliRunner().invoke(evaluate, [str(out), *FAST, *args])
     assert "MPRT sanity check" in table.stdout and "| gradcam |" in table.stdout
+    # camx report draws the curves (inline SVG) and the strip of one input's maps across depths
+    from cam_cli.report import build_report
+
+    page = build_report(out).read_text("utf-8")
+    section = page[page.index('<section class="run mprt" id="mprt">') :]
+    assert section.count('<figure class="mprt-chart">') == 2 and section.count("<polyline") == 4
+    summary = json.loads((out / "metrics-summary.json").read_text())["methods"]
+    for method in ("gradcam", "scorecam"):
+        assert f"<b>{method}</b> <span class=\"verdict {summary[method]['mprt']['verdict']}\">" in section
+    strips = sorted(p.name for p in (out / "report" / "mprt").iterdir())
+    assert strips == [f"{i}.d{d:02d}.png" for i in range(2) for d in range(4)]
+    assert section.count('<img src="mprt/') == 8
