@@ -68,16 +68,18 @@ def case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_registry_lists_every_metric_and_imports_lazily() -> None:
-    assert list(METRICS) == ["deletion", "insertion", "confidence", "road", "pointing", "iou"]
+    assert list(METRICS) == ["deletion", "insertion", "confidence", "road", "pointing", "iou", "mprt", "random-logit"]
     assert DEFAULT_METRICS == ("deletion", "insertion", "confidence")
     assert parse_metrics("insertion, deletion") == ["deletion", "insertion"]
-    assert parse_metrics("all") == list(METRICS)
+    # the sanity checks explain again (one explain per block): asked for by name, not by "all"
+    assert parse_metrics("all") == [n for n in METRICS if METRICS[n].family != "randomisation"]
     with pytest.raises(ValueError, match="unknown metric bogus; choose from deletion"):
         parse_metrics("deletion,bogus")
     for spec in METRICS.values():
         if spec.entry is not None:
             assert callable(plan_factory(spec.entry))
-        assert len(spec.better) == len(spec.fields)
+        assert len(spec.better) == len(spec.statistics)
+        assert spec.fields[: len(spec.statistics)] == tuple(s.field for s in spec.statistics)
 
 
 @pytest.mark.parametrize("steps", [20, 7])

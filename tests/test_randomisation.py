@@ -256,7 +256,7 @@ def test_mprt_resumes_recomputes_another_order_and_guards_its_budget(wide_factor
     assert section.count('<figure class="mprt-chart">') == 2 and section.count("<polyline") == 4
     summary = json.loads((out / "metrics-summary.json").read_text())["methods"]
     for method in ("gradcam", "scorecam"):
-        assert f"<b>{method}</b> <span class=\"verdict {summary[method]['mprt']['verdict']}\">" in section
+        assert f'<b>{method}</b> <span class="verdict {summary[method]["mprt"]["verdict"]}">' in section
     strips = sorted(p.name for p in (out / "report" / "mprt").iterdir())
     assert strips == [f"{i}.d{d:02d}.png" for i in range(2) for d in range(4)]
     assert section.count('<img src="mprt/') == 8

@@ -36,7 +36,8 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     callback=_metrics,
     default=",".join(DEFAULT_METRICS),
     show_default=True,
-    help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from).",
+    help=f"Comma-separated metrics: {', '.join(METRICS)}, or all (pointing and iou need --boxes-from; "
+    "all leaves out the sanity checks mprt and random-logit, which explain again).",
 )
 @click.option(
     "--steps",
