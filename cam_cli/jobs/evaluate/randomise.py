@@ -33,6 +33,8 @@ from cam_cli.probe import run_probe
 from cam_cli.render import upsample_normalise
 
 NAMES = ("mprt", "random-logit")
+#: methods whose maps are not of a class (DFF's concepts): no randomisation values (None)
+UNSUPPORTED = frozenset({"dff"})
 #: randomisation metrics that would cost more than this many times deletion and insertion are refused
 BUDGET_FACTOR = 10
 #: the side of the maps kept for the report's strip
@@ -112,7 +114,7 @@ class RandomisationScorer:
         to ``values`` (one dict per pair)."""
         groups: dict[Recipe, list[int]] = {}
         for j, pair in enumerate(pairs):
-            if any(n in pair.todo for n in self.names):
+            if any(n in pair.todo for n in self.names) and pair.record["method"] not in UNSUPPORTED:
                 groups.setdefault(recipe_of(pair.record, self.options.seed), []).append(j)
         for recipe, members in groups.items():
             self._score_group(recipe, [pairs[j] for j in members], images[members], [values[j] for j in members])
