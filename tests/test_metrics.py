@@ -87,18 +87,24 @@ def test_registry_lists_every_metric_and_imports_lazily() -> None:
         "relevance-rank",
         "topk-intersection",
         "mask-auc",
+        "mprt",
+        "random-logit",
     ]
     assert DEFAULT_METRICS == ("deletion", "insertion", "confidence")
     assert parse_metrics("insertion, deletion") == ["deletion", "insertion"]
     assert parse_metrics("all") == [
-        n for n in METRICS if n not in ("pixel-flipping", "irof", "region-perturbation", "faithfulness-correlation")
+        n
+        for n in METRICS
+        if n not in ("pixel-flipping", "irof", "region-perturbation", "faithfulness-correlation")
+        and METRICS[n].family != "randomisation"
     ]
     with pytest.raises(ValueError, match="unknown metric bogus; choose from deletion"):
         parse_metrics("deletion,bogus")
     for spec in METRICS.values():
         if spec.entry is not None:
             assert callable(plan_factory(spec.entry))
-        assert len(spec.better) == len(spec.fields)
+        assert len(spec.better) == len(spec.statistics)
+        assert spec.fields[: len(spec.statistics)] == tuple(s.field for s in spec.statistics)
 
 
 @pytest.mark.parametrize("steps", [20, 7])

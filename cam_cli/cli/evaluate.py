@@ -19,7 +19,7 @@ from cam_cli.cli import options as opt
 from cam_cli.cli.common import CONTEXT, EXIT_FAILED_INPUTS, FiniteFloat, reported_errors
 from cam_cli.errors import plural
 from cam_cli.metrics import DEFAULT_METRICS, METRICS, REGION_METRICS, parse_metrics, statistic
-from cam_cli.metrics.options import BASELINES
+from cam_cli.metrics.options import BASELINES, MPRT_ORDERS
 
 
 def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
@@ -89,7 +89,55 @@ def _metrics(_: click.Context, __: click.Parameter, value: str) -> list[str]:
     help="effective-complexity counts the pixels above this (the map scaled to a maximum of 1).",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of ROAD's noise and the bootstrap."
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of ROAD's noise, faithfulness-correlation's subsets, MPRT's random weights, random-logit's class "
+    "and the bootstrap.",
+)
+@click.option(
+    "--flip-step",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Pixels pixel-flipping flips per step (1, the reference's budget, needs --budget-ok).",
+)
+@click.option(
+    "--patch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Region-perturbation's patch side."
+)
+@click.option(
+    "--regions",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Patches region-perturbation removes, one per step (MoRF and LeRF each).",
+)
+@click.option(
+    "--corr-runs",
+    type=click.IntRange(min=2),
+    default=100,
+    show_default=True,
+    help="Random subsets faithfulness-correlation correlates over.",
+)
+@click.option(
+    "--corr-subset",
+    type=click.IntRange(min=1),
+    default=224,
+    show_default=True,
+    help="Features (one channel of one pixel each) in each of faithfulness-correlation's subsets.",
+)
+@click.option(
+    "--mprt-order",
+    type=click.Choice(list(MPRT_ORDERS)),
+    default="cascading",
+    show_default=True,
+    help="MPRT: randomise the blocks from the top down, keeping each (cascading), or one at a time.",
+)
+@click.option(
+    "--budget-ok",
+    is_flag=True,
+    help="Run metrics that take over ten times deletion/insertion's forward passes (refused otherwise).",
 )
 @opt.model_options(
     None,
@@ -240,7 +288,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             n = max((g["n"] for g in gap.values()), default=0)
             cells = [_cell(gap[s], digits[s], n) for s in stats]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _mprt_table(summary))
+
+
+def _mprt_table(summary: dict[str, Any]) -> list[str]:
+    """Each method's MPRT verdict: does its map change when the model is randomised?"""
+    verdicts = [
+        (m, summary["methods"][m]["mprt"]) for m in summary.get("ranking", []) if "mprt" in summary["methods"][m]
+    ]
+    if not verdicts:
+        return []
+    threshold = verdicts[0][1]["threshold"]
+    lines = ["", f"MPRT sanity check (rank correlation with the trained model's map after randomising every "
+             f"block; pass: its 95% interval lies below {threshold}):", "",
+             "| method | rank corr. | SSIM | verdict |", "|---|---|---|---|"]  # fmt: skip
+    for method, v in verdicts:
+        ssim = "-" if v.get("ssim") is None else f"{v['ssim']:.3f}"
+        lines.append(f"| {method} | {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | {ssim} | {v['verdict']} |")
+    return lines
 
 
 __all__ = ["evaluate", "format_summary"]

@@ -55,18 +55,20 @@ class MetricSpec:
     """
 
     name: str
-    family: Literal["perturbation", "localisation", "region", "complexity"]
+    family: Literal["perturbation", "localisation", "region", "complexity", "randomisation"]
     statistics: tuple[Statistic, ...]
     settings: tuple[str, ...]
     entry: str | None = None
     reference: str = ""
     #: part of ``--metrics all`` (the costly faithfulness metrics are asked for by name)
     in_all: bool = True
+    #: fields it writes beside its statistics, not summarised (MPRT's per-block curves)
+    extra: tuple[str, ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
         """The fields it writes on a ``metrics.jsonl`` line."""
-        return tuple(s.field for s in self.statistics)
+        return tuple(s.field for s in self.statistics) + self.extra
 
     @property
     def better(self) -> tuple[Better, ...]:
@@ -199,6 +201,27 @@ METRICS: dict[str, MetricSpec] = {
                 ("mask-auc", "mask AUC", "AUC"),
             )
         ),
+        MetricSpec(
+            "mprt",
+            "randomisation",
+            (
+                Statistic("mprt_spearman", "mprt_spearman", "lower", "MPRT rank corr."),
+                Statistic("mprt_ssim", "mprt_ssim", "lower", "MPRT SSIM"),
+            ),
+            ("seed", "mprt_order"),
+            reference="Adebayo et al. 2018; Quantus MPRT",
+            extra=("mprt_spearman_curve", "mprt_ssim_curve", "mprt_blocks"),
+            in_all=False,
+        ),
+        MetricSpec(
+            "random-logit",
+            "randomisation",
+            (Statistic("random_logit_ssim", "random_logit_ssim", "lower", "random-logit SSIM"),),
+            ("seed",),
+            reference="Sixt et al. 2020; Quantus RandomLogit",
+            extra=("random_logit_class",),
+            in_all=False,
+        ),
     )
 }
 DEFAULT_METRICS = ("deletion", "insertion", "confidence")
@@ -223,7 +246,8 @@ __all__ = [
 
 def parse_metrics(text: str) -> list[str]:
     """``deletion,insertion`` as registry names in registry order; ``all`` for every one
-    but those left out of it (``in_all=False``: asked for by name).
+    but those left out of it (``in_all=False``: the costly faithfulness metrics and the
+    randomisation sanity checks, which explain again once per block, are asked for by name).
 
     Raises ``ValueError`` naming the valid choices for an unknown name.
     """

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BASELINES = ("zero", "blur")
+MPRT_ORDERS = ("cascading", "independent")
+#: MPRT passes (the map changes when the model is randomised) when the 95% interval of the
+#: mean rank correlation after randomising every block lies below this
+MPRT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -14,7 +18,8 @@ class MetricOptions:
     the top-k intersection; ``complexity_eps`` the effective complexity;
     ``flip_step`` (pixels per step) shapes pixel flipping; ``patch_size`` and
     ``regions`` region perturbation; ``corr_runs``, ``corr_subset`` and ``seed``
-    the faithfulness correlation."""
+    the faithfulness correlation; ``seed`` and ``mprt_order`` (``cascading`` or
+    ``independent``) shape MPRT."""
 
     steps: int = 20
     baseline: str = "zero"
@@ -28,3 +33,4 @@ class MetricOptions:
     regions: int = 100
     corr_runs: int = 100
     corr_subset: int = 224
+    mprt_order: str = "cascading"

@@ -22,6 +22,7 @@ from typing import Any
 
 from cam_cli import __version__, rundir
 from cam_cli.errors import OutputError
+from cam_cli.report.mprt import mprt_section
 from cam_cli.report.page import THUMBS_FOLDER, collect, script_json, url_path
 from cam_cli.report.records import load_run, safe_relative
 from cam_cli.report.thumbs import THUMB_SIZE, ThumbJob, ThumbResult, make_thumbnails
@@ -73,6 +74,7 @@ style-src 'self' file:; img-src 'self' file: data:; base-uri 'none'; form-action
 <body>
 <noscript><p class="noscript">This page needs JavaScript to show the run.</p></noscript>
 <div id="app" aria-live="polite"><h1>camx report: {title}</h1><p>Loading {count} inputs…</p></div>
+{mprt}
 <script type="application/json" id="camx-data">{data}</script>
 <script src="report.js"></script>
 </body>
@@ -117,7 +119,7 @@ def _write_thumbnails(
     return counts
 
 
-def _write_page(data: dict[str, Any], dest: Path) -> Path:
+def _write_page(data: dict[str, Any], dest: Path, mprt: str = "") -> Path:
     """Write the page's assets (only when changed) and ``index.html``."""
     for asset in ASSETS:
         content = resources.files("cam_cli.report").joinpath("assets", asset).read_bytes()
@@ -129,6 +131,7 @@ def _write_page(data: dict[str, Any], dest: Path) -> Path:
         title=html.escape(data["run"]["out"], quote=True),
         count=len(data["items"]),
         data=script_json(data),
+        mprt=mprt,
     )
     index = dest / "index.html"
     write_atomic(index, page.encode("utf-8", "replace"))
@@ -172,7 +175,7 @@ def make_report(
     try:
         dest.mkdir(parents=True, exist_ok=True)
         counts = _write_thumbnails(data, jobs, dest, quiet, workers, thumb_size)
-        index = _write_page(data, dest)
+        index = _write_page(data, dest, mprt_section(out_dir, dest))
     except OSError as exc:
         raise OutputError(f"cannot write the report in {dest}: {exc.strerror or exc}") from None
     return ReportSummary(

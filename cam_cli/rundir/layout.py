@@ -13,6 +13,8 @@ reader of every record of OUT. Torch-free.
     OUT/.NAME.journal                            lines appended while a run writes NAME
     OUT/metrics.jsonl, OUT/metrics-summary.json  camx evaluate
     OUT/metrics.other-MODEL.jsonl (and summary)  camx evaluate --with-other-model
+    OUT/mprt/KEY.METHOD.npy                      evaluate --metrics mprt: one input's small maps,
+                                                 trained then each randomisation depth
     OUT/report/                                  camx report
 """
 
@@ -31,6 +33,7 @@ MANIFEST = "manifest.jsonl"
 METRICS = "metrics.jsonl"
 METRICS_SUMMARY = "metrics-summary.json"
 REPORT = "report"
+MPRT_STRIPS = "mprt"
 SHARD_PART = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
 
 
@@ -42,6 +45,11 @@ def metrics_names(other_model: str | None = None) -> tuple[str, str]:
         return METRICS, METRICS_SUMMARY
     slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", other_model).strip("-.")[:80] or "model"
     return f"metrics.other-{slug}.jsonl", f"metrics-summary.other-{slug}.json"
+
+
+def mprt_strip_name(key: str, method: str) -> str:
+    """Where ``evaluate --metrics mprt`` keeps one input's maps across randomisation depths."""
+    return f"{MPRT_STRIPS}/{key}.{method}.npy"
 
 
 def manifest_name(shard: tuple[int, int] = (1, 1)) -> str:

@@ -55,6 +55,9 @@ class Scoring:
     result: EvaluateResult
     #: the ``--masks-from`` regions by key; None: the region metrics fill in the boxes
     masks: dict[str, list[Region]] | None = None
+    #: the randomisation metrics asked for, and their scorer per setup (by ``id``)
+    randomising: list[str] = field(default_factory=list)
+    scorers: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class SetupPass:
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
         self.mismatched = 0
+        self.randomiser = scoring.scorers.get(id(setup))
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Score the pairs, batch after batch, until done or ``stop`` is set."""
@@ -179,6 +183,10 @@ class SetupPass:
             emit(scored.errors, 0)
         if not scored.pairs:
             return
+        if self.randomiser is not None and any(n in p.todo for p in scored.pairs for n in self.scoring.randomising):
+            assert self.setup.runner is not None
+            x = self.setup.runner.normalise(torch.stack(scored.images))
+            self.randomiser.score(scored.pairs, x[torch.tensor(scored.image_of, device=x.device)], scored.local)
         todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
         if self.scheduler is None or not todo:
             emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)

@@ -35,7 +35,9 @@ class EvaluateConfig:
     regions: int = 100
     corr_runs: int = 100
     corr_subset: int = 224
-    #: run metrics whose budget is over ten times deletion/insertion's
+    #: MPRT: ``cascading`` (from the top block down) or ``independent`` (one block at a time)
+    mprt_order: str = "cascading"
+    #: run metrics that would take more than ten times the deletion/insertion cost
     budget_ok: bool = False
     model: str | None = None
     weights: str | None = None

@@ -32,6 +32,7 @@ SETTINGS = (
     "region_source",
     "topk",
     "complexity_eps",
+    "mprt_order",
 )
 
 
@@ -102,6 +103,7 @@ class Lines:
             "regions": self.options.regions,
             "corr_runs": self.options.corr_runs,
             "corr_subset": self.options.corr_subset,
+            "mprt_order": self.options.mprt_order,
         }
         return {s: values[s] for s in METRICS[name].settings}
 

@@ -30,8 +30,9 @@ from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.lines import Lines, Pair
+from cam_cli.jobs.evaluate.randomise import randomisation_scorers
 from cam_cli.jobs.evaluate.setups import Setups, weights_argument
-from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, rows_by_method, summarise_methods
+from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, add_mprt_verdicts, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
 from cam_cli.metrics.budget import over_budget
 from cam_cli.metrics.localisation import GroundTruth, read_boxes
@@ -57,6 +58,7 @@ class Evaluator:
         self.names = _metric_names(config.metrics)
         self.localising = [m for m in self.names if METRICS[m].family in MAP_ONLY]
         self.perturbing = [m for m in self.names if METRICS[m].family == "perturbation"]
+        self.randomising = [m for m in self.names if METRICS[m].family == "randomisation"]
         check_precision(config.precision)
         self.warnings: list[str] = []
         ok = self._ok_records()
@@ -73,6 +75,7 @@ class Evaluator:
             regions=config.regions,
             corr_runs=config.corr_runs,
             corr_subset=config.corr_subset,
+            mprt_order=config.mprt_order,
         )
         self.boxes, boxes_digest = self._read_boxes(ok)
         self.masks, regions_digest = self._read_masks(ok, boxes_digest)
@@ -80,10 +83,11 @@ class Evaluator:
         self.device = open_device(config.device)
         self.setups = Setups(config, ok)
         self.records = [(r, self.setups.of(r)) for r in ok]
-        if self.perturbing:
+        if self.perturbing or self.randomising:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)
             self._check_budget()
+        self.scorers = randomisation_scorers(self.records, self.randomising, self.options, config)
         # after the rebuild, so that a model that does not exist is named as such first
         metrics_name, summary_name = rundir.metrics_names(self._other_model(ok))
         self.metrics_path = self.out_dir / metrics_name
@@ -269,6 +273,8 @@ class Evaluator:
             self.config.workers,
             emit,
             result,
+            randomising=self.randomising,
+            scorers=self.scorers,
             masks=self.masks,
         )
 
@@ -291,6 +297,8 @@ class Evaluator:
         """Per method: n, mean and seeded 95% bootstrap interval of each metric, ranks, gaps to ``random``."""
         rows = rows_by_method((r for r, _ in self.records), rundir.load_manifest(self.metrics_path))
         methods, ranking = summarise_methods(rows, self.names, self.options.seed)
+        if "mprt" in self.names:
+            add_mprt_verdicts(methods, rows)
         return {
             "out_dir": str(self.out_dir),
             "metrics": self.names,
@@ -300,6 +308,7 @@ class Evaluator:
                 "road_noise": self.options.road_noise,
                 "seed": self.options.seed,
                 **{k: getattr(self.options, k) for k in FAITHFULNESS_OPTIONS if _uses(self.names, k)},
+                **({"mprt_order": self.options.mprt_order} if "mprt" in self.names else {}),
                 "boxes_from": str(self.config.boxes_from) if self.config.boxes_from else None,
                 "masks_from": str(self.config.masks_from) if self.config.masks_from else None,
                 "precision": self.config.precision,

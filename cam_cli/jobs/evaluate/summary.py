@@ -14,6 +14,7 @@ import numpy as np
 
 from cam_cli import rundir
 from cam_cli.metrics import statistics_of
+from cam_cli.metrics.options import MPRT_THRESHOLD
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -165,3 +166,40 @@ def _rng(seed: int, method: str, stat: str) -> np.random.Generator:
 def _is_number(value: Any) -> bool:
     """A metric value to average: a number (a pointing hit is a bool), not None or NaN."""
     return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def add_mprt_verdicts(methods: dict[str, Any], rows: Rows) -> None:
+    """Each method's MPRT verdict under ``"mprt"``: the mean rank correlation after every block
+    is randomised (the mean over blocks for ``--mprt-order independent``) with its interval,
+    ``pass`` when the interval lies below ``MPRT_THRESHOLD`` (the map changes with the model),
+    ``fail`` when it lies at or above, ``unclear`` when it straddles it; and the mean similarity
+    per number of randomised blocks (the report's curve)."""
+    for method, lines in rows.items():
+        entry = methods.get(method)
+        stat = entry["metrics"].get("mprt_spearman") if entry else None
+        if entry is None or stat is None or stat["mean"] is None:
+            continue
+        verdict = "pass" if stat["high"] < MPRT_THRESHOLD else "fail" if stat["low"] >= MPRT_THRESHOLD else "unclear"
+        curves = [r for r in lines.values() if isinstance(r.get("mprt_spearman_curve"), list)]
+        entry["mprt"] = {
+            "statistic": "mprt_spearman",
+            "mean": stat["mean"],
+            "low": stat["low"],
+            "high": stat["high"],
+            "ssim": entry["metrics"]["mprt_ssim"]["mean"],
+            "threshold": MPRT_THRESHOLD,
+            "verdict": verdict,
+            "blocks": curves[0].get("mprt_blocks") if curves else None,
+            "spearman_curve": _mean_curve([r["mprt_spearman_curve"] for r in curves]),
+            "ssim_curve": _mean_curve([r.get("mprt_ssim_curve") or [] for r in curves]),
+        }
+
+
+def _mean_curve(curves: Sequence[Sequence[Any]]) -> list[float | None]:
+    """The mean at each depth of the curves of one length (the longest's), ignoring missing values."""
+    depth = max((len(c) for c in curves), default=0)
+    out: list[float | None] = []
+    for i in range(depth):
+        values = [float(c[i]) for c in curves if i < len(c) and _is_number(c[i])]
+        out.append(round(float(np.mean(values)), 6) if values else None)
+    return out

@@ -85,6 +85,8 @@
     });
     h.append(layers);
     if (data.metrics && data.metrics.rows.length) h.append(metricsTable(data.metrics));
+    var mprt = document.getElementById("mprt"); // the MPRT section, written with the page: shown below the table
+    if (mprt) h.append(mprt);
     return h;
   }
 
