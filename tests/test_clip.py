@@ -181,3 +181,14 @@ def test_a_local_checkpoint_loads_strictly_and_resume_keeps_the_prompts(tmp_path
     other = CliRunner().invoke(main, ["explain", *[str(a) for a in args[:-2]], "--prompt", "a car"])
     assert other.exit_code != 0 and "prompts" in other.output
     assert np.isfinite(np.load(out / first[0]["map"])).all()
+
+
+def test_evaluate_rebuilds_the_clip_model_from_the_recorded_prompts(tmp_path: Path) -> None:
+    write_images(tmp_path / "imgs", 2, 64)
+    out = tmp_path / "out"
+    run_camx(tmp_path / "imgs", "-o", out, "--model", "openclip:ViT-S-32", "--weights", "NONE", "--input-size", 64,
+             "--prompt", "a dog", "--prompt", "a cat", "-q")  # fmt: skip
+    result = CliRunner().invoke(main, ["evaluate", str(out), "-q", "--metrics", "deletion"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(line["status"] == "ok" for line in lines)

@@ -37,6 +37,8 @@ class ModelSetup:
     output_key: str | None
     num_classes: int | None
     seed: int
+    #: a CLIP model's prompts, one per class, as the manifest records them
+    prompts: tuple[str, ...] | None = None
     classifier: Classifier | None = None
     runner: ModelRunner | None = None
     outputs: int = 0
@@ -75,7 +77,13 @@ class Setups:
             c.output_key if c.output_key is not None else record.get("output_key"),
             self._num_classes(record),
             self.seeds.get((record.get("model"), record.get("weights")), 0),
+            tuple(record["prompts"]) if isinstance(record.get("prompts"), list) else None,
         )
+        if record.get("reference") is not None:
+            raise ModelError(
+                f"{c.out_dir} explains similarity to a reference (--target {record.get('target')}); "
+                "evaluate measures class scores and does not take such runs yet"
+            )
         if key not in self.by_key:
             self.by_key[key] = ModelSetup(*key)  # type: ignore[arg-type]
         return self.by_key[key]
@@ -124,6 +132,7 @@ class Setups:
                 tuple(c.std) if c.std else None,
                 setup.output_key,
                 seed=setup.seed,
+                prompts=setup.prompts,
             )
         except CamxError as exc:
             raise ModelError(
