@@ -8,8 +8,8 @@ then times:
 * camx: ``camx evaluate OUT --metrics mprt`` (cascading; Spearman and SSIM at every block);
 * quantus-blocks: ``quantus.MPRT`` (its default Spearman only) with its layer generator
   yielding camx's blocks (the same randomisations, the same number of explains), the
-  maps made by pytorch-grad-cam's ``GradCAM`` (its batch tool, per-image targets) on the
-  images decoded and resized as camx does;
+  maps made by ``cam_cli.explain`` (the same Grad-CAM; one image a call, since each has
+  its own target) on the images decoded and resized as camx does;
 * quantus-layers: the same, with Quantus's own generator (every module with
   ``reset_parameters``: far more explains); with ``--skip-layers`` left out by default
   because of its cost (``--quantus-layers`` runs it).
@@ -37,8 +37,7 @@ QUANTUS = """
 import sys, json
 from pathlib import Path
 import numpy as np, torch, quantus
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+import cam_cli
 from quantus.helpers.model.pytorch_model import PyTorchModel
 from cam_cli import rundir
 from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
@@ -60,11 +59,10 @@ x = ((x - torch.tensor(classifier.mean).view(1, 3, 1, 1)) / torch.tensor(classif
 y = np.array([r["class_index"] for r in records])
 
 
-def explain(model, inputs, targets, **_):
-    target_layer = layer if model is classifier.module else dict(model.named_modules())[name_of_layer]
-    with GradCAM(model=model, target_layers=[target_layer]) as cam:
-        maps = cam(torch.as_tensor(inputs), targets=[ClassifierOutputTarget(int(t)) for t in targets])
-    return maps[:, None]
+def explain(model, inputs, targets, **_):  # camx's own Grad-CAM, one image at a time (one target each)
+    x = torch.as_tensor(inputs)
+    maps = [cam_cli.explain(model, x[i : i + 1], "gradcam", target=int(t))["gradcam"] for i, t in enumerate(targets)]
+    return torch.cat([m.maps for m in maps])[:, None].numpy()
 
 
 name_of_layer = next(n for n, m in model.named_modules() if m is layer)
@@ -117,6 +115,7 @@ def main() -> None:
         evaluate = [*python, "evaluate", str(work / "out"), "--metrics", "mprt", "--device", "cpu", "-q", "--json"]
         evaluate += ["--batch-size", str(args.batch_size)]
         results = {"camx": timed(evaluate, ROOT)[0]}
+        print(f"camx {results['camx']:.1f} s", flush=True)
         quantus = [sys.executable, "-c", QUANTUS, str(work / "out"), args.model, args.weights]
         results["quantus-blocks"] = timed([*quantus, "blocks", str(args.batch_size)], ROOT)[0]
         if args.quantus_layers:
