@@ -195,7 +195,7 @@ def batch_first(visual: nn.Module) -> nn.Module:
     ``nn.MultiheadAttention`` inside takes batch-first tensors."""
     for module in visual.modules():
         if getattr(module, "batch_first", True) is False and not isinstance(module, nn.MultiheadAttention):
-            module.batch_first = True
+            setattr(module, "batch_first", True)  # noqa: B010 (a plain attribute of the transformer)
             for attention in module.modules():
                 if isinstance(attention, nn.MultiheadAttention):
                     attention.batch_first = True
