@@ -192,3 +192,33 @@ def test_evaluate_rebuilds_the_clip_model_from_the_recorded_prompts(tmp_path: Pa
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["status"] == "ok" for line in lines)
+
+
+def test_a_sequence_first_tower_is_run_batch_first_with_the_same_outputs() -> None:
+    from cam_cli.models import Classifier
+    from cam_cli.models.clip import batch_first
+    from cam_cli.probe import default_target, run_probe
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32", pretrained=None, force_image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.visual(x)
+    transformer = model.visual.transformer
+    transformer.batch_first = False  # OpenAI's layout: tokens (T, N, D) through every block
+    for attention in transformer.modules():
+        if isinstance(attention, nn.MultiheadAttention):
+            attention.batch_first = False
+    seen = []
+    hook = transformer.resblocks[0].register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual(x), expected)
+    assert seen == [(5, 2, 384)], "the tokens ran sequence-first"
+    batch_first(model.visual)
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual(x), expected, atol=1e-5, rtol=1e-5)
+    hook.remove()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    target = default_target(run_probe(Classifier(module=model.visual, name="m", weights="seeded", input_size=64)))
+    assert (target.name, target.layout, target.grid) == ("transformer.resblocks.11.ln_1", "tokens", (2, 2))

@@ -162,6 +162,7 @@ def load_openclip(arch: str, weights: str, input_size: int | None, classes: Clas
             open_clip.resize_pos_embed(state, model)
         apply_state_dict(model, state, str(path))
     model.eval()
+    batch_first(model.visual)
     tokenizer = open_clip.get_tokenizer(arch)
     with torch.inference_mode():
         text = model.encode_text(tokenizer(list(classes.prompts)))
@@ -184,6 +185,21 @@ def load_openclip(arch: str, weights: str, input_size: int | None, classes: Clas
         str(cfg.get("interpolation", "bicubic")),
         prompts=list(classes.prompts),
     )
+
+
+def batch_first(visual: nn.Module) -> nn.Module:
+    """Run a sequence-first CLIP image transformer (OpenAI's layout, tokens ``(T, N, D)``;
+    open_clip's with ``batch_first=False``) batch-first, ``(N, T, D)``, as camx reads tokens.
+
+    The same computation: the transformer stops transposing its input, and each
+    ``nn.MultiheadAttention`` inside takes batch-first tensors."""
+    for module in visual.modules():
+        if getattr(module, "batch_first", True) is False and not isinstance(module, nn.MultiheadAttention):
+            setattr(module, "batch_first", True)  # noqa: B010 (a plain attribute of the transformer)
+            for attention in module.modules():
+                if isinstance(attention, nn.MultiheadAttention):
+                    attention.batch_first = True
+    return visual
 
 
 class HFImageTower(nn.Module):
