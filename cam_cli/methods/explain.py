@@ -37,6 +37,7 @@ from cam_cli.methods.base import (
     TargetLayer,
     to_feature_map,
 )
+from cam_cli.models.readout import Readout
 
 AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
@@ -62,6 +63,13 @@ class MultiExplanation:
     #: ``gradients[name]``: ``(N, R_m, 3, S, S)`` float32 at the input's size, for the methods
     #: that give the image behind their maps (guided backpropagation)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the score of every target ``(N, C)`` as the readout gives it (a classifier: softmax);
+    #: None: the softmax of ``logits``
+    probabilities: torch.Tensor | None = None
+    #: per image and explained target, what the readout records of it (None: nothing)
+    target_details: list[list[dict[str, Any]]] | None = None
+    #: per image, why its targets cannot be explained (None where they can)
+    absent: list[str | None] | None = None
 
     def classes_of(self, method: Method) -> torch.Tensor:
         if method.name in self.labels:
@@ -69,8 +77,9 @@ class MultiExplanation:
         return self.classes if method.info.class_specific else self.top1
 
     def scores(self, classes: torch.Tensor) -> torch.Tensor:
-        """Softmax probability of ``classes`` ``(N, R)``."""
-        return self.logits.softmax(dim=1).gather(1, classes)
+        """The score of ``classes`` ``(N, R)``: softmax probability, or the readout's."""
+        probabilities = self.logits.softmax(dim=1) if self.probabilities is None else self.probabilities
+        return probabilities.gather(1, classes.to(probabilities.device))
 
     def scores_of(self, method: Method) -> torch.Tensor:
         """The score of each of ``method``'s maps ``(N, R_m)``: the image's probability of the
@@ -82,7 +91,13 @@ class MultiExplanation:
     def details_of(self, method: Method) -> list[list[dict[str, Any]]] | None:
         """Per image and map, what the method says of the map beyond its class (DFF), or None."""
         labels = self.labels.get(method.name)
-        return None if labels is None else labels.details
+        if labels is not None:
+            return labels.details
+        if self.target_details is None:
+            return None
+        if method.info.class_specific:
+            return self.target_details
+        return [row[:1] for row in self.target_details]
 
 
 def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -130,8 +145,12 @@ class BatchExplainer:
         target: TargetLayer | Sequence[TargetLayer] | None,
         methods: Sequence[Method],
         aug_smooth: bool = False,
+        readout: Readout | None = None,
     ) -> None:
         self.forward = forward
+        #: what the forward's outputs are (:mod:`cam_cli.models.readout`): how targets rank,
+        #: score and are recorded, and how passes over perturbed copies are pinned
+        self.readout = readout if readout is not None else Readout()
         self.module = module
         #: the target layers (several: their maps are fused, :func:`fuse_layers`); ``target`` the first
         self.targets = [] if target is None else [target] if isinstance(target, TargetLayer) else list(target)
@@ -202,8 +221,14 @@ class BatchExplainer:
             if own_gradients is not None:
                 gradients[method.name] = own_gradients
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels,
-                                gradients)  # fmt: skip
+        readout = self.readout
+        top1 = readout.ranking(logits).argmax(dim=1, keepdim=True)
+        explained = MultiExplanation(logits, chosen, top1, maps, stopped, labels, gradients)
+        if type(readout) is not Readout:  # the readout of the pass just run (x), before any other
+            explained.probabilities = readout.scores(logits)
+            explained.target_details = readout.details(chosen)
+            explained.absent = readout.absent(chosen)
+        return explained
 
     @staticmethod
     def _capture(
@@ -283,6 +308,7 @@ class BatchExplainer:
             capture.activation = capture.graph_logits = None
             capture.x, capture.forward = x, self.forward
             capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
+            capture.pin = self.readout.pinned
         started = time.perf_counter()
         try:
             with torch.inference_mode():
