@@ -120,8 +120,12 @@ def _segmentation(spec: str, request: Request) -> LoadedModel:
 
 def _factory(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.factory import load_factory
+    from cam_cli.models.segmentation import RegionReadout, is_segmentation_model
 
-    return load_factory(spec, request.weights)
+    loaded = load_factory(spec, request.weights)
+    if is_segmentation_model(loaded.module):  # built from torchvision's segmentation classes
+        loaded.readout = RegionReadout()
+    return loaded
 
 
 def _exported(spec: str, request: Request) -> LoadedModel:

@@ -217,3 +217,12 @@ def voc_categories(module: nn.Module) -> list[str] | None:
     found = _head_classes(module, module.state_dict())
     names = list(torchvision.models.segmentation.FCN_ResNet50_Weights.DEFAULT.meta["categories"])
     return names if found == len(names) else None
+
+
+def is_segmentation_model(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torchvision's segmentation classes (FCN, DeepLabV3, LRASPP),
+    however it was built: its output is ``{"out": (N, C, H, W)}``."""
+    from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+    from torchvision.models.segmentation.lraspp import LRASPP
+
+    return isinstance(module, (_SimpleSegmentationModel, LRASPP))
