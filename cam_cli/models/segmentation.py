@@ -191,10 +191,8 @@ def load_segmentation(name: str, weights: str, num_classes: int | None, input_si
     default = enum.DEFAULT if enum is not None else None
     spec = weights.strip()
     chosen = _chosen_weights(name, enum, default, spec)
-    if chosen is not None:
-        loaded = _load_pretrained(name, chosen, num_classes, input_size)
-        loaded.input_size = int(chosen.transforms().resize_size[0])
-        return loaded
+    if chosen is not None:  # its transforms' resize (520) and normalisation
+        return _load_pretrained(name, chosen, num_classes, input_size)
     size = input_size or SEGMENTATION_SIZE
     if spec.upper() == "NONE":
         return LoadedModel(_build(name, num_classes, aux=False), "NONE", size, IMAGENET_MEAN, IMAGENET_STD)
