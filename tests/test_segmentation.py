@@ -289,3 +289,23 @@ def test_methods_that_cannot_apply_are_refused_before_the_run(bright_dir: Path, 
     assert result.exit_code != 0
     assert f"{name} cannot explain a segmentation model" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_classifier_lines_carry_no_segmentation_fields(tiny_factory: str, image_dir: Path) -> None:
+    out = image_dir.parent / "out"
+    result = run(str(image_dir), "--model", tiny_factory, "--method", "gradcam,eigencam", "-o", str(out))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    for record in lines(out):
+        assert not {"task", "region_share", "region_probability"} & set(record), record
+        assert not {"region_share", "region_probability"} & set(record["targets"][0])
+
+
+def test_models_lists_the_task_and_layers_marks_the_backbone_stage() -> None:
+    listed = CliRunner().invoke(main, ["models", "lraspp*", "--json"])
+    assert listed.exit_code == 0, listed.output
+    row = json.loads(listed.output.splitlines()[0])
+    assert (row["task"], row["layer"], row["input_size"]) == ("segmentation", "backbone.16", 520)
+    layers = CliRunner().invoke(main, ["layers", MODEL, "--input-size", "64"])
+    assert layers.exit_code == 0, layers.output
+    default = [line for line in layers.output.splitlines() if line.endswith("(default)")]
+    assert len(default) == 1 and default[0].startswith("backbone.16 ")
