@@ -278,7 +278,9 @@ def test_a_class_on_no_pixel_is_a_per_image_error(bright_dir: Path) -> None:
     records = {r["method"]: r for r in lines(out)}
     assert records["gradcam"]["status"] == "error"
     assert "no pixel of this image to class 2 (never)" in records["gradcam"]["error"]
-    assert records["eigencam"]["status"] == "ok"  # class-agnostic: one map as always
+    agnostic = records["eigencam"]  # class-agnostic: one map as always, recording the top-1 region
+    assert agnostic["status"] == "ok" and agnostic["class_name"] == "bright"
+    assert agnostic["region_share"] == pytest.approx(400 / 9600, abs=0.02)
 
 
 @pytest.mark.parametrize("name", ["cam", "finercam", "dff"])

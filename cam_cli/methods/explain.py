@@ -66,8 +66,10 @@ class MultiExplanation:
     #: the score of every target ``(N, C)`` as the readout gives it (a classifier: softmax);
     #: None: the softmax of ``logits``
     probabilities: torch.Tensor | None = None
-    #: per image and explained target, what the readout records of it (None: nothing)
+    #: per image and explained target, what the readout records of it (None: nothing), and
+    #: the same for the top-1 target that class-agnostic methods' lines name
     target_details: list[list[dict[str, Any]]] | None = None
+    top1_details: list[list[dict[str, Any]]] | None = None
     #: per image, why its targets cannot be explained (None where they can)
     absent: list[str | None] | None = None
 
@@ -93,11 +95,7 @@ class MultiExplanation:
         labels = self.labels.get(method.name)
         if labels is not None:
             return labels.details
-        if self.target_details is None:
-            return None
-        if method.info.class_specific:
-            return self.target_details
-        return [row[:1] for row in self.target_details]
+        return self.target_details if method.info.class_specific else self.top1_details
 
 
 def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -227,6 +225,7 @@ class BatchExplainer:
         if type(readout) is not Readout:  # the readout of the pass just run (x), before any other
             explained.probabilities = readout.scores(logits)
             explained.target_details = readout.details(chosen)
+            explained.top1_details = readout.details(top1)
             explained.absent = readout.absent(chosen)
         return explained
 

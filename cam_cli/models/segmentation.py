@@ -126,8 +126,8 @@ class RegionReadout(Readout):
             probabilities = self.probabilities
         else:
             probabilities = None if self.regions is None else self.regions.probabilities
-        assert probabilities is not None and probabilities.shape == targets.shape
-        return probabilities.to(targets.device)
+        assert probabilities is not None and probabilities.shape[1:] == targets.shape[1:]
+        return probabilities[: len(targets)].to(targets.device)  # after a stop: the first images
 
     def details(self, classes: torch.Tensor) -> list[list[dict[str, Any]]] | None:
         assert self.regions is not None
