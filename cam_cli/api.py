@@ -301,7 +301,7 @@ def _prepare(
     module.to(device)
     forward = autocast(classifier.logits, device, precision)
     setup = Setup(probe, layers[0] if layers else None, module, forward, device, tuple(layers))
-    return build_explainer(names, options, setup, aug_smooth, batch_size), spec
+    return build_explainer(names, options, setup, aug_smooth, batch_size, classifier.readout), spec
 
 
 def _run(explainer: BatchExplainer, spec: TargetSpec, inputs: torch.Tensor, batch_size: int) -> dict[str, MethodMaps]:
@@ -333,7 +333,7 @@ def _explain_chunk(explainer: BatchExplainer, x: torch.Tensor, spec: TargetSpec,
     """One pass; when the first fails, each method alone on one image names the one that
     cannot run (``ModelError``), as the CLI's dry run does."""
     try:
-        return explainer.explain(x, spec.chooser())
+        return explainer.explain(x, spec.chooser(explainer.readout.ranking))
     except CamxError:
         raise
     except Exception:

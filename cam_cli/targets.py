@@ -1,7 +1,14 @@
-"""``--target``: which classes each image's maps explain."""
+"""``--target``: which targets each image's maps explain.
+
+A model's output is read as targets ``(N, T)`` by its readout (:mod:`cam_cli.models.readout`):
+a classifier's logits, or per class the logits of its predicted region for a segmentation
+model. ``topK`` takes the K targets the readout ranks highest (a classifier: the K largest
+logits; segmentation: the K classes covering the most pixels, background left out); an
+index or a class name takes that target."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +30,17 @@ class TargetSpec:
     def count(self) -> int:
         return 1 if self.index is not None else self.top
 
-    def chooser(self) -> ClassChooser:
+    def chooser(self, ranking: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ClassChooser:
+        """Targets ``(N, R)`` from a batch's ``(N, T)``; ``topK`` ranks them by ``ranking``
+        (the readout's; None: by themselves)."""
         if self.index is not None:
             index = self.index
             return lambda logits: torch.full((logits.shape[0], 1), index, dtype=torch.long, device=logits.device)
         top = self.top
-        return lambda logits: logits.topk(top, dim=1).indices
+        if ranking is None:
+            return lambda logits: logits.topk(top, dim=1).indices
+        rank = ranking
+        return lambda logits: rank(logits).topk(top, dim=1).indices
 
 
 def parse_target(text: str, classifier: Classifier, num_classes: int) -> TargetSpec:

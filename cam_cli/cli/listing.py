@@ -30,7 +30,8 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
     """List the supported models: the methods that apply, the input size and the default layer.
 
     CAM needs a head of global average pooling then one linear layer; for the
-    other models the head that rules it out is shown. PATTERN (e.g. 'vit_*')
+    other models the head that rules it out is shown. Segmentation models
+    (fcn_*, deeplabv3_*, lraspp_*) are marked with their task. PATTERN (e.g. 'vit_*')
     keeps the names it matches. timm's models are listed with their input
     size; --probe builds and inspects them (slow: give a PATTERN).
 
@@ -59,6 +60,8 @@ def _model_line(row: dict[str, Any]) -> str:
         return f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})"
     cam = "cam+gradcam" if row["cam"] else "gradcam"
     why = f"  (no CAM: {row['reason']})" if row.get("reason") else ""
+    if row.get("task", "classification") != "classification":
+        why = f"  ({row['task']}: no CAM, the head is convolutional)"
     return f"{row['model']:<20} {cam:<12} {row['input_size']:>4}  {row['layer']}{why}"
 
 

@@ -20,6 +20,7 @@ Then, as every channel-weight method (``Method.maps``): ``sum_k w_k A_k`` or, wi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,10 @@ from cam_cli.methods.perturbation import feature_channels, fill_scores, finish_s
 #: ablated copies at once, within this many bytes of them
 TAIL_ROWS = 4
 TAIL_BYTES = 256 * 2**20
+
+
+class _PrefixDone(Exception):
+    """Raised by the stand-in forward of ``_prefix`` once the part before the target has run."""
 
 
 class CutError(Exception):
@@ -237,9 +242,9 @@ class AblationCAM(Method):
 
         def run(*_: Any, **__: Any) -> torch.Tensor:
             kept.extend(self.cut.prefix(x))  # type: ignore[union-attr]
-            return torch.zeros(1, 1, device=x.device)
+            raise _PrefixDone  # nothing after the prefix runs (nor the readout of the output)
 
-        with standing_in(self.module, run):
+        with standing_in(self.module, run), contextlib.suppress(_PrefixDone):
             forward(x[:1])
         return kept[:-1], kept[-1]
 
@@ -297,13 +302,14 @@ class AblationCAM(Method):
             step = max(step, min(TAIL_ROWS * step, TAIL_BYTES // max(row, 1)))
 
         def score(start: int, end: int, image: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-            if self.cut is not None:
-                rows = image.to(source.device)
-                ablated = _zero_channels(source.index_select(0, rows), channel, axis)
-                chosen = [v.index_select(0, rows) if b else v for v, b in zip(live, self.cut.batched, strict=True)]
-                logits = self._tail(forward, chosen, ablated, x).float()
-            else:
-                logits = self._full_passes(forward, x.index_select(0, image.to(x.device)), channel, axis)
+            with capture.pinned(image):  # a segmentation target keeps the original image's mask
+                if self.cut is not None:
+                    rows = image.to(source.device)
+                    ablated = _zero_channels(source.index_select(0, rows), channel, axis)
+                    chosen = [v.index_select(0, rows) if b else v for v, b in zip(live, self.cut.batched, strict=True)]
+                    logits = self._tail(forward, chosen, ablated, x).float()
+                else:
+                    logits = self._full_passes(forward, x.index_select(0, image.to(x.device)), channel, axis)
             return logits.gather(1, classes.index_select(0, image).to(logits.device))
 
         return fill_scores(capture, step, score)

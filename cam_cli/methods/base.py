@@ -12,8 +12,10 @@ needs the activation ``A`` and its gradient ``g`` shares one backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -145,6 +147,10 @@ class Capture:
     #: the captures of the other layers hooked in the same pass (several ``--layer``):
     #: the gradients of all of them come from one backward pass
     group: list[Capture] = field(default_factory=list)
+    #: the readout's ``pinned(rows)`` (:mod:`cam_cli.models.readout`) for those passes: inside
+    #: it, row ``i`` of a pass's batch is read as a perturbed copy of image ``rows[i]`` of this
+    #: batch (a segmentation target keeps the original image's mask)
+    pin: Callable[[torch.Tensor | None], AbstractContextManager[None]] | None = None
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     def first(self, count: int) -> Capture:
@@ -158,7 +164,12 @@ class Capture:
             x=None if self.x is None else self.x[:count],
             forward=self.forward,
             batch_size=self.batch_size,
+            pin=self.pin,
         )
+
+    def pinned(self, rows: torch.Tensor | None = None) -> AbstractContextManager[None]:
+        """Passes over perturbed copies of this batch's images run inside this (see ``pin``)."""
+        return contextlib.nullcontext() if self.pin is None else self.pin(rows)
 
     def score_gradient(self, columns: torch.Tensor) -> torch.Tensor:
         """``d (sum_n y[n, columns[n]]) / dA`` in the activation's raw layout (graph kept when asked)."""

@@ -37,6 +37,7 @@ from cam_cli.methods.base import (
     TargetLayer,
     to_feature_map,
 )
+from cam_cli.models.readout import Readout
 
 AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
@@ -64,6 +65,15 @@ class MultiExplanation:
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
     #: scores are the outputs themselves (a similarity), not softmax probabilities
     raw_scores: bool = False
+    #: the score of every target ``(N, C)`` as the readout gives it (a classifier: softmax);
+    #: None: the softmax of ``logits``
+    probabilities: torch.Tensor | None = None
+    #: per image and explained target, what the readout records of it (None: nothing), and
+    #: the same for the top-1 target that class-agnostic methods' lines name
+    target_details: list[list[dict[str, Any]]] | None = None
+    top1_details: list[list[dict[str, Any]]] | None = None
+    #: per image, why its targets cannot be explained (None where they can)
+    absent: list[str | None] | None = None
 
     def classes_of(self, method: Method) -> torch.Tensor:
         if method.name in self.labels:
@@ -71,8 +81,13 @@ class MultiExplanation:
         return self.classes if method.info.class_specific else self.top1
 
     def scores(self, classes: torch.Tensor) -> torch.Tensor:
-        """Softmax probability of ``classes`` ``(N, R)`` (with ``raw_scores``, the outputs themselves)."""
-        return (self.logits if self.raw_scores else self.logits.softmax(dim=1)).gather(1, classes)
+        """The score of ``classes`` ``(N, R)``: softmax probability, the readout's, or (with
+        ``raw_scores``, a similarity) the outputs themselves."""
+        if self.probabilities is not None:
+            probabilities = self.probabilities
+        else:
+            probabilities = self.logits if self.raw_scores else self.logits.softmax(dim=1)
+        return probabilities.gather(1, classes.to(probabilities.device))
 
     def scores_of(self, method: Method) -> torch.Tensor:
         """The score of each of ``method``'s maps ``(N, R_m)``: the image's probability of the
@@ -84,7 +99,9 @@ class MultiExplanation:
     def details_of(self, method: Method) -> list[list[dict[str, Any]]] | None:
         """Per image and map, what the method says of the map beyond its class (DFF), or None."""
         labels = self.labels.get(method.name)
-        return None if labels is None else labels.details
+        if labels is not None:
+            return labels.details
+        return self.target_details if method.info.class_specific else self.top1_details
 
 
 def fuse_layers(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -132,8 +149,12 @@ class BatchExplainer:
         target: TargetLayer | Sequence[TargetLayer] | None,
         methods: Sequence[Method],
         aug_smooth: bool = False,
+        readout: Readout | None = None,
     ) -> None:
         self.forward = forward
+        #: what the forward's outputs are (:mod:`cam_cli.models.readout`): how targets rank,
+        #: score and are recorded, and how passes over perturbed copies are pinned
+        self.readout = readout if readout is not None else Readout()
         self.module = module
         #: the target layers (several: their maps are fused, :func:`fuse_layers`); ``target`` the first
         self.targets = [] if target is None else [target] if isinstance(target, TargetLayer) else list(target)
@@ -206,8 +227,15 @@ class BatchExplainer:
             if own_gradients is not None:
                 gradients[method.name] = own_gradients
         assert logits is not None and chosen is not None
-        return MultiExplanation(logits, chosen, logits.argmax(dim=1, keepdim=True), maps, stopped, labels,
-                                gradients, self.raw_scores)  # fmt: skip
+        readout = self.readout
+        top1 = readout.ranking(logits).argmax(dim=1, keepdim=True)
+        explained = MultiExplanation(logits, chosen, top1, maps, stopped, labels, gradients, self.raw_scores)
+        if type(readout) is not Readout:  # the readout of the pass just run (x), before any other
+            explained.probabilities = readout.scores(logits)
+            explained.target_details = readout.details(chosen)
+            explained.top1_details = readout.details(top1)
+            explained.absent = readout.absent(chosen)
+        return explained
 
     @staticmethod
     def _capture(
@@ -287,6 +315,7 @@ class BatchExplainer:
             capture.activation = capture.graph_logits = None
             capture.x, capture.forward = x, self.forward
             capture.batch_size, capture.on_passes, capture.stop = self.batch_size, self.on_passes, self.stop
+            capture.pin = self.readout.pinned
         started = time.perf_counter()
         try:
             with torch.inference_mode():

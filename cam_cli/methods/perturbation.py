@@ -165,7 +165,8 @@ def masked_scores(capture: Capture) -> torch.Tensor:
         rows = x.index_select(0, image.to(x.device))
         batch = torch.empty(rows.shape, dtype=x.dtype, device=x.device, memory_format=layout)
         torch.mul(rows, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
-        logits = forward(batch).float()
+        with capture.pinned(image):  # a segmentation target keeps the original image's mask
+            logits = forward(batch).float()
         return logits.gather(1, classes.index_select(0, image).to(logits.device))
 
     return fill_scores(capture, capture.batch_size, score)
@@ -212,7 +213,8 @@ def sampled_scores(
         picked = x.index_select(0, image.to(x.device))
         batch = torch.empty(picked.shape, dtype=x.dtype, device=x.device, memory_format=layout)
         torch.mul(picked, masks.to(x.device, x.dtype), out=batch)  # straight into the model's memory format
-        logits = capture.forward(batch).float()
+        with capture.pinned(image):
+            logits = capture.forward(batch).float()
         chosen = logits.gather(1, classes.index_select(0, image).to(logits.device)).to(sums.device)
         sums.index_add_(0, source, chosen.to(sums.dtype))
         tick(capture, end - start)

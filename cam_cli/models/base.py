@@ -10,12 +10,15 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cam_cli.errors import ModelError, WeightsError, one_line
+
+if TYPE_CHECKING:
+    from cam_cli.models.readout import Readout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +33,9 @@ class Classifier:
     ``module`` maps ``(N, 3, S, S)`` normalised images to logits ``(N, C)``
     (through ``logits``, which also takes the logits out of tuple, dict or
     output-object outputs).  ``categories`` are the class names when known;
-    ``interpolation`` is how the whole image is resized to ``S x S``.
+    ``interpolation`` is how the whole image is resized to ``S x S``. ``readout`` turns
+    the model's output into the targets maps explain (:mod:`cam_cli.models.readout`;
+    by default the logits, read with ``output_key``), and names the model's task.
     """
 
     module: nn.Module
@@ -45,9 +50,22 @@ class Classifier:
     interpolation: str = "bilinear"
     #: a zero-shot CLIP model's text prompt of each class (None: a classifier with its own head)
     prompts: list[str] | None = None
+    readout: Readout | None = None
+
+    def __post_init__(self) -> None:
+        if self.readout is None:
+            from cam_cli.models.readout import Readout
+
+            self.readout = Readout(self.output_key)
+
+    @property
+    def task(self) -> str:
+        return self.readout.task if self.readout is not None else "classification"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return extract_logits(self.module(x), self.output_key)
+        """The targets ``(N, T)`` of batch ``x``: a classifier's logits, or what its readout reads."""
+        assert self.readout is not None
+        return self.readout(self.module(x))
 
     def class_name(self, index: int) -> str | None:
         if self.categories is not None and 0 <= index < len(self.categories):
@@ -69,6 +87,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     #: a zero-shot CLIP model's prompts, one per class
     prompts: list[str] | None = None
+    #: the targets of a model that is not a classifier (segmentation); None: the logits
+    readout: Readout | None = None
 
 
 def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:

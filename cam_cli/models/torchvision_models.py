@@ -44,7 +44,8 @@ def _weights_enum(name: str) -> Any:
 
 def _transform_params(weights: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     transform = weights.transforms()
-    return int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std)
+    size = getattr(transform, "crop_size", None) or transform.resize_size  # segmentation: no crop
+    return int(size[0]), tuple(transform.mean), tuple(transform.std)
 
 
 def _build(name: str, size: int, **kwargs: Any) -> nn.Module:

@@ -44,6 +44,10 @@ def describe_model(name: str) -> dict[str, Any]:
         classifier = load_classifier(name, "NONE")
     probe = run_probe(classifier)
     target = default_target(probe)
+    if classifier.task != "classification":  # the rows of classifiers carry no task: classification
+        why = f"a {classifier.task} model: the head is convolutional, not a global average pool"
+        return {"model": name, "task": classifier.task, "cam": False, "layer": target.label,
+                "input_size": classifier.input_size, "reason": why}  # fmt: skip
     try:
         cam_head(probe, target)
         cam, reason = True, None

@@ -162,8 +162,26 @@ def _candidate(probe: Probe, r: Record) -> bool:
     return r.point == "output" and probe.call_counts.get(r.name, 1) == 1 and not r.in_attention
 
 
+def backbone_stage(probe: Probe) -> str | None:
+    """The last stage of a torchvision segmentation model's backbone (``backbone.layer4``,
+    ``backbone.16``): the deepest features the dense head reads, at the head's resolution. Its
+    head's own output is class scores per pixel, not features, so the structural rule below
+    (the last spatial map) would pick the logits. None for a model of another shape."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    backbone = probe.modules.get("backbone")
+    if not isinstance(backbone, IntermediateLayerGetter):
+        return None
+    stages = [name for name, _ in backbone.named_children()]
+    return f"backbone.{stages[-1]}" if stages else None
+
+
 def default_target(probe: Probe) -> TargetLayer:
-    """The last spatial feature map before the pooling head (see the module docstring)."""
+    """The last spatial feature map before the pooling head (see the module docstring), or
+    the last stage of a segmentation model's backbone (:func:`backbone_stage`)."""
+    stage = backbone_stage(probe)
+    if stage is not None:
+        return resolve_target(probe, stage)
     _refuse_a_pooled_point(probe)
     pooled = _global_pool_input(probe)
     if pooled is not None:

@@ -102,6 +102,11 @@ class Setups:
         """Load the model of ``setup`` and place it on ``device``; ``ModelError`` when it
         cannot be loaded or fails on a zero input (in channels-last and without)."""
         classifier = self._load(setup)
+        if classifier.task != "classification":
+            raise ModelError(
+                f"camx evaluate does not score {classifier.task} runs yet ({setup.model}): each perturbed input "
+                "would need its image's predicted mask kept, which its batches do not carry"
+            )
         outputs = [0]
 
         def check(runner: ModelRunner) -> None:

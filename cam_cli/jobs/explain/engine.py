@@ -100,7 +100,9 @@ class Engine:
         assert batch.images is not None
         keys = [todo[i].key for i in batch.indices]
         wanted = {m for key in keys for m in self.plan.missing[key]}
-        result = self.explainer.explain(self.runner.normalise(batch.images), self.target.chooser(), wanted)
+        choose = self.target.chooser(self.explainer.readout.ranking)
+        result = self.explainer.explain(self.runner.normalise(batch.images), choose, wanted)
+        specific = {m.name for m in self.explainer.methods if m.info.class_specific}
         per_method = {}
         for method in self.explainer.methods:
             if method.name not in wanted:
@@ -122,6 +124,8 @@ class Engine:
                 gradient = None if images is None else images[j]
                 detail = None if details is None else details[j]
                 results.append(MethodResult(name, maps[j], classes[j], scores[j], detail, gradient))
+                if result.absent is not None and name in specific:  # a target with nothing to explain
+                    results[-1].error = result.absent[j]
             jobs.append((image, batch.originals[j], results))
         return jobs
 

@@ -140,6 +140,8 @@ class Explainer:
             settings["prompts"] = list(self.classifier.prompts)  # a CLIP model's classes
         if self.session.reference is not None:
             settings["reference"] = self.session.reference.record()
+        if self.classifier.task != "classification":  # classifier lines stay as they were
+            settings["task"] = self.classifier.task
         if self.classifier.weights == "NONE":
             settings["seed"] = config.seed  # the seed of the random initialisation
         if agnostic:
@@ -204,7 +206,8 @@ class Explainer:
         dataset = ImageDataset(todo, self.classifier.input_size, config.max_pixels, self.classifier.interpolation)
         batches = loader(dataset, config.batch_size, workers, collate, pin=self.device.type == "cuda")
         writer = Writer(self.plan, config.out_dir, config.fmt, config.alpha, config.boxes, config.draw_boxes,
-                        config.box_threshold, self.timings.add)  # fmt: skip
+                        config.box_threshold, self.timings.add,
+                        self.classifier.readout.record_fields if self.classifier.readout else ())  # fmt: skip
         engine = Engine(self.session.explainer, self.target, self.plan, writer, self.session.runner, self.timings)
         self.session.explainer.on_passes = on_passes
         # all of this shard's temporaries are cleared at the end, also those an interrupted --overwrite left

@@ -18,7 +18,7 @@ from cam_cli.jobs.base import ModelRunner, check_precision, open_device, place_m
 from cam_cli.jobs.explain.reference import Reference, reference_for, with_reference
 from cam_cli.methods import BatchExplainer, Method, MethodOptions, Setup, create, info, parse_methods
 from cam_cli.methods.base import TargetLayer
-from cam_cli.models import Classifier, load_classifier
+from cam_cli.models import Classifier, Readout, load_classifier
 from cam_cli.probe import resolve_targets, run_probe
 from cam_cli.targets import TargetSpec, parse_target
 
@@ -95,18 +95,30 @@ def resolve_for(
     return num_classes, layers, parse_target(target, classifier, num_classes)
 
 
+def refuse_for_task(methods: list[Method], readout: Readout | None) -> None:
+    """One line naming the first method that cannot explain this model's targets, and why."""
+    for method in methods:
+        reason = None if readout is None else readout.refusal(method.name)
+        if reason is not None:
+            raise ModelError(f"{method.name} cannot explain a {readout.task} model: {reason}")  # type: ignore[union-attr]
+
+
 def build_explainer(
     names: list[str],
     options: MethodOptions,
     setup: Setup,
     aug_smooth: bool,
     batch_size: int,
+    readout: Readout | None = None,
 ) -> BatchExplainer:
-    """The methods created and prepared on the model as ``setup`` places it, in one explainer."""
+    """The methods created and prepared on the model as ``setup`` places it, in one explainer
+    (``readout``: what the model's outputs are; None: a classifier's logits)."""
     methods = [create(name, options) for name in names]
+    refuse_for_task(methods, readout)
     for method in methods:
         method.prepare(setup)
-    explainer = BatchExplainer(setup.forward, setup.module, list(setup.targets), methods, aug_smooth=aug_smooth)
+    explainer = BatchExplainer(setup.forward, setup.module, list(setup.targets), methods, aug_smooth=aug_smooth,
+                               readout=readout)  # fmt: skip
     explainer.batch_size = batch_size  # the images per pass of methods with passes of their own
     return explainer
 
@@ -150,7 +162,7 @@ def open_session(config: Any) -> Session:
                             concepts=config.concepts, sess_base=config.sess_base,
                             sess_scales=config.sess_scales)  # fmt: skip
     setup = Setup(probe, target_layer, runner.module, runner.forward, device, tuple(layers))
-    explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size)
+    explainer = build_explainer(names, options, setup, config.aug_smooth, config.batch_size, classifier.readout)
     explainer.raw_scores = reference is not None  # the manifest's score: the similarity itself
     if probe.input is not None and not vouched_for(probe, layers, explainer.methods):
         # once on the probe's input: a method that cannot run fails now, not mid-run
@@ -204,7 +216,7 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
     if not names:
         return
     try:
-        explainer.explain(x, target.chooser(), names=names)
+        explainer.explain(x, target.chooser(explainer.readout.ranking), names=names)
         return
     except Exception:
         pass
@@ -212,14 +224,14 @@ def dry_run(explainer: BatchExplainer, x: torch.Tensor, target: TargetSpec) -> N
         if method.name not in names:
             continue
         try:
-            explainer.explain(x, target.chooser(), names={method.name})
+            explainer.explain(x, target.chooser(explainer.readout.ranking), names={method.name})
         except ModelError as exc:
             named = str(exc).startswith(f"{method.name}: ")  # the method's own message names it
             raise ModelError(str(exc) if named else f"{method.name}: {exc}") from None
         except Exception as exc:
             message = " ".join(str(exc).split())[:240]
             raise ModelError(f"{method.name} cannot run on this model: {message}") from None
-    explainer.explain(x, target.chooser(), names=names)  # together only: let it raise as it is
+    explainer.explain(x, target.chooser(explainer.readout.ranking), names=names)  # together only: let it raise as it is
 
 
 def select_images(config: Any, pruned: list[Path] | None = None) -> tuple[list[InputImage], list[InputImage]]:

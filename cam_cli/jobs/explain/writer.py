@@ -45,6 +45,8 @@ class MethodResult:
     #: per map, what the method says of it beyond its class (DFF: the concept and its top classes)
     details: list[dict[str, Any]] | None = None
     gradients: torch.Tensor | None = None
+    #: why this image's target cannot be explained (a segmentation class covering no pixel)
+    error: str | None = None
 
 
 def encode(bgr: np.ndarray, fmt: str) -> bytes:
@@ -95,12 +97,17 @@ class Writer:
     draw_boxes: bool
     box_threshold: float
     add_time: Callable[[str, float], None]
+    #: the fields of the first target's details that the manifest line repeats (the readout's)
+    target_fields: tuple[str, ...] = ()
 
     def write_image(self, image: InputImage, original: torch.Tensor, results: list[MethodResult]) -> list[dict]:
         """Every method's outputs of one image; one record per method (``error`` ones included)."""
         started = time.perf_counter()
         records = []
         for result in results:
+            if result.error is not None:
+                records.append(self.plan.record(image, result.method, status="error", error=result.error))
+                continue
             try:
                 records.append(self._write(image, original, result))
             except ImageFailed as exc:
@@ -173,6 +180,7 @@ class Writer:
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}
         if "gradient" in first:
             extra["gradient"] = first["gradient"]
+        extra.update({name: first[name] for name in self.target_fields if name in first})
         if any(t.get("flat") for t in targets):
             extra["flat"] = True  # constant before min-max: an all-zero map that explains nothing
         return self.plan.record(
