@@ -72,6 +72,9 @@ class ExplainConfig:
     concepts: int = 5
     aug_smooth: bool = False
     eigen_smooth: bool = False
+    #: detection models: the detections explained (``docs/detection.md``)
+    min_score: float = 0.5
+    max_detections: int = 10
 
 
 class Explainer:
