@@ -96,8 +96,9 @@ def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str) -> di
         XGradCAM,
     )
 
-    classes = dict(zip(GRADIENT + AGNOSTIC, [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM,
-                                             GradCAMElementWise, EigenGradCAM, EigenCAM, FEM], strict=True))  # fmt: skip
+    implementations = [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise, EigenGradCAM,
+                       EigenCAM, FEM]  # fmt: skip
+    classes = dict(zip(GRADIENT + AGNOSTIC, implementations, strict=True))
     module = load_detector(name, "DEFAULT").module
     module.requires_grad_(True)  # pytorch-grad-cam differentiates through the parameters' graph
     x = torch.stack([torch.from_numpy(decode_image(p)).permute(2, 0, 1).float() / 255 for p in images])
@@ -142,12 +143,13 @@ def test_maps_equal_pytorch_grad_cam(name: str, tmp_path: Path) -> None:
     assert {r["method"] for r in three} == set(GRADIENT + AGNOSTIC)
     assert all(r["weights"].startswith(type(torchvision.models.get_model_weights(name).DEFAULT).__name__)
                for r in three)  # fmt: skip
+    categories = torchvision.models.get_model_weights(name).DEFAULT.meta["categories"]
     det_lines = [r for r in three if r["method"] == "gradcam"]
     assert {r["variant"] for r in det_lines} == {"det0", "det1"}, "every image should have two detections"
     for r in det_lines:
         x1, y1, x2, y2 = r["det_box"]
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height and r["score"] >= min_score
-        assert r["class_name"] == torchvision.models.get_model_weights(name).DEFAULT.meta["categories"][r["class_index"]]
+        assert r["class_name"] == categories[r["class_index"]]
     one = explain(folder, tmp_path / "b1", name, min_score, 1)
     layer = default_layer(load_detector(name, "NONE").module)[0]
     reference = pgc_maps(name, paths, three, layer)
@@ -159,9 +161,10 @@ def test_maps_equal_pytorch_grad_cam(name: str, tmp_path: Path) -> None:
             assert np.abs(ours - theirs).max() < 1e-4, (r["method"], r["key"], r.get("variant"))
     # resume: the same command finds everything complete and rewrites nothing
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b3").iterdir() if p.suffix in (".jpg", ".npy")}
+    methods = ",".join(GRADIENT + AGNOSTIC)
     again = CliRunner().invoke(cli_main, ["explain", str(folder), "--model", name, "--weights", "DEFAULT",
-                                          "--min-score", str(min_score), "--max-detections", "2", "--method",
-                                          ",".join(GRADIENT + AGNOSTIC), "-o", str(tmp_path / "b3"), "--json"])  # fmt: skip
+                                          "--min-score", str(min_score), "--max-detections", "2", "--json",
+                                          "--method", methods, "-o", str(tmp_path / "b3")])  # fmt: skip
     assert again.exit_code == 0, again.output
     assert json.loads(again.output.strip().splitlines()[-1])["skipped"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b3").iterdir() if p.name in stamps} == stamps
