@@ -136,3 +136,49 @@ def test_refuses_methods_and_options_in_one_line(tmp_path: Path) -> None:
         assert result.exit_code != 0
         assert words in result.output, result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_target_names_classes_ranks_and_refuses_unknown() -> None:
+    from cam_cli.errors import ModelError
+    from cam_cli.jobs.detect.run import parse_detection_target
+    from cam_cli.models.detection import Detector
+
+    detector = Detector(nn.Identity(), MODEL, "NONE", ["__background__", "person", "bicycle", "car"])
+    assert parse_detection_target(None, detector, 0.5, 10) == DetectionTargets("all", 0.5, 10)
+    assert parse_detection_target("Car", detector, 0.3, 10).label == 3
+    assert parse_detection_target("2", detector, 0.3, 10).label == 2
+    assert parse_detection_target("top3", detector, 0.3, 10).limit == 3
+    with pytest.raises(ModelError, match="did you mean 'person'"):
+        parse_detection_target("persn", detector, 0.5, 10)
+
+
+@pytest.mark.slow
+def test_image_without_detections_resumes(tmp_path: Path) -> None:
+    """No detection over --min-score: one line that says so (no files), and a re-run skips it;
+    the class-agnostic method still writes its one map."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    args = ["explain", tmp_path / "a.png", "--model", MODEL, "--weights", "NONE", "--min-score", "0.9",
+            "--method", "gradcam,eigencam", "-o", tmp_path / "out", "--json"]  # fmt: skip
+    result = run_camx(*args)
+    assert result.exit_code == 0, result.output
+    lines = {r["method"]: r for r in read_lines(tmp_path / "out")}
+    assert lines["gradcam"]["variant"] == "det-none" and lines["gradcam"]["detections"] == 0
+    assert lines["gradcam"]["map"] is None and lines["gradcam"]["task"] == "detection"
+    assert lines["eigencam"]["detections"] == 0 and (tmp_path / "out" / lines["eigencam"]["map"]).is_file()
+    again = run_camx(*args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output.strip().splitlines()[-1])["skipped"] == 1
+
+
+@pytest.mark.slow
+def test_models_and_layers_list_detection_models() -> None:
+    from cam_cli.models.detection import default_layer, detection_models, listed_default_layer, load_detector
+
+    rows = [json.loads(line) for line in run_camx("models", "--json", "*rcnn*").output.splitlines()]
+    assert {r["model"] for r in rows if r.get("task") == "detection"} >= {MODEL, "maskrcnn_resnet50_fpn"}
+    for name in detection_models():  # the table camx models prints equals the structural choice
+        assert listed_default_layer(name) == default_layer(load_detector(name, "NONE").module)[0], name
+    result = run_camx("layers", MODEL)
+    assert result.exit_code == 0, result.output
+    (marked,) = [line for line in result.output.splitlines() if "(default" in line]
+    assert marked.startswith("backbone.body.16 ") and "every FPN level" in marked

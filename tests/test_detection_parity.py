@@ -28,7 +28,7 @@ from cam_cli.cli import main as cli_main
 from cam_cli.images import decode_image
 from cam_cli.methods.detection import matched_scores
 from cam_cli.models.base import checkpoint_dir
-from cam_cli.models.detection import default_layer, load_detector
+from cam_cli.models.detection import default_layer, load_detector, lower_threshold
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,8 @@ class ScoreOf:
         return matched_scores(output, self.box, self.label)[0]
 
 
-def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str) -> dict[tuple[str, str, str], np.ndarray]:
+def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str,
+             min_score: float) -> dict[tuple[str, str, str], np.ndarray]:  # fmt: skip
     """pytorch-grad-cam's map for every (key, method, variant) of ``lines`` (one batch)."""
     from pytorch_grad_cam import (
         FEM,
@@ -101,6 +102,7 @@ def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str) -> di
     classes = dict(zip(GRADIENT + AGNOSTIC, implementations, strict=True))
     module = load_detector(name, "DEFAULT").module
     module.requires_grad_(True)  # pytorch-grad-cam differentiates through the parameters' graph
+    lower_threshold(module, min_score)  # as camx does: the model reports detections down to --min-score
     x = torch.stack([torch.from_numpy(decode_image(p)).permute(2, 0, 1).float() / 255 for p in images])
     keys = [p.name for p in images]
     found = {}
@@ -152,7 +154,7 @@ def test_maps_equal_pytorch_grad_cam(name: str, tmp_path: Path) -> None:
         assert r["class_name"] == categories[r["class_index"]]
     one = explain(folder, tmp_path / "b1", name, min_score, 1)
     layer = default_layer(load_detector(name, "NONE").module)[0]
-    reference = pgc_maps(name, paths, three, layer)
+    reference = pgc_maps(name, paths, three, layer, min_score)
     for lines, out in ((three, tmp_path / "b3"), (one, tmp_path / "b1")):
         for r in lines:
             ours = np.load(out / r["map"])
