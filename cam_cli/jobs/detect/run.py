@@ -27,6 +27,7 @@ from cam_cli.jobs.explain.session import parse_method_list, select_images
 from cam_cli.methods import MethodOptions, create
 from cam_cli.methods.base import TargetLayer
 from cam_cli.methods.detection import DetectionExplainer, DetectionTargets, check_detection_methods
+from cam_cli.models.base import read_labels
 from cam_cli.models.detection import Detector, default_layer, load_detector, lower_threshold
 from cam_cli.probe.capture import resolve_module
 from cam_cli.rundir.plan import refuse_writing_over_inputs
@@ -110,6 +111,8 @@ def open_detection(config: Any, names: list[str]) -> DetectionSetup:
     check_detection_methods(names)
     device = open_device(config.device)
     detector = load_detector(config.model, config.weights, seed=config.seed)
+    if config.labels is not None:  # names by label index, as the model's own would be
+        detector.categories = read_labels(config.labels)
     lower_threshold(detector.module, config.min_score)
     detector.module.to(device)
     layer_name = config.layer or default_layer(detector.module)[0]
