@@ -158,7 +158,7 @@ def matched_scores(output: dict[str, torch.Tensor], boxes: torch.Tensor, labels:
     """The score each original detection keeps in another pass's ``output`` (a masked or
     ablated input): that of the detection of the same label with the highest IoU, at
     least 0.5, with the original box; 0 where none. ``(R,)``, differentiable."""
-    found = output["boxes"]
+    found = output["boxes"].detach()  # which detection matches needs no gradient; its score keeps it
     scores = output["scores"]
     result = []
     for box, label in zip(boxes.to(found.device), labels.to(found.device), strict=True):
