@@ -96,9 +96,17 @@ def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str,
         LayerCAM,
         XGradCAM,
     )
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    class SignCorrectedEigenCAM(EigenCAM):
+        """camx's reference for eigencam (docs/methods.md): pytorch-grad-cam's own
+        sign-corrected projection, since its EigenCAM keeps LAPACK's arbitrary sign."""
+
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):  # type: ignore[no-untyped-def]
+            return get_2d_projection_with_sign_correction(activations)
 
     implementations = [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise, EigenGradCAM,
-                       EigenCAM, FEM]  # fmt: skip
+                       SignCorrectedEigenCAM, FEM]  # fmt: skip
     classes = dict(zip(GRADIENT + AGNOSTIC, implementations, strict=True))
     module = load_detector(name, "DEFAULT").module
     module.requires_grad_(True)  # pytorch-grad-cam differentiates through the parameters' graph
