@@ -72,10 +72,24 @@ from cam_cli.errors import plural
 )
 @click.option(
     "--target",
-    default="top1",
-    show_default=True,
-    help="Class to explain: top1, topK (K maps per image), a class index, or a class name; for an embedding "
+    default=None,
+    help="Class to explain: top1, topK (K maps per image), a class index, or a class name [default: top1; "
+    "detection models: every detection over --min-score, or topK, a class name or index]; for an embedding "
     "model, similar:REF or dissimilar:REF (REF an image or a folder of images: their mean embedding).",
+)
+@click.option(
+    "--min-score",
+    type=FiniteFloat(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Detection models: explain detections scoring at least this.",
+)
+@click.option(
+    "--max-detections",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Detection models: at most this many detections (maps) per image.",
 )
 @click.option(
     "--prompt",
@@ -163,6 +177,7 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
     from cam_cli import images
     from cam_cli.jobs.explain import ExplainConfig, Explainer
     from cam_cli.jobs.explain.distributed import distributed_context
+    from cam_cli.models.detection import is_detection_model
 
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
@@ -171,6 +186,9 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
     make_report = options.pop("make_report")
     shard = options.pop("shard")
     max_pixels = options.pop("max_pixels")
+    detection = is_detection_model(options["model"])
+    if options["target"] is None:
+        options["target"] = "all" if detection else "top1"
     with reported_errors(as_json):
         listed = _read_file_list(files_from, as_json) if files_from is not None else []
         with distributed_context(shard, options["device"]) as dist:
@@ -182,7 +200,12 @@ def _explain(inputs: tuple[Path, ...], out_dir: Path, files_from: Path | None, o
                 max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
                 **{**options, "device": dist.device},
             )
-            explainer = Explainer(config)
+            if detection:
+                from cam_cli.jobs.detect import DetectionRun
+
+                explainer: Any = DetectionRun(config)
+            else:
+                explainer = Explainer(config)
             for note in explainer.notes if dist.rank in (None, 0) else []:
                 click.echo(f"camx: note: {note}", err=True)
             # under torchrun only rank 0 draws a progress bar; every rank names its failures

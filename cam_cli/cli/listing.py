@@ -53,9 +53,16 @@ def models(probe: bool, as_json: bool, source: str, pattern: str | None) -> None
             click.echo(f"{'model':<20} {'methods':<12} {'size':>4}  default layer")
         for row in rows:  # each as soon as it is known (--probe builds the models one by one)
             click.echo(json.dumps(row) if as_json else _model_line(row))
+        if source == "torchvision":
+            from cam_cli.models.detection import describe_detection_models
+
+            for row in describe_detection_models(pattern):
+                click.echo(json.dumps(row) if as_json else _model_line(row))
 
 
 def _model_line(row: dict[str, Any]) -> str:
+    if row.get("task") == "detection":
+        return f"{row['model']:<20} {'detection':<12} {'-':>4}  {row['layer']}  (one map per detection)"
     if row["cam"] is None:
         return f"{row['model']:<20} {'?':<12} {row['input_size']:>4}  (camx layers {row['model']})"
     cam = "cam+gradcam" if row["cam"] else "gradcam"
@@ -86,9 +93,14 @@ def layers(model: str, input_size: int | None, weights: str) -> None:
     """
     from cam_cli.device import freeze_imported_objects
     from cam_cli.models import load_classifier
+    from cam_cli.models.detection import is_detection_model
     from cam_cli.probe import list_layers, run_probe
 
     freeze_imported_objects()
+    if is_detection_model(model):
+        with reported_errors():
+            _detection_layers(model, weights)
+        return
     with reported_errors():
         classifier = load_classifier(model, weights, input_size=input_size)
         rows = list_layers(run_probe(classifier))
@@ -97,6 +109,18 @@ def layers(model: str, input_size: int | None, weights: str) -> None:
         marker = "  (default)" if row.is_default else ""
         shape = "x".join(str(s) for s in row.shape[1:])
         click.echo(f"{row.label:<48} {row.module_type:<24} {shape}{marker}")
+
+
+def _detection_layers(model: str, weights: str) -> None:
+    """A detection model's layers with 4-d outputs (on a grey 320x480 image), the default marked."""
+    from cam_cli.models.detection import default_layer, layer_shapes, load_detector
+
+    detector = load_detector(model, weights)
+    default, why = default_layer(detector.module)
+    click.echo(f"{'layer':<48} {'type':<24} shape (a 320x480 image, as the model resizes it)")
+    for name, kind, shape in layer_shapes(detector.module):
+        marker = f"  (default: {why})" if name == default else ""
+        click.echo(f"{name:<48} {kind:<24} {'x'.join(str(s) for s in shape[1:])}{marker}")
 
 
 @click.command(context_settings=CONTEXT)

@@ -67,6 +67,10 @@ class Setups:
 
     def of(self, record: dict[str, Any]) -> ModelSetup:
         """The setup that rebuilds the model of ``record`` (the config's options win)."""
+        if record.get("task") == "detection":
+            raise ModelError(
+                f"{record.get('key')}: camx evaluate does not score detection runs yet (docs/detection.md)"
+            )
         c = self.config
         key = (
             c.model or str(record["model"]),

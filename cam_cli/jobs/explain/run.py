@@ -79,6 +79,9 @@ class ExplainConfig:
     prompt_template: str | None = None
     #: the reference embedding of ``--target similar`` / ``dissimilar``
     target_embedding: Path | None = None
+    #: detection models: the detections explained (``docs/detection.md``)
+    min_score: float = 0.5
+    max_detections: int = 10
 
 
 class Explainer:
