@@ -8,9 +8,12 @@ or a leading ``/``, so every output stays inside OUT.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -210,12 +213,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: pixels converted at once from Pillow's storage to the array (``pixels``)
+STRIP_PIXELS = 1 << 22
+
+
+def pixels(rgb: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as a new ``(H, W, 3)`` uint8 array.
+
+    ``np.array(image)`` goes through a ``bytes`` copy of the whole image besides
+    Pillow's own 4-byte pixels; a large image is copied in strips of rows instead,
+    so decoding a 10000x10000 JPEG peaks at Pillow's 400 MB and the array's 300 MB.
+    """
+    width, height = rgb.size
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    if height <= rows:
+        return np.array(rgb, dtype=np.uint8)
+    array = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        array[top:bottom] = np.asarray(rgb.crop((0, top, width, bottom)), dtype=np.uint8)
+    return array
+
+
 def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array, as a viewer shows it.
 
     EXIF orientation is applied; animated images give their first frame.
     Raises ``DecodeError`` with a one-line reason for anything unreadable.
     """
+    array = _read_pixels(path, max_pixels)  # Pillow's copy is gone once this returns
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise DecodeError(f"unexpected decoded shape {array.shape}")
+    if array.shape[0] * array.shape[1] >= TRIM_PIXELS:
+        release_free_memory()
+    return np.ascontiguousarray(array)
+
+
+def _read_pixels(path: Path, max_pixels: int) -> np.ndarray:
     try:
         status = os.stat(path)
         if stat.S_ISDIR(status.st_mode):
@@ -237,9 +271,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
                     )
                 image.seek(0)
                 image.load()
-                upright = ImageOps.exif_transpose(image) or image
-                rgb = to_rgb(upright)
-                array = np.array(rgb, dtype=np.uint8)  # a writable copy
+                ImageOps.exif_transpose(image, in_place=True)  # (a copy when not in place, even upright)
+                array = pixels(to_rgb(image))
     except DecodeError:
         raise
     except FileNotFoundError:
@@ -252,6 +285,20 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         raise DecodeError(_one_line(f"cannot decode: {exc}")) from None
     except Exception as exc:  # a decoder bug on a hostile file must not end the run
         raise DecodeError(_one_line(f"cannot decode: {type(exc).__name__}: {exc}")) from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise DecodeError(f"unexpected decoded shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return array
+
+
+#: images this large give the memory of their decoding back to the system (``release_free_memory``)
+TRIM_PIXELS = 1 << 24
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    camx keeps glibc from unmapping freed memory (``cam_cli.device.tune_allocator``), which
+    pays for small activations but would keep the 4 bytes a pixel Pillow decoded a huge
+    image into resident for the rest of the run, on top of the overlays rendered later.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -89,32 +89,64 @@ def render_on_device(maps: torch.Tensor, image: torch.Tensor, alpha: float) -> t
     return norm.cpu().numpy(), overlay.cpu().numpy()
 
 
-def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """The same post-processing as ``render_on_device`` with OpenCV's SIMD kernels (CPU path).
+#: pixels a strip of the CPU render works on at once: its temporaries stay a few MB
+#: whatever the image's size (a 10000x10000 overlay is coloured and blended 104 rows at a time)
+STRIP_PIXELS = 1 << 20
 
-    ``cv2.resize`` with ``INTER_LINEAR`` samples at half-pixel centres exactly
-    like ``F.interpolate(..., align_corners=False)``; ``applyColorMap`` and
-    ``addWeighted`` work on uint8. Agrees with the device path to 1e-6 on the
-    maps and to one grey level on the overlays (rounding).
+
+def upsample_normalise_opencv(raw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One raw map ``(h, w)`` upsampled to ``(height, width)`` float32 and min-maxed to [0, 1]
+    in place (the CPU twin of :func:`upsample_normalise`, one full-size array and no other).
+
+    ``cv2.resize`` with ``INTER_LINEAR`` samples at half-pixel centres exactly like
+    ``F.interpolate(..., align_corners=False)``. It runs on the whole map at once: its
+    SIMD kernels round differently from a row-by-row reimplementation, and resizing
+    strips would change the sampling positions, so only this keeps the maps as they were.
+    """
+    up = cv2.resize(np.ascontiguousarray(raw, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    low = float(up.min())
+    span = float(up.max()) - low
+    raw_low, raw_high = float(raw.min()), float(raw.max())
+    if span <= 0 or raw_high - raw_low <= FLAT_RTOL * max(abs(raw_low), abs(raw_high)):
+        span = float("inf")  # a flat raw map: zeros, not stretched rounding
+    np.subtract(up, low, out=up)
+    np.divide(up, np.float32(span), out=up)
+    return up
+
+
+def overlay_opencv(norm: np.ndarray, image: np.ndarray, alpha: float, out: np.ndarray | None = None) -> np.ndarray:
+    """The jet overlay of a normalised map ``(H, W)`` on ``image`` ``(H, W, 3)`` uint8 RGB:
+    ``(H, W, 3)`` uint8 **BGR** (into ``out`` when given), made in strips of rows.
+
+    Every step is per pixel (colour index ``uint8(255 * map)``, ``applyColorMap``,
+    ``addWeighted``), so strips give the same bytes as the whole image at once, with
+    temporaries of ``STRIP_PIXELS`` pixels instead of four full-size ones.
+    """
+    height, width = norm.shape
+    if out is None:
+        out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        part = slice(top, min(height, top + rows))
+        index = np.multiply(norm[part], 255.0, dtype=np.float32).astype(np.uint8)
+        heat = cv2.applyColorMap(index, cv2.COLORMAP_JET)
+        bgr = cv2.cvtColor(image[part], cv2.COLOR_RGB2BGR)
+        cv2.addWeighted(heat, alpha, bgr, 1.0 - alpha, 0.0, dst=out[part])
+    return out
+
+
+def render_with_opencv(maps: np.ndarray, image: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The same post-processing as ``render_on_device`` with OpenCV's SIMD kernels (CPU path),
+    for ``K`` maps at once (:func:`upsample_normalise_opencv` and :func:`overlay_opencv`
+    give one map's, with less memory). Agrees with the device path to 1e-6 on the maps
+    and to one grey level on the overlays (rounding).
     """
     height, width = image.shape[:2]
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     norms = np.empty((maps.shape[0], height, width), dtype=np.float32)
     overlays = np.empty((maps.shape[0], height, width, 3), dtype=np.uint8)
     for k in range(maps.shape[0]):
-        up = cv2.resize(
-            np.ascontiguousarray(maps[k], dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR
-        )
-        low = float(up.min())
-        span = float(up.max()) - low
-        raw_low, raw_high = float(maps[k].min()), float(maps[k].max())
-        if span <= 0 or raw_high - raw_low <= FLAT_RTOL * max(abs(raw_low), abs(raw_high)):
-            span = float("inf")  # a flat raw map: zeros, not stretched rounding
-        np.subtract(up, low, out=up)
-        np.divide(up, np.float32(span), out=norms[k])
-        index = np.multiply(norms[k], 255.0, dtype=np.float32).astype(np.uint8)
-        heat = cv2.applyColorMap(index, cv2.COLORMAP_JET)
-        cv2.addWeighted(heat, alpha, bgr, 1.0 - alpha, 0.0, dst=overlays[k])
+        norms[k] = upsample_normalise_opencv(maps[k], height, width)
+        overlay_opencv(norms[k], image, alpha, out=overlays[k])
     return norms, overlays
 
 

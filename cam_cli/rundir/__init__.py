@@ -9,7 +9,15 @@ Explain, evaluate, report, merge and distributed runs all go through it.
 
 from __future__ import annotations
 
-from cam_cli.rundir.files import TMP_SUFFIX, check_writable, remove_temporaries, temporary_name, write_atomic, write_npy
+from cam_cli.rundir.files import (
+    TMP_SUFFIX,
+    check_writable,
+    remove_temporaries,
+    stage_npy,
+    temporary_name,
+    write_atomic,
+    write_npy,
+)
 from cam_cli.rundir.layout import (
     MANIFEST,
     METRICS,
@@ -70,6 +78,7 @@ __all__ = [
     "read_records",
     "read_run",
     "record_files",
+    "stage_npy",
     "record_key",
     "record_variant",
     "remove_temporaries",

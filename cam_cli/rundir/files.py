@@ -54,6 +54,22 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda handle: np.lib.format.write_array(handle, array, allow_pickle=False))
 
 
+def stage_npy(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` as ``.npy`` to the temporary of ``path`` and return it; ``os.replace``
+    puts it into place later (once every file of an image is ready). A failed write
+    removes the temporary and raises the ``OSError``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array(handle, array, allow_pickle=False)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def remove_temporaries(paths: Iterable[Path]) -> int:
     """Delete stale temporaries of the given final paths; returns how many went."""
     wanted: dict[Path, set[str]] = {}

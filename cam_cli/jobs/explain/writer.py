@@ -133,49 +133,85 @@ class Writer:
             raise ImageFailed(
                 "the model gave non-finite values (NaN or inf) for this image; check --weights, --mean and --std"
             )
-        if raw is not None:
-            norm_np, overlay_np = render.render_with_opencv(raw, original.numpy(), self.alpha)
-        else:
-            with torch.inference_mode():
-                norm_np, overlay_np = render.render_on_device(maps, original, self.alpha)
+        render_map = self._renderer(maps, raw, original)
         flat_maps = (raw if raw is not None else maps.detach().cpu().numpy()) if len(maps) else None
         gradients = None if result.gradients is None else result.gradients.detach().float().cpu().numpy()
         gradient_names = self.plan.gradient_names(image.key, result.method)
-        targets = []
-        pictures = []
-        for r, (overlay_rel, map_rel) in enumerate(self.plan.names(image.key, result.method)):
-            entry: dict[str, Any] = {
-                "rank": r + 1,
-                "class_index": classes[r],
-                "class_name": self.plan.class_name(classes[r]),
-                "score": round(scores[r], 6),
-                "overlay": overlay_rel,
-                "map": map_rel,
-            }
-            if result.details is not None:
-                entry.update(result.details[r])
-                if "concept_classes" in entry:
-                    entry["concept_class_names"] = [self.plan.class_name(c) for c in entry["concept_classes"]]
-            if gradient_names is not None:
-                entry["gradient"] = gradient_names[r]
-            if flat_maps is not None and render.is_flat(flat_maps[r]):
-                entry["flat"] = True
-            # guided methods show their gradient image, not the map over the image
-            picture = overlay_np[r] if gradients is None else render.gradient_picture(gradients[r], height, width)
-            if self.boxes or self.draw_boxes:  # a drawn box is recorded too
-                box = render.localisation_box(norm_np[r], self.box_threshold)
-                entry["box"] = list(box) if box is not None else None
-                if self.draw_boxes and box is not None:
-                    picture = render.draw_box(picture.copy(), box)
-            pictures.append(encode(picture, self.fmt))  # may refuse this image: nothing written yet
-            targets.append(entry)
         if gradient_names is not None and gradients is None:
             raise ImageFailed(f"{result.method} gave no gradient image")
-        for r, entry in enumerate(targets):
-            rundir.write_npy(self.out_dir / entry["map"], norm_np[r])
-            if gradients is not None and "gradient" in entry:
-                rundir.write_npy(self.out_dir / entry["gradient"], gradients[r])
-            rundir.write_atomic(self.out_dir / entry["overlay"], pictures[r])
+        targets: list[dict[str, Any]] = []
+        pictures: list[bytes] = []
+        staged: list[Path] = []  # each map's .npy, written once rendered, renamed into place at the end
+        try:
+            for r, (overlay_rel, map_rel) in enumerate(self.plan.names(image.key, result.method)):
+                entry = self._entry(r, classes, scores, overlay_rel, map_rel, result.details)
+                if gradient_names is not None:
+                    entry["gradient"] = gradient_names[r]
+                if flat_maps is not None and render.is_flat(flat_maps[r]):
+                    entry["flat"] = True
+                norm, overlay = render_map(r)
+                # guided methods show their gradient image, not the map over the image
+                picture = overlay if gradients is None else render.gradient_picture(gradients[r], height, width)
+                if self.boxes or self.draw_boxes:  # a drawn box is recorded too
+                    box = render.localisation_box(norm, self.box_threshold)
+                    entry["box"] = list(box) if box is not None else None
+                    if self.draw_boxes and box is not None:
+                        picture = render.draw_box(picture.copy(), box)
+                pictures.append(encode(picture, self.fmt))  # may refuse this image: nothing in place yet
+                staged.append(rundir.stage_npy(self.out_dir / map_rel, norm))
+                targets.append(entry)
+                del norm, overlay, picture
+            for r, entry in enumerate(targets):
+                os.replace(staged[r], self.out_dir / entry["map"])
+                if gradients is not None and "gradient" in entry:
+                    rundir.write_npy(self.out_dir / entry["gradient"], gradients[r])
+                rundir.write_atomic(self.out_dir / entry["overlay"], pictures[r])
+        except BaseException:
+            for tmp in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        return self._record(image, result.method, targets, width, height)
+
+    def _renderer(
+        self, maps: torch.Tensor, raw: np.ndarray | None, original: torch.Tensor
+    ) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """``render_map(r)``: map ``r``'s normalised map ``(H, W)`` float32 and overlay ``(H, W, 3)``
+        BGR. On the CPU one map at a time, its overlay in one buffer reused for every map, so a
+        huge image holds one full-size float32 map and one overlay besides itself."""
+        if raw is None:
+            with torch.inference_mode():
+                norms, overlays = render.render_on_device(maps, original, self.alpha)
+            return lambda r: (norms[r], overlays[r])
+        image = original.numpy()
+        buffer = np.empty((*image.shape[:2], 3), dtype=np.uint8)
+
+        def render_map(r: int) -> tuple[np.ndarray, np.ndarray]:
+            norm = render.upsample_normalise_opencv(raw[r], image.shape[0], image.shape[1])
+            return norm, render.overlay_opencv(norm, image, self.alpha, out=buffer)
+
+        return render_map
+
+    def _entry(
+        self, r: int, classes: list[int], scores: list[float], overlay_rel: str, map_rel: str,
+        details: list[dict[str, Any]] | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        entry: dict[str, Any] = {
+            "rank": r + 1,
+            "class_index": classes[r],
+            "class_name": self.plan.class_name(classes[r]),
+            "score": round(scores[r], 6),
+            "overlay": overlay_rel,
+            "map": map_rel,
+        }
+        if details is not None:
+            entry.update(details[r])
+            if "concept_classes" in entry:
+                entry["concept_class_names"] = [self.plan.class_name(c) for c in entry["concept_classes"]]
+        return entry
+
+    def _record(self, image: InputImage, method: str, targets: list[dict[str, Any]], width: int,
+                height: int) -> dict[str, Any]:  # fmt: skip
         first = targets[0]
         extra = {"box": first["box"]} if self.boxes or self.draw_boxes else {}
         if "gradient" in first:
@@ -185,7 +221,7 @@ class Writer:
             extra["flat"] = True  # constant before min-max: an all-zero map that explains nothing
         return self.plan.record(
             image,
-            result.method,
+            method,
             overlay=first["overlay"],
             map=first["map"],
             class_index=first["class_index"],
