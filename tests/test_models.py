@@ -23,6 +23,7 @@ from cam_cli.cli import main
 from cam_cli.errors import ModelError
 from cam_cli.methods.base import to_feature_map
 from cam_cli.models import load_classifier, supported_models
+from cam_cli.models.detection import detection_models
 from cam_cli.probe import cam_head, resolve_target, run_probe
 from cam_cli.probe.catalog import describe_model, read_table
 
@@ -105,7 +106,9 @@ def test_the_shipped_table_covers_exactly_the_installed_models() -> None:
     table = read_table()
     assert sorted(table) == supported_models()
     for row in table.values():
-        assert row.keys() == {"model", "cam", "layer", "input_size", "reason"}
+        keys = {"model", "cam", "layer", "input_size", "reason"}  # a model of another task names it
+        assert row.keys() == (keys if "task" not in row else keys | {"task"})
+        assert row.get("task", "classification") in ("classification", "segmentation")
         assert row["cam"] == row["model"].startswith((*CAM_FAMILIES, "efficientnet_lite"))
         assert (row["reason"] is None) == row["cam"]
 
@@ -121,7 +124,9 @@ def test_camx_models_lists_every_model_with_methods_size_and_layer() -> None:
     header, *rows = result.output.splitlines()
     assert header.split() == ["model", "methods", "size", "default", "layer"]  # a header row names the columns
     lines = {line.split()[0]: line.split(maxsplit=4)[1:] for line in rows}
-    assert sorted(lines) == supported_models()
+    detectors = {name for name, line in lines.items() if line[0] == "detection"}  # listed after the others
+    assert sorted(detectors) == detection_models() and len(detectors) == 12
+    assert sorted(set(lines) - detectors) == supported_models()
     assert lines["resnet50"] == ["cam+gradcam", "224", "layer4"]
     assert lines["inception_v3"] == ["cam+gradcam", "299", "Mixed_7c"]
     assert lines["vit_b_16"][:3] == ["gradcam", "224", "encoder.layers.encoder_layer_11.ln_1"]
@@ -131,7 +136,7 @@ def test_camx_models_lists_every_model_with_methods_size_and_layer() -> None:
     result = CliRunner().invoke(main, ["models", "--json"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
-    assert {row["model"]: row for row in rows} == read_table()
+    assert {row["model"]: row for row in rows if row.get("task") != "detection"} == read_table()
 
 
 def test_camx_models_takes_a_pattern() -> None:
