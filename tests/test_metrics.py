@@ -306,3 +306,17 @@ def test_read_boxes_csv_coco_and_mapping(tmp_path: Path) -> None:
     bad.write_text("a.jpg,5,2,3,4\n")
     with pytest.raises(InputError, match="is empty"):
         read_boxes(bad)
+
+
+def test_a_metric_whose_package_is_missing_is_refused_in_one_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from cam_cli.jobs.evaluate import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    with pytest.raises(InputError, match=r"^the metric irof needs scikit-image: pip install 'camx\[metrics\]'$"):
+        run._metric_names(["deletion", "irof"])
+    assert run._metric_names(["insertion", "deletion"]) == ["deletion", "insertion"]  # no extra needed

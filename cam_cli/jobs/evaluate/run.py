@@ -17,6 +17,7 @@ resumes from the journal.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
@@ -40,6 +41,13 @@ from cam_cli.metrics.masks import Region, masks_digest, match_keys, read_masks
 
 #: the metric families computed from the map alone (and ground truth), without the model
 MAP_ONLY = ("localisation", "region", "complexity")
+#: the packages (module, distribution) a metric imports beyond camx's own (the ``metrics`` extra)
+NEEDS = {
+    "road": (("scipy", "SciPy"),),
+    "irof": (("skimage", "scikit-image"),),
+    "mprt": (("skimage", "scikit-image"),),
+    "random-logit": (("skimage", "scikit-image"),),
+}
 #: the fields a manifest line needs for its map to be evaluated
 NEEDED = ("key", "method", "map", "class_index")
 MODEL_FIELDS = ("model", "input_size")
@@ -339,6 +347,10 @@ def _metric_names(asked: Sequence[str]) -> list[str]:
     unknown = [m for m in asked if m not in METRICS]
     if unknown or not asked:
         raise InputError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    for name in asked:
+        for module, package in NEEDS.get(name, ()):
+            if importlib.util.find_spec(module) is None:
+                raise InputError(f"the metric {name} needs {package}: pip install 'camx[metrics]'")
     return [m for m in METRICS if m in asked]
 
 
