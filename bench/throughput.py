@@ -177,6 +177,9 @@ def child_floor(args: argparse.Namespace, tuned: bool, channels_last: bool = Fal
         _sync(args.device)
         return time.perf_counter() - started, waited
 
+    if args.once:  # whole-process mode (bench/steady.py): one pass, timed whole by the parent
+        seconds, waited = run()
+        return {"images": len(images), "seconds": seconds, "timings": {"wait_for_data": waited}}
     run()  # warm-up pass (kernel selection, page cache)
     cpu = cpu_seconds()
     seconds, waited = run()
@@ -439,7 +442,9 @@ def run_child(name: str, args: argparse.Namespace, images: Path, out: Path) -> d
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
     if getattr(args, "layer", None):
-        command += ["--layer", args.layer, "--once"]
+        command += ["--layer", args.layer]
+    if getattr(args, "layer", None) or getattr(args, "whole_process", False):
+        command += ["--once"]
     run = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:

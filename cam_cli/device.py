@@ -41,6 +41,26 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def emulated_precision_note(device: torch.device, precision: str) -> str | None:
+    """A one-line note when ``--precision`` asks the CPU for a type it has no units for.
+
+    oneDNN runs bfloat16 (float16) convolutions and matrix products natively only where the
+    CPU has AVX512-BF16 or AMX (AVX512-FP16 or AMX-FP16); elsewhere autocast still works, but
+    every such operation is emulated and the model runs several times slower than in float32.
+    """
+    if device.type != "cpu" or precision not in ("bf16", "fp16"):
+        return None
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    check = getattr(mkldnn, f"_is_mkldnn_{precision}_supported", None) if mkldnn is not None else None
+    if check is None or check():
+        return None
+    units = "AVX512-BF16 or AMX" if precision == "bf16" else "AVX512-FP16 or AMX-FP16"
+    return (
+        f"this CPU has no {precision} units ({units}): --precision {precision} is emulated here and usually "
+        "runs slower than the default fp32"
+    )
+
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 

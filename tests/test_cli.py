@@ -269,6 +269,22 @@ def test_reduced_precision_still_writes_float32_maps(image_dir, tmp_path, method
         assert cam.dtype == np.float32 and cam.max() == 1.0 and cam.min() == 0.0
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_reduced_precision_on_a_cpu_without_its_units_says_it_is_emulated(image_dir, tmp_path, monkeypatch, native):
+    """bf16 on a CPU without AVX512-BF16/AMX runs emulated (slower than fp32): one note says so."""
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    out = tmp_path / "out"
+    result = invoke("explain", image_dir, "-o", out, *FAST, "-q", "--precision", "bf16", "--method", "cam")
+    assert result.exit_code == 0, result.output
+    said = "camx: note: this CPU has no bf16 units (AVX512-BF16 or AMX): --precision bf16 is emulated here"
+    assert (said in result.output) is not native
+    assert len(manifest(out)) == 6  # a note, not a refusal: the run is done
+    plain = invoke("explain", image_dir, "-o", tmp_path / "fp32", *FAST, "-q", "--method", "cam")
+    assert "emulated" not in plain.output
+
+
 def test_the_input_folder_as_output_is_refused_and_nothing_is_overwritten(tmp_path):
     folder = tmp_path / "imgs"
     write_image(folder / "x.jpg", 40, 30, 1)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cam_cli import rundir
+from cam_cli.device import emulated_precision_note
 from cam_cli.errors import CamxError, DecodeError, ModelError, OutputError
 from cam_cli.images import InputImage, decode_image
 from cam_cli.jobs.base import default_workers, journalled, loader, open_device, prepare_process
@@ -140,6 +141,7 @@ class DetectionRun:
         refuse_writing_over_inputs(config.inputs, config.out_dir, self.all_images, self.method_names, config.fmt)
         self.setup = open_detection(config, self.method_names)
         self.device = self.setup.device
+        self.notes += [n for n in [emulated_precision_note(self.device, config.precision)] if n]
         rundir.check_writable(config.out_dir)
         self.manifest = config.out_dir / rundir.manifest_name(config.shard)
         agnostic = frozenset(m.name for m in self.setup.explainer.methods if not m.info.class_specific)

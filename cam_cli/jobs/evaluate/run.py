@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cam_cli import rundir
+from cam_cli.device import emulated_precision_note
 from cam_cli.errors import InputError, OutputError, plural
 from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_process
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
@@ -89,6 +90,7 @@ class Evaluator:
         self.masks, regions_digest = self._read_masks(ok, boxes_digest)
         self.lines = Lines(config, self.names, self.options, boxes_digest, regions_digest)
         self.device = open_device(config.device)
+        self.warnings += [n for n in [emulated_precision_note(self.device, config.precision)] if n]
         self.setups = Setups(config, ok)
         self.records = [(r, self.setups.of(r)) for r in ok]
         if self.perturbing or self.randomising:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cam_cli import rundir
+from cam_cli.device import emulated_precision_note
 from cam_cli.errors import OutputError
 from cam_cli.images import DEFAULT_MAX_PIXELS, InputImage
 from cam_cli.jobs.base import Timings, default_workers, journalled, loader, prepare_process
@@ -101,6 +102,7 @@ class Explainer:
         self.device = self.session.device
         self.target_layer = self.session.target_layer
         self.target = self.session.target
+        self.notes += [n for n in [emulated_precision_note(self.device, config.precision)] if n]
         rundir.check_writable(config.out_dir)
         self.manifest = config.out_dir / rundir.manifest_name(config.shard)
         self.plan = ResumePlan(
