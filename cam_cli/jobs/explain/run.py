@@ -143,6 +143,8 @@ class Explainer:
             settings["prompts"] = list(self.classifier.prompts)  # a CLIP model's classes
         if self.session.reference is not None:
             settings["reference"] = self.session.reference.record()
+            if config.num_classes == 0:
+                settings["num_classes"] = 0  # the model without its head: evaluate rebuilds it so
         if self.classifier.task != "classification":  # classifier lines stay as they were
             settings["task"] = self.classifier.task
         if self.classifier.weights == "NONE":
