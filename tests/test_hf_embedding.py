@@ -94,6 +94,8 @@ def test_every_method_equals_pytorch_grad_cam_on_the_pooled_output(batch: int, k
     scores = {r["key"]: r["score"] for r in records if r["method"] == "gradcam"}
     assert [scores[p.name] for p in paths] == pytest.approx(expected.tolist(), abs=1e-5)
     assert len(set(np.round(expected.numpy(), 4))) == 3, "the images must score differently"
+    for record in records:  # no method's maps are flat here (equal zeros would prove nothing)
+        assert np.load(out / record["map"]).max() == pytest.approx(1.0), (record["method"], record["key"])
     layers = {r["layer"] for r in records if r["layer"]}
     assert len(layers) == 1 and layers.pop().endswith(".1.layernorm_before")  # the last block's input norm
     layer = model.encoder.get_submodule(records[0]["layer"].removeprefix("model."))

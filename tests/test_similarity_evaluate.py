@@ -21,6 +21,7 @@ from cam_cli import rundir
 from cam_cli.cli.evaluate import evaluate
 from cam_cli.metrics import MetricOptions
 from cam_cli.metrics.base import Samples, run_plans
+from cam_cli.metrics.confidence import ConfidencePlan
 from cam_cli.metrics.rise import make_plan
 
 pytest.importorskip("transformers")
@@ -49,6 +50,7 @@ def similarity(model: Embedder, concept: torch.Tensor, kind: str = "similar"):
     return forward
 
 
+@pytest.mark.slow
 def test_the_metrics_follow_the_similarity_to_the_recorded_reference(tmp_path: Path) -> None:
     folder = save_folder(tmp_path / "enc")
     write_images(tmp_path / "imgs", 3, SIZE)
@@ -128,6 +130,7 @@ def test_random_logit_is_refused_on_a_similarity_run_in_one_line(tmp_path: Path)
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_timm_model_without_its_head_is_rebuilt_without_it(tmp_path: Path) -> None:
     write_images(tmp_path / "imgs", 2, SIZE)
     query = write_image(tmp_path / "query.png", SIZE, SIZE, seed=42)
@@ -140,3 +143,10 @@ def test_a_timm_model_without_its_head_is_rebuilt_without_it(tmp_path: Path) -> 
     assert payload["warnings"] == []  # a 1,000-class head in its place would give other similarities
     scores = {r["key"]: r["score"] for r in read_manifest(out)}
     assert {k: line["score"] for (k, _), line in lines_of(out).items()} == pytest.approx(scores, abs=1e-5)
+
+
+def test_the_drop_is_null_below_a_similarity_of_zero() -> None:
+    samples = Samples(torch.zeros(3, 3, 2, 2), torch.ones(3, 2, 2), torch.zeros(3, dtype=torch.long))
+    values = ConfidencePlan(samples).finish(torch.tensor([0.1, 0.1, 0.9]), torch.tensor([-0.2, 0.4, 0.6]))
+    assert torch.isnan(values["drop"][0]) and values["increase"].tolist() == [1.0, 0.0, 1.0]
+    assert values["drop"][1:].tolist() == pytest.approx([0.75, 0.0], abs=1e-6)

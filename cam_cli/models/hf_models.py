@@ -191,8 +191,9 @@ def load_hf(
         auto = transformers.CLIPModel if clip else transformers.AutoModelForImageClassification
     with _offline():
         try:
-            module, label, missing = _build(spec, folder, config_json, auto, weights.strip(),
-                                            None if encoder else num_classes, input_size, clip, transformers)  # fmt: skip
+            classes_asked = None if encoder else num_classes
+            module, label, missing = _build(spec, folder, config_json, auto, weights.strip(), classes_asked,
+                                            input_size, clip, transformers)  # fmt: skip
         except (ModelError, WeightsError):
             raise
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... on folders it cannot use

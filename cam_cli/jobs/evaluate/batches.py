@@ -222,7 +222,10 @@ class SetupPass:
                 row.update(scored.local[j])
                 score = float(values["score"][j])
                 recorded = pair.record.get("score")
-                if isinstance(recorded, (int, float)) and abs(score - recorded) > SCORE_TOLERANCE * abs(recorded) + 1e-4:
+                if (
+                    isinstance(recorded, (int, float))
+                    and abs(score - recorded) > SCORE_TOLERANCE * abs(recorded) + 1e-4
+                ):
                     self.mismatched += 1
                 lines.append(self.scoring.lines.line(pair, row, None, score))
             assert self.scheduler is not None

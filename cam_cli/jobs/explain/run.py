@@ -98,6 +98,7 @@ class Explainer:
         refuse_writing_over_inputs(config.inputs, config.out_dir, self.all_images, self.method_names, config.fmt)
         self.session = open_session(config)
         self.classifier = self.session.classifier
+        self.notes += self.classifier.notes  # what the model's source said of it (a pooler left out...)
         self.device = self.session.device
         self.target_layer = self.session.target_layer
         self.target = self.session.target
