@@ -150,3 +150,18 @@ def test_the_drop_is_null_below_a_similarity_of_zero() -> None:
     values = ConfidencePlan(samples).finish(torch.tensor([0.1, 0.1, 0.9]), torch.tensor([-0.2, 0.4, 0.6]))
     assert torch.isnan(values["drop"][0]) and values["increase"].tolist() == [1.0, 0.0, 1.0]
     assert values["drop"][1:].tolist() == pytest.approx([0.75, 0.0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_mprt_randomises_the_embedding_model_inside_the_similarity_head(tmp_path: Path) -> None:
+    folder = save_folder(tmp_path / "enc")
+    write_images(tmp_path / "imgs", 1, SIZE)
+    query = write_image(tmp_path / "query.png", SIZE, SIZE, seed=42)
+    out = tmp_path / "out"
+    run_camx(tmp_path / "imgs", "-o", out, "--model", f"hf:{folder}", "--target", f"similar:{query}", "--method",
+             "gradcam", *FAST, "-q")  # fmt: skip
+    code, payload, stderr = run(out, "--metrics", "mprt")
+    assert code == 0 and payload["done"] == 1, stderr
+    line = lines_of(out)[("im0.png", "gradcam")]
+    assert line["mprt_blocks"][-1] == "model.embeddings" and all(b.startswith("model.") for b in line["mprt_blocks"])
+    assert line["mprt_spearman_curve"][-1] == line["mprt_spearman"] < 1.0  # the map changes with the weights
