@@ -607,3 +607,23 @@ def test_missing_overlays_get_a_one_line_note_and_exit_0(tmp_path):
     (out / "a.jpg.gradcam.jpg").write_bytes((out / "a.jpg.cam.jpg").read_bytes())
     one = CliRunner().invoke(main, ["report", str(out), "--json"])
     assert "camx: note: 1 overlay named" in one.stderr and json.loads(one.stdout)["missing_overlays"] == 1
+
+
+def similarity_run(tmp_path: Path, kind: str = "similar") -> Path:
+    """OUT of a similarity run (``--target similar:q.png``): its scores are cosines, some negative."""
+    keys = ["a.png", "b.png", "c.png", "d.png"]
+    reference = {"kind": kind, "path": "q.png", "sha256": "0" * 64, "images": 1}
+    per_key = {
+        key: {"class_index": 0, "class_name": f"{kind}:q.png", "target": f"{kind}:q.png", "score": score,
+              "reference": reference}
+        for key, score in zip(keys, [0.2, -0.4, 0.9, 0.5], strict=True)
+    }  # fmt: skip
+    return hand_run(tmp_path, keys, methods=("gradcam",), per_key=per_key)
+
+
+def test_a_similarity_run_opens_sorted_by_its_score_and_others_by_name(tmp_path):
+    data = page_data(build_report(similarity_run(tmp_path / "sim")))
+    assert data["sort"] == "score"
+    assert {item["k"]: item["s"] for item in data["items"]} == {"a.png": 0.2, "b.png": -0.4, "c.png": 0.9,
+                                                                 "d.png": 0.5}  # fmt: skip
+    assert page_data(build_report(hand_run(tmp_path / "cls", ["a.png", "b.png"])))["sort"] == "key"

@@ -306,3 +306,17 @@ def test_a_report_folder_moved_elsewhere_still_opens(browser, tmp_path):
     view.out = tmp_path / "copy"  # the page's requests stay inside the moved tree
     view.check_clean()
     view.page.close()
+
+
+def test_a_similarity_run_opens_with_the_most_alike_first(browser, tmp_path):
+    from test_report import similarity_run
+
+    out = similarity_run(tmp_path)
+    view = Watched(browser, out)
+    view.open(build_report(out))
+    assert view.visible_keys() == ["c.png", "d.png", "a.png", "b.png"]
+    assert view.page.input_value("#f-sort") == "score" and view.page.input_value("#f-dir") == "desc"
+    view.page.select_option("#f-sort", "key")
+    assert view.visible_keys() == ["a.png", "b.png", "c.png", "d.png"]
+    view.check_clean()
+    view.page.close()

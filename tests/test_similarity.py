@@ -165,14 +165,3 @@ def test_bad_references_are_refused_in_one_line(tmp_path: Path, embedder: str, a
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
-
-
-def test_evaluate_refuses_a_similarity_run_in_one_line(tmp_path: Path, embedder: str) -> None:
-    write_images(tmp_path / "imgs", 1, SIZE)
-    query = write_image(tmp_path / "q.png", SIZE, SIZE, seed=3)
-    run_camx(tmp_path / "imgs", "-o", tmp_path / "out", "--model", embedder, "--weights", "NONE", "--input-size",
-             SIZE, "--target", f"similar:{query}", "-q")  # fmt: skip
-    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "out"), "-q"])
-    assert result.exit_code != 0
-    assert "similarity to a reference" in result.output
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -9,7 +9,9 @@ how to turn their scores into per-sample values. :class:`Scheduler` takes the
 plans of successive groups, cuts their inputs into batches of exactly
 ``batch_size`` (inputs of several samples, steps and metrics side by side), and
 hands each plan its scores. The score of an input is the softmax probability of
-its sample's explained class.
+its sample's explained class (:func:`class_probability`), or, for a model whose output is
+itself the score (the similarity to a reference of an embedding run), that output
+(:func:`class_output`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 
 #: logits ``(n, C)`` of a batch of normalised images ``(n, 3, S, S)``
 Forward = Callable[[torch.Tensor], torch.Tensor]
+#: the score ``(n,)`` of each input from the outputs ``(n, C)`` and the class to score it by ``(n,)``
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -110,6 +114,12 @@ def class_probability(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tens
     return torch.softmax(logits.float(), dim=1).gather(1, classes.view(-1, 1).to(logits.device)).squeeze(1)
 
 
+def class_output(outputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Output ``(n,)`` of ``classes`` ``(n,)`` in ``outputs`` ``(n, C)`` as it is, in float32
+    (a similarity: already the score)."""
+    return outputs.float().gather(1, classes.view(-1, 1).to(outputs.device)).squeeze(1)
+
+
 @dataclass
 class _Pending:
     plan: Group
@@ -129,9 +139,10 @@ class Scheduler:
     inputs scored (forward passes of one image), ``batches`` the model calls.
     """
 
-    def __init__(self, forward: Forward, batch_size: int) -> None:
+    def __init__(self, forward: Forward, batch_size: int, score: Score = class_probability) -> None:
         self.forward = forward
         self.batch_size = batch_size
+        self.score = score
         self.queue: deque[_Pending] = deque()
         self.queued = 0
         self.passes = 0
@@ -171,7 +182,7 @@ class Scheduler:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         c = classes[0] if len(classes) == 1 else torch.cat(classes)
         with torch.inference_mode():
-            scores = class_probability(self.forward(x), c).cpu()
+            scores = self.score(self.forward(x), c).cpu()
         self.passes += int(x.shape[0])
         self.batches += 1
         offset = 0
@@ -190,9 +201,11 @@ class Scheduler:
                 pending.on_finish(pending.result)
 
 
-def run_plans(samples: Samples, plans: Iterable[Plan], forward: Forward, batch_size: int) -> dict[str, torch.Tensor]:
+def run_plans(
+    samples: Samples, plans: Iterable[Plan], forward: Forward, batch_size: int, score: Score = class_probability
+) -> dict[str, torch.Tensor]:
     """Score ``plans`` for ``samples`` (sharing batches): ``{"score": (N,), field: (N,), ...}``."""
-    scheduler = Scheduler(forward, batch_size)
+    scheduler = Scheduler(forward, batch_size, score)
     entry = scheduler.add(Group(samples, plans))
     scheduler.run(final=True)
     assert entry.result is not None

@@ -10,6 +10,9 @@ per image beyond the unperturbed one.
 Equals torchcam 0.5's ``ClassificationMetric`` with a softmax (which adds
 ``1e-7`` to the denominator, as here). pytorch-grad-cam's ``DropInConfidence``
 is not divided by ``Y``; camx follows the paper.
+
+For a similarity run ``Y`` and ``O`` are the cosine similarities to the reference (not
+probabilities); where ``Y`` is negative the drop is null, as a share of it means nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ConfidencePlan:
 
     def finish(self, scores: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
         drop = torch.relu(base - scores) / (base + EPS)
+        drop = torch.where(base >= 0, drop, torch.nan)  # a share of a negative score (a similarity below 0): null
         return {"drop": drop, "increase": (scores > base).float()}
 
 

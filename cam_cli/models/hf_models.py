@@ -1,4 +1,7 @@
-"""``hf:PATH`` and ``hf:ORG/NAME``: Hugging Face ``AutoModelForImageClassification``, offline.
+"""``hf:PATH`` and ``hf:ORG/NAME``: Hugging Face ``AutoModelForImageClassification``, offline;
+a ``CLIPModel`` folder (:mod:`cam_cli.models.clip`); a bare vision encoder (``AutoModel``:
+``ViTModel``, ``Dinov2Model``...), or any folder with ``--num-classes 0``, as an embedding
+model (:mod:`cam_cli.models.embedding`).
 
 ``PATH`` is a ``save_pretrained`` folder (``config.json`` and weights);
 ``ORG/NAME`` is looked up in the local Hugging Face cache only.  The folder's
@@ -164,6 +167,13 @@ def is_clip(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "clip" or "CLIPModel" in (config.get("architectures") or [])
 
 
+def is_encoder(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes a bare encoder: its ``architectures`` are all base
+    models (``ViTModel``, ``Dinov2Model``), none with a head (``...ForImageClassification``)."""
+    names = [str(n) for n in config.get("architectures") or []]
+    return bool(names) and all(n.endswith("Model") and "For" not in n for n in names)
+
+
 def load_hf(
     spec: str, weights: str, num_classes: int | None, input_size: int | None = None, classes: Any = None
 ) -> LoadedModel:
@@ -174,37 +184,16 @@ def load_hf(
     clip = is_clip(config_json)
     if clip and num_classes is not None:
         raise ModelError(f"hf:{spec} is a CLIP model: its classes are the prompts, not --num-classes")
-    auto = transformers.CLIPModel if clip else transformers.AutoModelForImageClassification
-    choice = weights.strip()
+    encoder = not clip and (num_classes == 0 or is_encoder(config_json))
+    if encoder:
+        auto = transformers.AutoModel
+    else:
+        auto = transformers.CLIPModel if clip else transformers.AutoModelForImageClassification
     with _offline():
         try:
-            if is_keyword(choice, "DEFAULT"):
-                trained = len(config_json.get("id2label") or {}) or config_json.get("num_labels")
-                if num_classes is not None and trained and num_classes != int(trained):
-                    raise WeightsError(
-                        f"--num-classes {num_classes} does not match hf:{spec} ({trained} classes); "
-                        "pass fine-tuned weights as a path"
-                    )
-                module = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-                label = "DEFAULT"
-            else:
-                config = transformers.AutoConfig.from_pretrained(
-                    str(folder), local_files_only=True, trust_remote_code=False
-                )
-                vision = config.vision_config if clip else config
-                if input_size is not None and isinstance(getattr(vision, "image_size", None), int):
-                    vision.image_size = input_size
-                state = None if is_keyword(choice, "NONE") else load_state_dict(Path(choice))
-                if num_classes is not None:
-                    config.num_labels = num_classes
-                module = auto.from_config(config)
-                if state is not None:
-                    found = num_classes_in(state, module)
-                    if not clip and num_classes is None and found is not None and found != config.num_labels:
-                        config.num_labels = found
-                        module = auto.from_config(config)
-                    apply_state_dict(module, state, choice)
-                label = "NONE" if state is None else choice
+            classes_asked = None if encoder else num_classes
+            module, label, missing = _build(spec, folder, config_json, auto, weights.strip(), classes_asked,
+                                            input_size, clip, transformers)  # fmt: skip
         except (ModelError, WeightsError):
             raise
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... on folders it cannot use
@@ -216,7 +205,53 @@ def load_hf(
         size, mean, std, interpolation, notes = preprocessing(folder, config_json.get("vision_config") or {})
         return LoadedModel(head, label, input_size or size, mean, std, list(classes.names), interpolation, notes,
                            prompts=list(classes.prompts))  # fmt: skip
+    size, mean, std, interpolation, notes = preprocessing(folder, config_json)
+    if encoder:
+        from cam_cli.models.embedding import EmbeddingReadout, drop_untrained_pooler
+
+        notes += drop_untrained_pooler(module, missing, f"hf:{spec}")
+        return LoadedModel(module, label, input_size or size, mean, std, None, interpolation, notes,
+                           readout=EmbeddingReadout(), embedding=True)  # fmt: skip
     if head_name(module) is None:
         raise ModelError(f"hf:{spec} has no classification head; camx needs an AutoModelForImageClassification")
-    size, mean, std, interpolation, notes = preprocessing(folder, config_json)
     return LoadedModel(module, label, input_size or size, mean, std, _labels(module), interpolation, notes)
+
+
+def _build(
+    spec: str,
+    folder: Path,
+    config_json: dict[str, Any],
+    auto: Any,
+    choice: str,
+    num_classes: int | None,
+    input_size: int | None,
+    clip: bool,
+    transformers: Any,
+) -> tuple[nn.Module, str, list[str]]:
+    """The module of ``hf:SPEC`` with ``--weights choice``, its weights' label, and the
+    names of its parameters that the folder's weights did not hold (``DEFAULT`` only)."""
+    if is_keyword(choice, "DEFAULT"):
+        trained = len(config_json.get("id2label") or {}) or config_json.get("num_labels")
+        if num_classes is not None and trained and num_classes != int(trained):
+            raise WeightsError(
+                f"--num-classes {num_classes} does not match hf:{spec} ({trained} classes); "
+                "pass fine-tuned weights as a path"
+            )
+        module, info = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                            output_loading_info=True)  # fmt: skip
+        return module, "DEFAULT", [str(k) for k in info.get("missing_keys", ())]
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    vision = config.vision_config if clip else config
+    if input_size is not None and isinstance(getattr(vision, "image_size", None), int):
+        vision.image_size = input_size
+    state = None if is_keyword(choice, "NONE") else load_state_dict(Path(choice))
+    if num_classes is not None:
+        config.num_labels = num_classes
+    module = auto.from_config(config)
+    if state is not None:
+        found = num_classes_in(state, module) if auto is not transformers.AutoModel else None
+        if not clip and num_classes is None and found is not None and found != config.num_labels:
+            config.num_labels = found
+            module = auto.from_config(config)
+        apply_state_dict(module, state, choice)
+    return module, "NONE" if state is None else choice, []

@@ -199,8 +199,15 @@ def collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
         "lowerIsBetter": sorted(LOWER_IS_BETTER),
         "thumbs": THUMBS_FOLDER + "/",
         "items": items,
+        "sort": _default_sort(run.records),
     }
     return data, collector.jobs
+
+
+def _default_sort(records: list[dict[str, Any]]) -> str:
+    """How the page opens: a similarity run (``--target similar:REF``) by its score, the
+    images most like the reference first (or, for ``dissimilar``, least); others by name."""
+    return "score" if any(isinstance(r.get("reference"), dict) for r in records) else "key"
 
 
 def _distinct(records: list[dict[str, Any]], field: str) -> list[str]:

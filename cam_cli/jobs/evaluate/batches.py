@@ -81,7 +81,7 @@ class SetupPass:
         self.setup = setup
         self.pairs = pairs
         runner = setup.runner
-        self.scheduler = Scheduler(runner.forward, scoring.batch_size) if runner else None
+        self.scheduler = Scheduler(runner.forward, scoring.batch_size, setup.score) if runner else None
         self.passes_before = 0
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
@@ -222,7 +222,10 @@ class SetupPass:
                 row.update(scored.local[j])
                 score = float(values["score"][j])
                 recorded = pair.record.get("score")
-                if isinstance(recorded, (int, float)) and abs(score - recorded) > SCORE_TOLERANCE * recorded + 1e-4:
+                if (
+                    isinstance(recorded, (int, float))
+                    and abs(score - recorded) > SCORE_TOLERANCE * abs(recorded) + 1e-4
+                ):
                     self.mismatched += 1
                 lines.append(self.scoring.lines.line(pair, row, None, score))
             assert self.scheduler is not None

@@ -93,6 +93,11 @@ class Evaluator:
         self.warnings += [n for n in [emulated_precision_note(self.device, config.precision)] if n]
         self.setups = Setups(config, ok)
         self.records = [(r, self.setups.of(r)) for r in ok]
+        if "random-logit" in self.names and any(setup.reference for _, setup in self.records):
+            raise InputError(
+                f"{self.out_dir} explains one scalar, the similarity to a reference: random-logit needs another "
+                "class to explain; leave it out of --metrics"
+            )
         if self.perturbing or self.randomising:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)

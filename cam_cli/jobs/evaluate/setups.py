@@ -1,6 +1,11 @@
 """Rebuilding the models of a run: one :class:`ModelSetup` per distinct model,
 weights, preprocessing and seed, shared by the records that name it, placed on
-the device as every job places a model (:func:`cam_cli.jobs.base.place_model`)."""
+the device as every job places a model (:func:`cam_cli.jobs.base.place_model`).
+
+A similarity run (``--target similar:REF``) is rebuilt with its reference: the
+embedding model inside the same similarity head as explain made, the reference
+embedded again from the path the manifest records once its sha256 is checked. Its
+perturbed inputs are then scored by that similarity itself, not a softmax."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 from cam_cli.errors import CamxError, ModelError
 from cam_cli.jobs.base import ModelRunner, place_model
 from cam_cli.jobs.evaluate.config import EvaluateConfig
+from cam_cli.jobs.explain.reference import load_reference, with_reference
+from cam_cli.metrics.base import Score, class_output, class_probability
 from cam_cli.models import Classifier, load_classifier
 
 #: weights labels that mean a head of the run's own size (random, or from a checkpoint file)
@@ -39,6 +46,8 @@ class ModelSetup:
     seed: int
     #: a CLIP model's prompts, one per class, as the manifest records them
     prompts: tuple[str, ...] | None = None
+    #: a similarity run's reference as the manifest records it: kind, path, sha256, whether a ``.npy``
+    reference: tuple[str, str, str, bool] | None = None
     classifier: Classifier | None = None
     runner: ModelRunner | None = None
     outputs: int = 0
@@ -47,6 +56,12 @@ class ModelSetup:
     def size(self) -> int:
         """The model's input size ``S``: the rebuilt model's, else the manifest's."""
         return self.classifier.input_size if self.classifier else int(self.input_size or 224)
+
+    @property
+    def score(self) -> Score:
+        """How a perturbed input is scored: its class's softmax probability, or (a similarity
+        run) the similarity the model gives."""
+        return class_output if self.reference is not None else class_probability
 
 
 class Setups:
@@ -82,12 +97,8 @@ class Setups:
             self._num_classes(record),
             self.seeds.get((record.get("model"), record.get("weights")), 0),
             tuple(record["prompts"]) if isinstance(record.get("prompts"), list) else None,
+            _reference(record),
         )
-        if record.get("reference") is not None:
-            raise ModelError(
-                f"{c.out_dir} explains similarity to a reference (--target {record.get('target')}); "
-                "evaluate measures class scores and does not take such runs yet"
-            )
         if key not in self.by_key:
             self.by_key[key] = ModelSetup(*key)  # type: ignore[arg-type]
         return self.by_key[key]
@@ -97,6 +108,8 @@ class Setups:
         c = self.config
         if c.num_classes is not None or c.model is not None or c.weights is not None:
             return c.num_classes
+        if record.get("num_classes") == 0:  # an embedding model without its head, whatever its weights
+            return 0
         label = str(record.get("weights") or "")
         if label.upper() == "NONE" or os.sep in label or label.endswith(CHECKPOINT_SUFFIXES):
             return record.get("num_classes")
@@ -106,6 +119,8 @@ class Setups:
         """Load the model of ``setup`` and place it on ``device``; ``ModelError`` when it
         cannot be loaded or fails on a zero input (in channels-last and without)."""
         classifier = self._load(setup)
+        if setup.reference is not None:
+            classifier = self._compared(setup, classifier, device)
         if classifier.task != "classification":
             raise ModelError(
                 f"camx evaluate does not score {classifier.task} runs yet ({setup.model}): each perturbed input "
@@ -158,6 +173,29 @@ class Setups:
         if setup.std and not c.std and not _close(setup.std, classifier.std):
             classifier = replace(classifier, std=tuple(setup.std))  # type: ignore[arg-type]
         return classifier
+
+    def _compared(self, setup: ModelSetup, classifier: Classifier, device: torch.device) -> Classifier:
+        """The embedding model of ``setup`` in its similarity head, the reference embedded again
+        (``ModelError`` in one line when it is gone or changed)."""
+        assert setup.reference is not None
+        kind, path, sha256, npy = setup.reference
+        try:
+            reference = load_reference(kind, None if npy else Path(path), Path(path) if npy else None,  # type: ignore[arg-type]
+                                       classifier, device, self.config.batch_size, expected=sha256)  # fmt: skip
+        except CamxError as exc:
+            raise ModelError(f"cannot rebuild the reference of {self.config.out_dir}: {exc}") from None
+        return with_reference(classifier, reference)[0]
+
+
+def _reference(record: dict[str, Any]) -> tuple[str, str, str, bool] | None:
+    """What rebuilds a similarity run's reference (None: a class target)."""
+    found = record.get("reference")
+    if not isinstance(found, dict):
+        return None
+    kind, path, sha256 = (str(found.get(k) or "") for k in ("kind", "path", "sha256"))
+    if kind not in ("similar", "dissimilar") or not path or len(sha256) != 64:
+        raise ModelError(f"{record.get('key')}: the manifest's reference {found} is not one camx wrote")
+    return kind, path, sha256, found.get("images") is None
 
 
 def _count_outputs(runner: ModelRunner, size: int, model: str) -> int:

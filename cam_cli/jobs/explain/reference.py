@@ -69,9 +69,16 @@ def similarity_target(target: str, embedding: Path | None) -> tuple[Kind, Path |
 
 
 def load_reference(
-    kind: Kind, source: Path | None, npy: Path | None, classifier: Classifier, device: torch.device, batch: int
+    kind: Kind,
+    source: Path | None,
+    npy: Path | None,
+    classifier: Classifier,
+    device: torch.device,
+    batch: int,
+    expected: str | None = None,
 ) -> Reference:
-    """The reference embedding of an image, a folder of images (their mean), or a ``.npy`` file."""
+    """The reference embedding of an image, a folder of images (their mean), or a ``.npy``
+    file; ``InputError`` before anything is embedded when its sha256 is not ``expected``."""
     if npy is not None:
         try:
             data = npy.read_bytes()
@@ -80,9 +87,9 @@ def load_reference(
             raise InputError(f"cannot read --target-embedding {npy}: {exc}") from None
         if array.ndim != 1 and not (array.ndim == 2 and array.shape[0] == 1) or not np.isfinite(array).all():
             raise InputError(f"--target-embedding {npy}: expected one finite vector, got shape {array.shape}")
-        return Reference(
-            kind, str(npy), hashlib.sha256(data).hexdigest(), None, torch.from_numpy(array.astype(np.float32)).flatten()
-        )
+        digest = hashlib.sha256(data).hexdigest()
+        check_digest(npy, digest, expected)
+        return Reference(kind, str(npy), digest, None, torch.from_numpy(array.astype(np.float32)).flatten())
     assert source is not None
     if not source.exists():
         raise InputError(f"--target {kind}:{source}: no such file or folder")
@@ -92,8 +99,18 @@ def load_reference(
     hashed = hashlib.sha256()
     for image in found:
         hashed.update(image.key.encode("utf-8") + b"\0" + image.path.read_bytes())
+    check_digest(source, hashed.hexdigest(), expected)
     embedding = embed_images(found, classifier, device, batch)
     return Reference(kind, str(source), hashed.hexdigest(), len(found), embedding)
+
+
+def check_digest(path: Path, digest: str, expected: str | None) -> None:
+    """``InputError`` when the reference at ``path`` is not the one recorded (sha256 ``expected``)."""
+    if expected is not None and digest != expected:
+        raise InputError(
+            f"the reference {path} changed since the run (sha256 {digest[:12]}..., the manifest records "
+            f"{expected[:12]}...): put the original back, or explain again with --overwrite"
+        )
 
 
 def embed_images(found: list[Any], classifier: Classifier, device: torch.device, batch: int) -> torch.Tensor:
@@ -122,7 +139,8 @@ def with_reference(classifier: Classifier, reference: Reference) -> tuple[Classi
     output, named after the target, explained as ``top1``."""
     head = SimilarityHead(classifier.module, reference.embedding, reference.kind, classifier.output_key)
     head.eval()
-    wrapped = replace(classifier, module=head, categories=[reference.target], output_key=None)
+    # a fresh readout: the head gives the similarity itself, whatever the model's output was
+    wrapped = replace(classifier, module=head, categories=[reference.target], output_key=None, readout=None)
     return wrapped, TargetSpec(reference.target, top=1)
 
 

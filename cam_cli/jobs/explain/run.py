@@ -99,6 +99,7 @@ class Explainer:
         refuse_writing_over_inputs(config.inputs, config.out_dir, self.all_images, self.method_names, config.fmt)
         self.session = open_session(config)
         self.classifier = self.session.classifier
+        self.notes += self.classifier.notes  # what the model's source said of it (a pooler left out...)
         self.device = self.session.device
         self.target_layer = self.session.target_layer
         self.target = self.session.target
@@ -145,6 +146,8 @@ class Explainer:
             settings["prompts"] = list(self.classifier.prompts)  # a CLIP model's classes
         if self.session.reference is not None:
             settings["reference"] = self.session.reference.record()
+            if config.num_classes == 0:
+                settings["num_classes"] = 0  # the model without its head: evaluate rebuilds it so
         if self.classifier.task != "classification":  # classifier lines stay as they were
             settings["task"] = self.classifier.task
         if self.classifier.weights == "NONE":

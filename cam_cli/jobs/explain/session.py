@@ -144,6 +144,8 @@ def open_session(config: Any) -> Session:
     reference = reference_for(config, classifier, device)
     if reference is None and config.num_classes == 0:
         raise CamxError("--num-classes 0 gives embeddings, not classes: explain them with --target similar:REF")
+    if reference is None and classifier.embedding:
+        raise CamxError(f"{config.model} gives embeddings, not classes: explain them with --target similar:REF")
     if reference is not None:  # an embedding model, explained by its similarity to the reference
         classifier, similarity = with_reference(classifier, reference)
     probe, channels_last = probe_model(classifier, use_channels_last(device))

@@ -17,8 +17,8 @@
     shown: new Set(methods.map(function (_, i) { return i; })),
     failedOnly: false,
     query: "",
-    sort: "key",
-    desc: false,
+    sort: data.sort === "score" ? "score" : "key", // a similarity run opens by its score
+    desc: data.sort === "score",
     page: 0,
     pageSize: 100,
   };
@@ -201,6 +201,8 @@
     });
     controls.dir = el("select", { id: "f-dir", name: "dir" }, option("asc", "ascending"), option("desc", "descending"));
     controls.dir.addEventListener("change", function () { state.desc = controls.dir.value === "desc"; refresh(); });
+    controls.sort.value = state.sort;
+    controls.dir.value = state.desc ? "desc" : "asc";
     bar.append(el("label", null, "Sort by ", controls.sort), el("label", null, controls.dir));
 
     controls.size = el("select", { id: "f-size", name: "size" });
