@@ -9,7 +9,8 @@ how to turn their scores into per-sample values. :class:`Scheduler` takes the
 plans of successive groups, cuts their inputs into batches of exactly
 ``batch_size`` (inputs of several samples, steps and metrics side by side), and
 hands each plan its scores. The score of an input is the softmax probability of
-its sample's explained class.
+its sample's explained class, unless the scheduler is given a :data:`Score` (a
+readout whose targets depend on the unperturbed image scores its inputs its own way).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 
 #: logits ``(n, C)`` of a batch of normalised images ``(n, 3, S, S)``
 Forward = Callable[[torch.Tensor], torch.Tensor]
+#: the scores ``(n,)`` (float32, on the CPU) of a batch of inputs ``(n, 3, S, S)`` and the
+#: ``(n,)`` values their plans gave for them (``Samples.classes``, whatever those stand for)
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -127,11 +131,14 @@ class Scheduler:
     ``run(final=True)`` also scores the remainder. A plan's ``on_finish`` is
     called with its values once all its inputs are scored. ``passes`` counts the
     inputs scored (forward passes of one image), ``batches`` the model calls.
+    ``score`` (when given) scores each batch instead of :func:`class_probability`
+    of ``forward``.
     """
 
-    def __init__(self, forward: Forward, batch_size: int) -> None:
+    def __init__(self, forward: Forward, batch_size: int, score: Score | None = None) -> None:
         self.forward = forward
         self.batch_size = batch_size
+        self.score = score
         self.queue: deque[_Pending] = deque()
         self.queued = 0
         self.passes = 0
@@ -171,7 +178,7 @@ class Scheduler:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         c = classes[0] if len(classes) == 1 else torch.cat(classes)
         with torch.inference_mode():
-            scores = class_probability(self.forward(x), c).cpu()
+            scores = self.score(x, c) if self.score is not None else class_probability(self.forward(x), c).cpu()
         self.passes += int(x.shape[0])
         self.batches += 1
         offset = 0

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from cam_cli.errors import CamxError, ModelError
+from cam_cli.errors import CamxError, InputError, ModelError
 from cam_cli.jobs.base import ModelRunner, place_model
 from cam_cli.jobs.evaluate.config import EvaluateConfig
+from cam_cli.jobs.evaluate.pinning import refusal
 from cam_cli.models import Classifier, load_classifier
 
 #: weights labels that mean a head of the run's own size (random, or from a checkpoint file)
@@ -106,11 +107,9 @@ class Setups:
         """Load the model of ``setup`` and place it on ``device``; ``ModelError`` when it
         cannot be loaded or fails on a zero input (in channels-last and without)."""
         classifier = self._load(setup)
-        if classifier.task != "classification":
-            raise ModelError(
-                f"camx evaluate does not score {classifier.task} runs yet ({setup.model}): each perturbed input "
-                "would need its image's predicted mask kept, which its batches do not carry"
-            )
+        refused = refusal(classifier.readout, self.config.metrics, setup.model)  # a segmentation run's
+        if refused is not None:
+            raise InputError(refused)
         outputs = [0]
 
         def check(runner: ModelRunner) -> None:
