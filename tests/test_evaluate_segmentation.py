@@ -23,9 +23,12 @@ from cam_cli import images, rundir
 from cam_cli.cli import main
 from cam_cli.cli.evaluate import evaluate
 from cam_cli.jobs.data import ImageDataset
+from cam_cli.jobs.evaluate.pinning import PinnedScores, pins
 from cam_cli.metrics.confidence import confidence
 from cam_cli.metrics.rise import deletion_insertion
 from cam_cli.models import load_classifier
+from cam_cli.models.readout import Readout
+from cam_cli.models.segmentation import RegionReadout
 
 FAST = ["--device", "cpu", "--workers", "0"]
 KEYS = ["a.png", "b.jpg", "c.png", "d.png", "e.jpg"]  # five: two loaded batches of images (4 + 1)
@@ -262,3 +265,45 @@ def test_the_report_of_an_evaluated_segmentation_run_filters_by_its_classes(brig
             if line["status"] == "ok":
                 assert entry["x"]["deletion_auc"] == pytest.approx(line["deletion_auc"])
     assert {row["method"] for row in data["metrics"]["rows"]} == set(METHODS)
+
+
+def test_pinned_scores_answer_per_sample_and_read_each_row_over_its_own_images_region() -> None:
+    """The hook itself: a free pass over two images (a bright square, all dark), samples of
+    different classes per image, then a batch mixing perturbed copies of both."""
+    namespace: dict = {}
+    exec(BRIGHT_FACTORY, namespace)  # the FCN that assigns bright pixels to class 1
+    module = namespace["build"]()
+    readout = RegionReadout()
+    assert pins(readout) and not pins(Readout())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return readout(module(x))
+
+    bright = torch.zeros(3, 32, 32)
+    bright[:, 8:16, 20:28] = 3.0  # channel sum 9 > the conv's threshold 3
+    dark = torch.zeros(3, 32, 32)
+    scores = PinnedScores(forward, readout)
+    ids = scores.fix(torch.stack([bright, dark]))
+    reasons = scores.absent(ids, [0, 0, 1, 0, 1], [1, 2, 1, 1, 0])
+    assert reasons[0] is None and reasons[3] is None
+    assert "no pixel of this image to class 2" in str(reasons[1])
+    assert "no pixel of this image to class 1" in str(reasons[2])
+    assert "every pixel of this image to the background" in str(reasons[4])
+    tags = scores.tags([ids[0], ids[0], ids[1]], [1, 0, 0], torch.device("cpu"))
+    # a copy of the bright image with its square deleted, the bright image, a copy of the dark one brightened
+    deleted = bright.clone()
+    deleted[:, 8:16, 20:28] = 0.0
+    batch = torch.stack([deleted, bright, dark + 1.0])
+    got = scores(batch, tags)
+    with torch.no_grad():
+        square = module(bright[None])["out"].argmax(dim=1)[0] == 1
+        probabilities = module(batch)["out"].softmax(dim=1)
+    expected = [
+        probabilities[0, 1][square].mean(),  # class 1 over the ORIGINAL square, not re-segmented
+        probabilities[1, 0][~square].mean(),  # the background class over the bright image's background
+        probabilities[2, 0].mean(),  # the dark image: all background
+    ]
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)  # sums in another order
+    assert got[0] < 0.5 < probabilities[1, 1][square].mean()  # deleting the square lowers class 1 there
+    scores.release(tags)
+    assert not scores.samples and ids[1] not in scores.images
