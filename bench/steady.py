@@ -82,7 +82,8 @@ def main() -> None:
             shutil.copy(path, folders[small] / path.name)
         print(
             f"camx steady state: {args.model}, whole processes over {small} and {large} JPEGs 320x240..640x480, "
-            f"batch {args.batch_size}, {args.device}, {args.precision}, {args.rounds} round(s); overlays + .npy written",
+            f"batch {args.batch_size}, {args.device}, {args.precision}, {args.rounds} round(s); "
+            "overlays + .npy written",
             flush=True,
         )
         for round_ in range(1, args.rounds + 1):

@@ -9,9 +9,10 @@ how to turn their scores into per-sample values. :class:`Scheduler` takes the
 plans of successive groups, cuts their inputs into batches of exactly
 ``batch_size`` (inputs of several samples, steps and metrics side by side), and
 hands each plan its scores. The score of an input is the softmax probability of
-its sample's explained class (:func:`class_probability`), or, for a model whose output is
-itself the score (the similarity to a reference of an embedding run), that output
-(:func:`class_output`).
+its sample's explained class (:func:`class_probability`), unless the scheduler is given a
+:data:`Score`: a readout whose targets depend on the unperturbed image scores its inputs
+its own way, and a model whose output is itself the score (the similarity to a reference
+of an embedding run) is scored by that output (:func:`class_output`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 #: logits ``(n, C)`` of a batch of normalised images ``(n, 3, S, S)``
 Forward = Callable[[torch.Tensor], torch.Tensor]
-#: the score ``(n,)`` of each input from the outputs ``(n, C)`` and the class to score it by ``(n,)``
+#: the scores ``(n,)`` (float32, on the CPU) of a batch of inputs ``(n, 3, S, S)`` and the
+#: ``(n,)`` values their plans gave for them (``Samples.classes``, whatever those stand for)
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -120,6 +122,15 @@ def class_output(outputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return outputs.float().gather(1, classes.view(-1, 1).to(outputs.device)).squeeze(1)
 
 
+def output_score(forward: Forward) -> Score:
+    """A :data:`Score` that reads each input's output as it is (:func:`class_output`)."""
+
+    def score(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return class_output(forward(x), classes).cpu()
+
+    return score
+
+
 @dataclass
 class _Pending:
     plan: Group
@@ -137,9 +148,11 @@ class Scheduler:
     ``run(final=True)`` also scores the remainder. A plan's ``on_finish`` is
     called with its values once all its inputs are scored. ``passes`` counts the
     inputs scored (forward passes of one image), ``batches`` the model calls.
+    ``score`` (when given) scores each batch instead of :func:`class_probability`
+    of ``forward``.
     """
 
-    def __init__(self, forward: Forward, batch_size: int, score: Score = class_probability) -> None:
+    def __init__(self, forward: Forward, batch_size: int, score: Score | None = None) -> None:
         self.forward = forward
         self.batch_size = batch_size
         self.score = score
@@ -182,7 +195,7 @@ class Scheduler:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         c = classes[0] if len(classes) == 1 else torch.cat(classes)
         with torch.inference_mode():
-            scores = self.score(self.forward(x), c).cpu()
+            scores = self.score(x, c) if self.score is not None else class_probability(self.forward(x), c).cpu()
         self.passes += int(x.shape[0])
         self.batches += 1
         offset = 0
@@ -202,7 +215,7 @@ class Scheduler:
 
 
 def run_plans(
-    samples: Samples, plans: Iterable[Plan], forward: Forward, batch_size: int, score: Score = class_probability
+    samples: Samples, plans: Iterable[Plan], forward: Forward, batch_size: int, score: Score | None = None
 ) -> dict[str, torch.Tensor]:
     """Score ``plans`` for ``samples`` (sharing batches): ``{"score": (N,), field: (N,), ...}``."""
     scheduler = Scheduler(forward, batch_size, score)

@@ -1,7 +1,9 @@
 """The pairs of one model setup, scored: images and maps decoded by the loader's
 workers, the localisation values computed at once, the perturbation plans of many
 (image, method) pairs packed into full model batches by one
-:class:`~cam_cli.metrics.base.Scheduler`, one line per pair handed to ``emit``."""
+:class:`~cam_cli.metrics.base.Scheduler`, one line per pair handed to ``emit``. A model
+whose readout pins (segmentation) gets a free pass per loaded batch and its perturbed
+inputs scored pinned to their images (:mod:`~cam_cli.jobs.evaluate.pinning`)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from cam_cli.jobs.base import default_workers, loader
 from cam_cli.jobs.evaluate.config import EvaluateResult
 from cam_cli.jobs.evaluate.dataset import MapDataset, MapItem, collate
 from cam_cli.jobs.evaluate.lines import Lines, Pair
+from cam_cli.jobs.evaluate.pinning import PinnedScores, pins
 from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, fields_of, plan_factory
-from cam_cli.metrics.base import Group, Samples, Scheduler
+from cam_cli.metrics.base import Group, Samples, Scheduler, output_score
 from cam_cli.metrics.complexity import complexity_values
 from cam_cli.metrics.localisation import GroundTruth, boxes_of_class, localise
 from cam_cli.metrics.masks import Region, boxes_mask, regions_mask
@@ -81,7 +84,11 @@ class SetupPass:
         self.setup = setup
         self.pairs = pairs
         runner = setup.runner
-        self.scheduler = Scheduler(runner.forward, scoring.batch_size, setup.score) if runner else None
+        readout = setup.classifier.readout if setup.classifier else None
+        # a readout whose targets depend on the unperturbed image: free pass, then pinned passes
+        self.pinned = PinnedScores(runner.forward, readout) if runner and readout and pins(readout) else None
+        score = self.pinned or (output_score(runner.forward) if runner and setup.scores_output else None)
+        self.scheduler = Scheduler(runner.forward, scoring.batch_size, score) if runner else None
         self.passes_before = 0
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
@@ -191,27 +198,58 @@ class SetupPass:
         if self.scheduler is None or not todo:
             emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)
             return
-        samples = self._samples(scored)
+        assert self.setup.runner is not None
+        x = self.setup.runner.normalise(torch.stack(scored.images))
+        ids = self._fix(scored, x) if self.pinned is not None else None
+        if not scored.pairs:
+            return
+        samples = self._samples(scored, x, ids)
         plans = []
         for entry in dict.fromkeys(METRICS[n].entry for n in todo):
             names = [n for n in todo if METRICS[n].entry == entry]
             plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
-        self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored))
+        self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored, samples))
         self.scheduler.run()
 
-    def _samples(self, scored: Scored) -> Samples:
-        """The pairs' normalised images ``(N, 3, S, S)``, maps ``(N, S, S)`` and classes on the device."""
-        assert self.setup.runner is not None
+    def _fix(self, scored: Scored, x: torch.Tensor) -> list[int]:
+        """The free pass over ``scored``'s images ``x`` (normalised) for a readout that pins
+        (:mod:`~cam_cli.jobs.evaluate.pinning`); the pairs it leaves nothing to score (a class
+        on no pixel) taken out of ``scored`` and emitted as error lines. Its image ids."""
+        assert self.pinned is not None
+        ids = self.pinned.fix(x)
+        classes = [int(p.record["class_index"]) for p in scored.pairs]
+        reasons = self.pinned.absent(ids, scored.image_of, classes)
+        if not any(reasons):
+            return ids
+        kept = [j for j, reason in enumerate(reasons) if reason is None]
+        failed = [(p, reason) for p, reason in zip(scored.pairs, reasons, strict=True) if reason is not None]
+        self.scoring.emit([self.scoring.lines.line(p, None, f"the rebuilt model: {r}", None) for p, r in failed], 0)
+        scored.pairs = [scored.pairs[j] for j in kept]
+        scored.image_of = [scored.image_of[j] for j in kept]
+        scored.maps = [scored.maps[j] for j in kept]
+        scored.local = [scored.local[j] for j in kept]
+        for slot in set(range(len(ids))) - set(scored.image_of):  # no pair of it left to score
+            self.pinned.images.pop(ids[slot], None)
+        return ids
+
+    def _samples(self, scored: Scored, x: torch.Tensor, ids: list[int] | None) -> Samples:
+        """The pairs' normalised images ``(N, 3, S, S)`` (of ``x``, one per image), maps
+        ``(N, S, S)`` and classes on the device; for a readout that pins (``ids``: its image
+        ids of ``x``), a tag per pair in place of its class (:meth:`PinnedScores.tags`)."""
         device = self.scoring.device
-        x = self.setup.runner.normalise(torch.stack(scored.images))
+        classes = [int(p.record["class_index"]) for p in scored.pairs]
+        if self.pinned is not None and ids is not None:
+            tags = self.pinned.tags([ids[i] for i in scored.image_of], classes, device)
+        else:
+            tags = torch.tensor(classes, device=device)
         return Samples(
             x[torch.tensor(scored.image_of, device=device)],
             torch.stack(scored.maps).to(device),
-            torch.tensor([int(p.record["class_index"]) for p in scored.pairs], device=device),
+            tags,
             [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
         )
 
-    def _finished(self, scored: Scored) -> Callable[[dict[str, torch.Tensor]], None]:
+    def _finished(self, scored: Scored, samples: Samples) -> Callable[[dict[str, torch.Tensor]], None]:
         """What the scheduler calls with the values of ``scored``'s pairs: their lines emitted."""
         fields = fields_of(self.scoring.perturbing)
 
@@ -229,9 +267,13 @@ class SetupPass:
                     self.mismatched += 1
                 lines.append(self.scoring.lines.line(pair, row, None, score))
             assert self.scheduler is not None
-            passes, self.passes_before = self.scheduler.passes - self.passes_before, self.scheduler.passes
-            self.scoring.result.passes = self.counted[0] + self.scheduler.passes
-            self.scoring.result.batches = self.counted[1] + self.scheduler.batches
+            total, batches = self.scheduler.passes, self.scheduler.batches
+            if self.pinned is not None:  # and the free passes
+                self.pinned.release(samples.classes)
+                total, batches = total + self.pinned.passes, batches + self.pinned.batches
+            passes, self.passes_before = total - self.passes_before, total
+            self.scoring.result.passes = self.counted[0] + total
+            self.scoring.result.batches = self.counted[1] + batches
             self.scoring.emit(lines, passes)
 
         return done

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from cam_cli.errors import CamxError, ModelError
+from cam_cli.errors import CamxError, InputError, ModelError
 from cam_cli.jobs.base import ModelRunner, place_model
 from cam_cli.jobs.evaluate.config import EvaluateConfig
+from cam_cli.jobs.evaluate.pinning import refusal
 from cam_cli.jobs.explain.reference import load_reference, with_reference
-from cam_cli.metrics.base import Score, class_output, class_probability
 from cam_cli.models import Classifier, load_classifier
 
 #: weights labels that mean a head of the run's own size (random, or from a checkpoint file)
@@ -58,10 +58,10 @@ class ModelSetup:
         return self.classifier.input_size if self.classifier else int(self.input_size or 224)
 
     @property
-    def score(self) -> Score:
-        """How a perturbed input is scored: its class's softmax probability, or (a similarity
-        run) the similarity the model gives."""
-        return class_output if self.reference is not None else class_probability
+    def scores_output(self) -> bool:
+        """Whether a perturbed input is scored by the model's output as it is (a similarity
+        run: the similarity itself), not by its class's softmax probability."""
+        return self.reference is not None
 
 
 class Setups:
@@ -121,11 +121,9 @@ class Setups:
         classifier = self._load(setup)
         if setup.reference is not None:
             classifier = self._compared(setup, classifier, device)
-        if classifier.task != "classification":
-            raise ModelError(
-                f"camx evaluate does not score {classifier.task} runs yet ({setup.model}): each perturbed input "
-                "would need its image's predicted mask kept, which its batches do not carry"
-            )
+        refused = refusal(classifier.readout, self.config.metrics, setup.model)  # a segmentation run's
+        if refused is not None:
+            raise InputError(refused)
         outputs = [0]
 
         def check(runner: ModelRunner) -> None:
