@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="a camx checkout: camx from it too, in the same rounds")
+    parser.add_argument("--no-peers", action="store_true", help="leave pytorch-grad-cam out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imgs"
@@ -110,13 +111,16 @@ def main() -> None:
             return [python, "-c", PGC, str(folder), args.model, size, batch, str(Path(tmp) / f"pgc{k}")]
 
         rounds = Rounds(args.images)
-        rounds.run(args.rounds, {
+        pipelines = {
             "floor": lambda k: [python, "-c", FLOOR, str(folder), args.model, size, batch],
             "camx gradcam": lambda k: [python, "-m", "cam_cli", "explain", str(folder), "--model", args.model,
                                        "--weights", "NONE", *sized, "--batch-size", batch, "--method", "gradcam",
                                        "-q", "-o", str(Path(tmp) / f"out{k}")],
             "pgc gradcam": peer,
-        }, args.baseline)  # fmt: skip
+        }  # fmt: skip
+        if args.no_peers:
+            del pipelines["pgc gradcam"]
+        rounds.run(args.rounds, pipelines, args.baseline)
     print(f"{args.model}, {args.images} images at {args.input_size or 'its own'} px, whole processes, "
           f"median of {args.rounds} rounds")  # fmt: skip
     print(rounds.table())
