@@ -8,34 +8,34 @@ pytorch-grad-cam driven as its segmentation tutorial does, each a whole process,
   predicted mask, ``SemanticSegmentationTarget`` of the largest non-background class, ``GradCAM``
   on ``backbone.<last stage>``, ``show_cam_on_image``, and the same two files written.
 
-Random weights (``--weights NONE``), so nothing is downloaded. Not a test: no timing is asserted.
+Each round runs the three one after another; wall and CPU seconds of each whole process, the
+ratios to the floor of the same round (medians over the rounds) and the load average beside
+them (``bench/processes.py``). Random weights (``--weights NONE``), so nothing is downloaded;
+the input size is the model's own (520 for torchvision's weights) unless ``--input-size``.
+Not a test: no timing is asserted.
 
-    python bench/segmentation.py --model lraspp_mobilenet_v3_large --images 64 --input-size 128 --rounds 3
+    python bench/segmentation.py --model lraspp_mobilenet_v3_large --images 64 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parent.parent
+from processes import Rounds
 
 FLOOR = """
 import sys, torch, numpy as np
 from pathlib import Path
 from PIL import Image
 from cam_cli.models import load_classifier
-folder, model, size, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+folder, model, size, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) or None, int(sys.argv[4])
 c = load_classifier(model, "NONE", input_size=size)
+size = c.input_size
 mean = torch.tensor(c.mean).view(1, 3, 1, 1); std = torch.tensor(c.std).view(1, 3, 1, 1)
 files = sorted(folder.glob("*.jpg"))
 with torch.inference_mode():
@@ -53,8 +53,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 from cam_cli.models import load_classifier
-folder, model, size, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[5])
+folder, model, size, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) or None, Path(sys.argv[5])
 c = load_classifier(model, "NONE", input_size=size)
+size = c.input_size
 net = c.module.requires_grad_(True)
 class Out(torch.nn.Module):
     def __init__(self, m): super().__init__(); self.m = m
@@ -88,42 +89,41 @@ def generate(folder: Path, count: int) -> None:
         Image.fromarray(pixels).resize((w, h), Image.BILINEAR).save(folder / f"img{i:03d}.jpg", quality=90)
 
 
-def timed(command: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="lraspp_mobilenet_v3_large")
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--input-size", type=int, default=0, help="0: the model's own (520)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="a camx checkout: camx from it too, in the same rounds")
+    parser.add_argument("--no-peers", action="store_true", help="leave pytorch-grad-cam out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imgs"
         folder.mkdir()
         generate(folder, args.images)
-        size, batch = str(args.input_size), str(args.batch_size)
-        times: dict[str, list[float]] = {"floor": [], "camx gradcam": [], "pgc gradcam": []}
-        for r in range(args.rounds):
-            out = Path(tmp) / f"out{r}"
-            peer = Path(tmp) / f"pgc{r}"
-            peer.mkdir()
-            python = sys.executable
-            times["floor"].append(timed([python, "-c", FLOOR, str(folder), args.model, size, batch]))
-            times["camx gradcam"].append(timed([python, "-m", "cam_cli", "explain", str(folder), "--model", args.model,
-                                                "--weights", "NONE", "--input-size", size, "--batch-size", batch,
-                                                "--method", "gradcam", "-q", "-o", str(out)]))  # fmt: skip
-            times["pgc gradcam"].append(timed([python, "-c", PGC, str(folder), args.model, size, batch, str(peer)]))
-        floor = statistics.median(times["floor"])
-        print(f"{args.model}, {args.images} images at {args.input_size}px, median of {args.rounds} whole processes")
-        for name, values in times.items():
-            median = statistics.median(values)
-            print(f"{name:<14} {median:7.2f} s  {args.images / median:6.2f} img/s  floor/this {floor / median:5.2f}")
+        size, batch, python = str(args.input_size), str(args.batch_size), sys.executable
+        sized = ["--input-size", size] if args.input_size else []
+
+        def peer(k: str) -> list[str]:
+            (Path(tmp) / f"pgc{k}").mkdir()
+            return [python, "-c", PGC, str(folder), args.model, size, batch, str(Path(tmp) / f"pgc{k}")]
+
+        rounds = Rounds(args.images)
+        pipelines = {
+            "floor": lambda k: [python, "-c", FLOOR, str(folder), args.model, size, batch],
+            "camx gradcam": lambda k: [python, "-m", "cam_cli", "explain", str(folder), "--model", args.model,
+                                       "--weights", "NONE", *sized, "--batch-size", batch, "--method", "gradcam",
+                                       "-q", "-o", str(Path(tmp) / f"out{k}")],
+            "pgc gradcam": peer,
+        }  # fmt: skip
+        if args.no_peers:
+            del pipelines["pgc gradcam"]
+        rounds.run(args.rounds, pipelines, args.baseline)
+    print(f"{args.model}, {args.images} images at {args.input_size or 'its own'} px, whole processes, "
+          f"median of {args.rounds} rounds")  # fmt: skip
+    print(rounds.table())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ each image's own pixels through the model's resize and padding (:func:`to_image`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from cam_cli.errors import ModelError
 from cam_cli.methods.base import Capture, Method, TargetLayer, to_feature_map
+from cam_cli.methods.box_gradients import sparse_box_gradients
 from cam_cli.probe.capture import ActivationCapture
 
 #: methods whose maps are a function of the activation and the gradient of one score
@@ -188,7 +190,8 @@ class DetectionExplainer:
         grad = any(m.needs_gradient for m in methods)
         mode = torch.enable_grad() if grad else torch.inference_mode()
         transform = self.module.get_submodule("transform")
-        with mode, ActivationCapture(self.module, self.target, grad) as hooked, _Sizes(transform) as sz:
+        sparse = sparse_box_gradients(self.module, self.target.name) if grad else contextlib.nullcontext()
+        with mode, sparse, ActivationCapture(self.module, self.target, grad) as hooked, _Sizes(transform) as sz:
             outputs = self.module(images)
             leaf = hooked.activation
             if leaf is None:

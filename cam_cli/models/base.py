@@ -67,7 +67,7 @@ class Classifier:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The targets ``(N, T)`` of batch ``x``: a classifier's logits, or what its readout reads."""
         assert self.readout is not None
-        return self.readout(self.module(x))
+        return self.readout.read(self.module, x)
 
     def class_name(self, index: int) -> str | None:
         if self.categories is not None and 0 <= index < len(self.categories):

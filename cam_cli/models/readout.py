@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from cam_cli.models.base import extract_logits
 
@@ -43,6 +44,10 @@ class Readout:
     def __call__(self, output: Any) -> torch.Tensor:
         """The targets ``(N, T)`` of the model's output for a batch."""
         return extract_logits(output, self.output_key)
+
+    def read(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The targets of ``module``'s pass over batch ``x`` (a readout may watch the pass)."""
+        return self(module(x))
 
     @contextlib.contextmanager
     def pinned(self, rows: torch.Tensor | None = None) -> Iterator[None]:

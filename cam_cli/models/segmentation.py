@@ -55,6 +55,36 @@ class Regions:
     probabilities: torch.Tensor | None = None
 
 
+class _UpsampledRegionSums(torch.autograd.Function):
+    """The region sums ``(N, C)`` of ``out``, the bilinear upsample (``align_corners`` False) of
+    the logits ``low`` ``(N, C, h, w)``, differentiated with respect to ``low``.
+
+    Autograd would scatter each explained class's gradient over an ``(N, C, H, W)`` tensor and
+    run the upsample's backward over every class; the sum over a fixed mask is linear in the
+    upsampled logits, so only the (image, class) pairs with a non-zero gradient need the
+    upsample's backward, each on its one mask. The same arithmetic for those pairs, zeros
+    for the rest (as autograd's)."""
+
+    @staticmethod
+    def forward(ctx: Any, low: torch.Tensor, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(labels)
+        ctx.low_shape, ctx.low_dtype = low.shape, low.dtype
+        return RegionReadout._region_sums(out, labels)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (labels,) = ctx.saved_tensors
+        grad_low = grad.new_zeros(ctx.low_shape, dtype=ctx.low_dtype)
+        images, classes = grad.nonzero(as_tuple=True)
+        if len(images):
+            masks = (labels[images] == classes.view(-1, 1, 1)).to(grad.dtype) * grad[images, classes].view(-1, 1, 1)
+            h, w = ctx.low_shape[-2:]
+            back = torch.ops.aten.upsample_bilinear2d_backward(masks[:, None], list(labels.shape[-2:]),
+                                                               [len(images), 1, h, w], False)  # fmt: skip
+            grad_low[images, classes] = back[:, 0].to(grad_low.dtype)
+        return grad_low, None, None
+
+
 class RegionReadout(Readout):
     """Targets ``(N, C)``: per class, the sum of its logits over the pixels assigned to it."""
 
@@ -71,9 +101,19 @@ class RegionReadout(Readout):
         self._pin: torch.Tensor | None = None  # (M, H, W) the masks the next passes read
 
     def __call__(self, output: Any) -> torch.Tensor:
+        out = self._out(output)
+        return self._region_sums(out, self._fix(out))
+
+    @staticmethod
+    def _out(output: Any) -> torch.Tensor:
         out = output["out"] if isinstance(output, dict) else output
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             raise ModelError("a segmentation model must return (N, C, H, W) logits, or a dict with them as 'out'")
+        return out
+
+    def _fix(self, out: torch.Tensor) -> torch.Tensor:
+        """The masks this pass reads ``(N, H, W)``: the argmax of ``out``, or the pinned ones;
+        records the classes' pixel counts and mean probabilities over them."""
         n, classes = out.shape[:2]
         with torch.no_grad():
             detached = out.detach().float()
@@ -81,10 +121,36 @@ class RegionReadout(Readout):
             if labels.shape[0] != n or labels.shape[1:] != out.shape[2:]:
                 raise ModelError("a pinned segmentation pass got a batch that does not match its masks")
             counts = self._counts(labels, classes)
-            self.probabilities = self._region_sums(detached.softmax(dim=1), labels) / counts.clamp(min=1)
+            self.probabilities = self._own_probabilities(detached, labels) / counts.clamp(min=1)
             if self._pin is None:
                 self.regions = Regions(labels, counts, self.probabilities)
-        return self._region_sums(out, labels)
+        return labels
+
+    def read(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """With gradients on, a torchvision segmentation model's final bilinear upsample runs
+        outside the graph: the targets are differentiated from the head's low-resolution
+        logits through :class:`_UpsampledRegionSums` (the same gradient, for the explained
+        classes only). Otherwise as ``self(module(x))``."""
+        head = getattr(module, "classifier", None)
+        if not torch.is_grad_enabled() or not is_segmentation_model(module) or not isinstance(head, nn.Module):
+            return self(module(x))
+        found: list[torch.Tensor] = []
+
+        def keep(_: nn.Module, __: Any, low: Any) -> Any:
+            if isinstance(low, torch.Tensor) and low.requires_grad and not found:
+                found.append(low)
+                return low.detach()
+            return None
+
+        handle = head.register_forward_hook(keep)
+        try:
+            output = module(x)
+        finally:
+            handle.remove()
+        out = self._out(output)
+        if len(found) == 1 and not out.requires_grad and found[0].shape[:2] == out.shape[:2]:
+            return _UpsampledRegionSums.apply(found[0], out, self._fix(out))
+        return self(module(x) if found else output)  # not the layout assumed: through autograd alone
 
     @staticmethod
     def _region_sums(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,6 +158,18 @@ class RegionReadout(Readout):
         index = labels.flatten(1).unsqueeze(1)  # (N, 1, P)
         own = out.flatten(2).gather(1, index).squeeze(1)  # (N, P): each pixel's logit of its own class
         return torch.zeros(out.shape[:2], dtype=own.dtype, device=own.device).scatter_add(1, index.squeeze(1), own)
+
+    @staticmethod
+    def _own_probabilities(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(N, C)``: per class, the sum of its softmax probability over the pixels where
+        ``labels`` is that class. Each pixel needs only its own class's probability,
+        ``exp(logit - logsumexp(logits))``: a third of the passes over the full-resolution
+        logits that a whole softmax takes (the same value up to float rounding)."""
+        index = labels.flatten(1).unsqueeze(1)  # (N, 1, P)
+        own = out.flatten(2).gather(1, index).squeeze(1)  # (N, P)
+        probability = (own - torch.logsumexp(out, dim=1).flatten(1)).exp_()
+        return torch.zeros(out.shape[:2], dtype=own.dtype, device=own.device).scatter_add(1, index.squeeze(1),
+                                                                                        probability)  # fmt: skip
 
     @staticmethod
     def _counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
