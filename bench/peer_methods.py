@@ -195,6 +195,11 @@ def peer_child(args: argparse.Namespace) -> dict:
     return {"images": len(images), "seconds": time.perf_counter() - started}
 
 
+def _load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes (other jobs share the cores)."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def run_child(
     side: str, method: str, model: str, args: argparse.Namespace, images: Path, out: Path
 ) -> tuple[float, float] | None:
@@ -245,12 +250,13 @@ def main() -> None:
     models = {"cnn": args.cnn, "small_cnn": args.small_cnn, "vit": args.vit}
     print(f"issue 22's methods against their references: whole processes over {small} and {large} JPEGs of 224x224, "
           f"batch {args.batch_size}, device {args.device}, {os.cpu_count()} CPUs, noise samples "
-          f"{args.noise_samples or 'the defaults'}; overlays + .npy written", flush=True)  # fmt: skip
+          f"{args.noise_samples or 'the defaults'}; overlays + .npy written; load average {_load()}",
+          flush=True)  # fmt: skip
     print()
     print(f"| method | model | reference | camx s/image | reference s/image | camx's speed-up | "
           f"camx {small}/{large} (s) | reference {small}/{large} (s) | in-loop speed-up | "
-          "maps max abs diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "maps max abs diff | load average |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
         folders = {large: Path(tmp) / f"images-{large}", small: Path(tmp) / f"images-{small}"}
         generate_square_images(folders[large], large, 224)
@@ -280,7 +286,7 @@ def main() -> None:
             diff = f"{worst:.1e} ({count})" if count else "n/a"
             print(f"| {method} | {model} | {library} | {per['camx']:.2f} | {per['peer']:.2f} | {speedup} | "
                   f"{walls['camx'][small]:.1f}/{walls['camx'][large]:.1f} | "
-                  f"{walls['peer'][small]:.1f}/{walls['peer'][large]:.1f} | {loop_speedup} | {diff} |",
+                  f"{walls['peer'][small]:.1f}/{walls['peer'][large]:.1f} | {loop_speedup} | {diff} | {_load()} |",
                   flush=True)  # fmt: skip
 
 
