@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,10 @@ ORDER = [
     "dff",
 ]
 REFINE_LAYERS = "layer3,layer4"
+#: methods whose maps follow each ReLU's on/off pattern (guided backpropagation): float rounding that
+#: flips one unit moves them, so camx's channels-last kernels (its default on the CPU) alone move them
+#: by ~5e-3 from the reference's default-format maps; compared again with camx in the default format
+DISCONTINUOUS = ("guided-backprop", "guided-gradcam")
 
 
 def camx_child(args: argparse.Namespace) -> dict:
@@ -195,24 +200,44 @@ def peer_child(args: argparse.Namespace) -> dict:
     return {"images": len(images), "seconds": time.perf_counter() - started}
 
 
+def like_for_like(method: str, model: str, args: argparse.Namespace, images: Path, tmp: Path) -> str:
+    """camx run again (untimed) over ``images`` in the reference's memory format
+    (``CAMX_CHANNELS_LAST=0``), its maps against the reference's of the same images."""
+    out = tmp / f"camx-{method}-default-format"
+    if run_child("camx", method, model, args, images, out, {"CAMX_CHANNELS_LAST": "0"}) is None:
+        return "default format: failed"
+    worst, count = compare_maps(out, tmp / f"peer-{method}-{len(list(images.iterdir()))}", method)
+    return f"{worst:.1e} ({count}) in the default format" if count else "default format: n/a"
+
+
+def _load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes (other jobs share the cores)."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def run_child(
-    side: str, method: str, model: str, args: argparse.Namespace, images: Path, out: Path
-) -> tuple[float, float] | None:
-    """One whole process: its wall time and the seconds of its own loop over the images, or None."""
+    side: str, method: str, model: str, args: argparse.Namespace, images: Path, out: Path, env: dict | None = None
+) -> tuple[float, float, float] | None:
+    """One whole process: its wall time, the seconds of its own loop over the images and the CPU
+    seconds it used (user and system, its threads and children), or None.
+    ``env``: variables set for it on top of this process's."""
     command = [sys.executable, __file__, "--child", side, "--method", method, "--model", model, "--dir", str(images),
                "--out", str(out), "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
     if args.noise_samples is not None:
         command += ["--noise-samples", str(args.noise_samples)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True)
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if run.returncode != 0 or "RESULT " not in run.stdout:
-        print(f"  {side} {method}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
+        print(f"  {side} {method}: failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
     result = json.loads(run.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    return wall, float(result["seconds"])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, float(result["seconds"]), cpu
 
 
 def main() -> None:
@@ -245,12 +270,13 @@ def main() -> None:
     models = {"cnn": args.cnn, "small_cnn": args.small_cnn, "vit": args.vit}
     print(f"issue 22's methods against their references: whole processes over {small} and {large} JPEGs of 224x224, "
           f"batch {args.batch_size}, device {args.device}, {os.cpu_count()} CPUs, noise samples "
-          f"{args.noise_samples or 'the defaults'}; overlays + .npy written", flush=True)  # fmt: skip
+          f"{args.noise_samples or 'the defaults'}; overlays + .npy written; load average {_load()}",
+          flush=True)  # fmt: skip
     print()
     print(f"| method | model | reference | camx s/image | reference s/image | camx's speed-up | "
           f"camx {small}/{large} (s) | reference {small}/{large} (s) | in-loop speed-up | "
-          "maps max abs diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "camx CPU s/image | reference CPU s/image | CPU speed-up | maps max abs diff | load average |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="camx-bench-") as tmp:
         folders = {large: Path(tmp) / f"images-{large}", small: Path(tmp) / f"images-{small}"}
         generate_square_images(folders[large], large, 224)
@@ -262,25 +288,32 @@ def main() -> None:
             model = models[flag]
             walls: dict[str, dict[int, float]] = {}
             loops: dict[str, dict[int, float]] = {}
+            cpus: dict[str, dict[int, float]] = {}
             for side in ("camx", "peer"):
                 for count in (small, large):
                     out = Path(tmp) / f"{side}-{method}-{count}"
                     timed = run_child(side, method, model, args, folders[count], out)
                     if timed is None:
                         break
-                    walls.setdefault(side, {})[count], loops.setdefault(side, {})[count] = timed
+                    walls.setdefault(side, {})[count], loops.setdefault(side, {})[count] = timed[:2]
+                    cpus.setdefault(side, {})[count] = timed[2]
             if len(walls.get("camx", {})) < 2 or len(walls.get("peer", {})) < 2:
                 continue
             per = {side: (w[large] - w[small]) / (large - small) for side, w in walls.items()}
             loop = {side: (w[large] - w[small]) / (large - small) for side, w in loops.items()}
+            cpu = {side: (w[large] - w[small]) / (large - small) for side, w in cpus.items()}
+            cpu_speedup = f"{cpu['peer'] / cpu['camx']:.1f}x" if cpu["camx"] > 0 else "n/a"
             speedup = f"{per['peer'] / per['camx']:.1f}x" if per["camx"] > 0 else "n/a"
             loop_speedup = f"{loop['peer'] / loop['camx']:.1f}x" if loop["camx"] > 0 else "n/a"
             mine, theirs = Path(tmp) / f"camx-{method}-{large}", Path(tmp) / f"peer-{method}-{large}"
             worst, count = compare_maps(mine, theirs, method)
             diff = f"{worst:.1e} ({count})" if count else "n/a"
+            if method in DISCONTINUOUS:
+                diff += ", " + like_for_like(method, model, args, folders[small], Path(tmp))
             print(f"| {method} | {model} | {library} | {per['camx']:.2f} | {per['peer']:.2f} | {speedup} | "
                   f"{walls['camx'][small]:.1f}/{walls['camx'][large]:.1f} | "
-                  f"{walls['peer'][small]:.1f}/{walls['peer'][large]:.1f} | {loop_speedup} | {diff} |",
+                  f"{walls['peer'][small]:.1f}/{walls['peer'][large]:.1f} | {loop_speedup} | {cpu['camx']:.2f} | "
+                  f"{cpu['peer']:.2f} | {cpu_speedup} | {diff} | {_load()} |",
                   flush=True)  # fmt: skip
 
 

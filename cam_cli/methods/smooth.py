@@ -23,12 +23,21 @@ batch an image falls in nor on the batch size (CPU and CUDA draw different numbe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from cam_cli.errors import ModelError
-from cam_cli.methods.base import ActivationCapture, Capture, Method, MethodOptions, Setup, to_feature_map
+from cam_cli.methods.base import (
+    ActivationCapture,
+    Capture,
+    Method,
+    MethodOptions,
+    Setup,
+    TargetLayer,
+    to_feature_map,
+)
 from cam_cli.methods.gradient import plus_plus_weights
 from cam_cli.methods.perturbation import (
     ScoreCAM,
@@ -86,6 +95,9 @@ class SmoothGradCAMPlusPlus(Method):
         super().__init__(options)
         self.samples = self.options.noise_samples or self.samples_default
         self.std = self.std_default if self.options.noise_std is None else float(self.options.noise_std)
+        #: the copies of each image that run: ``samples``, or 1 (the plain input) where the
+        #: gradient at the layers does not depend on the input (:func:`constant_gradient`)
+        self.copies = self.samples
         self._noise: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def settings(self) -> dict[str, Any]:
@@ -102,6 +114,9 @@ class SmoothGradCAMPlusPlus(Method):
                 f"the model's backward pass does not reach layer {setup.target.label}, so there is no gradient "
                 "to follow; choose another --layer"
             )
+        targets = list(setup.targets or (setup.target,))
+        self.copies = 1 if self.std > 0 and constant_gradient(setup, targets) else self.samples
+        self.passes_per_image = self.copies
 
     def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The ``N`` noise images ``(N, C, S, S)`` float32, sample ``s`` drawn from its own seed."""
@@ -117,57 +132,116 @@ class SmoothGradCAMPlusPlus(Method):
         return self._noise[key]
 
     def maps(self, capture: Capture) -> torch.Tensor:
-        m1, m2, m3 = self.mean_derivatives(capture)
-        capture._cache[(self.name, "derivatives")] = (m1, m2, m3)
+        key = (self.name, "derivatives")
+        if key not in capture._cache:  # several --layer: every layer's from the same noisy passes
+            group = capture.group or [capture]
+            for member, derivatives in zip(group, self.mean_derivatives(group), strict=True):
+                member._cache[key] = derivatives
         return super().maps(capture)
 
     def weights(self, capture: Capture, r: int) -> torch.Tensor:
         m1, m2, m3 = capture._cache[(self.name, "derivatives")]
         return plus_plus_weights(m1[:, r], m2[:, r], m3[:, r], capture.features)
 
-    def mean_derivatives(self, capture: Capture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The means over the noisy copies of ``g``, ``g^2`` and ``g^3``, each ``(N, R, K, h, w)``
-        float32; the ``N_images * samples`` copies run in chunks of ``batch_size``."""
-        assert capture.x is not None and capture.forward is not None
-        x, classes, target = capture.x, capture.classes, capture.target
-        n, ranks = classes.shape
-        samples = self.samples
-        device = capture.features.device
-        noise = self.noise(tuple(x.shape[1:]), x.device)
-        layout = _memory_format(x)
-        step = max(1, int(capture.batch_size))
-        with torch.inference_mode(False), torch.enable_grad(), ActivationCapture(self.module, target, True) as hooked:
-            sums = torch.zeros((3, n, ranks, *capture.features.shape[1:]), device=device, dtype=accumulator(device))
-            for start in range(0, n * samples, step):
-                end = min(start + step, n * samples)
-                rows = torch.arange(start, end)
-                image, sample = rows.div(samples, rounding_mode="floor"), rows.remainder(samples)
-                noisy = x.index_select(0, image.to(x.device)).float() + noise.index_select(0, sample.to(x.device))
-                batch = noisy.to(x.dtype).contiguous(memory_format=layout)
-                with capture.pinned(image):  # a segmentation target keeps the original image's mask
-                    out = capture.forward(batch)
-                activation = hooked.activation
-                if activation is None:
-                    hooked.feature_map()  # raises: the layer was not reached
-                assert activation is not None
-                if not out.requires_grad:
-                    raise ModelError(
-                        f"the model's output does not depend on layer {target.label}; choose another --layer"
-                    )
+    def mean_derivatives(self, group: list[Capture]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per hooked layer, the means over the noisy copies of ``g``, ``g^2`` and ``g^3``, each
+        ``(N, R, K, h, w)`` float32. The ``N_images * samples`` copies (image-major) run in
+        chunks of ``batch_size``, each one forward pass and one backward pass per rank, which
+        starts at the hooked layers (their outputs are the leaves, the parameters are frozen)."""
+        first = group[0]
+        assert first.x is not None and first.forward is not None
+        n, ranks = first.classes.shape
+        step = max(1, int(first.batch_size))
+        with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as stack:
+            sums = [torch.zeros((3, n, ranks, *c.features.shape[1:]), device=c.features.device,
+                                dtype=accumulator(c.features.device)) for c in group]  # fmt: skip
+            hooks = [stack.enter_context(ActivationCapture(self.module, c.target, True, len(group) > 1)) for c in group]
+            for start in range(0, n * self.copies, step):
+                end = min(start + step, n * self.copies)
+                batch, image = self.noisy_copies(first, start, end)
+                with first.pinned(image):  # a segmentation target keeps the original image's mask
+                    out = first.forward(batch)
+                leaves = [self.leaf(hooked, out) for hooked in hooks]
                 logits = out.float()
-                chosen = classes.index_select(0, image.to(classes.device)).to(logits.device)
+                chosen = first.classes.index_select(0, image.to(first.classes.device)).to(logits.device)
                 for r in range(ranks):
                     score = logits.gather(1, chosen[:, r : r + 1]).sum()
-                    (grad,) = torch.autograd.grad(score, activation, retain_graph=r < ranks - 1)
-                    g = to_feature_map(grad.detach(), target).float().to(device)
-                    g2 = g * g
-                    where = image.to(device)
-                    for p, power in enumerate((g, g2, g2 * g)):
-                        sums[p, :, r].index_add_(0, where, power.to(sums.dtype))
-                del out, logits, activation
-                tick(capture, end - start)
-        means = (sums / samples).float()
-        return means[0], means[1], means[2]
+                    grads = torch.autograd.grad(score, leaves, retain_graph=r < ranks - 1)
+                    for total, grad, hooked in zip(sums, grads, hooks, strict=True):
+                        add_powers(total[:, :, r], to_feature_map(grad.detach(), hooked.target), image)
+                del out, logits, leaves
+                tick(first, end - start)
+        return [tuple((total / self.copies).float().unbind(0)) for total in sums]  # type: ignore[misc]
+
+    def noisy_copies(self, capture: Capture, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start:end`` of the (image, sample) copies: ``x[image] + noise[sample]`` in the
+        input's dtype and memory format, and the image index of each row ``(B,)``."""
+        x = capture.x
+        assert x is not None
+        rows = torch.arange(start, end)
+        image, sample = rows.div(self.copies, rounding_mode="floor"), rows.remainder(self.copies)
+        copies = x.index_select(0, image.to(x.device)).float()
+        if self.copies == self.samples:  # else the plain input: the noise would not change the gradient
+            copies.add_(self.noise(tuple(x.shape[1:]), x.device).index_select(0, sample.to(x.device)))
+        return copies.to(x.dtype).contiguous(memory_format=_memory_format(x)), image
+
+    @staticmethod
+    def leaf(hooked: ActivationCapture, out: torch.Tensor) -> torch.Tensor:
+        """The hooked layer's output of the pass just run, the leaf its backward ends at."""
+        if hooked.activation is None:
+            hooked.feature_map()  # raises: the layer was not reached
+        assert hooked.activation is not None
+        if not out.requires_grad:
+            raise ModelError(
+                f"the model's output does not depend on layer {hooked.target.label}; choose another --layer"
+            )
+        return hooked.activation
+
+
+def constant_gradient(setup: Setup, targets: list[TargetLayer]) -> bool:
+    """Whether the gradient of the outputs at the ``targets`` is the same for every input, so
+    that noisy copies cannot change it: the layers after them are affine in them (global
+    average pooling and linear layers, as after ResNet's ``layer4``). Both of: the backward
+    pass from the outputs to the layers uses nothing that depends on them (the gradient does
+    not itself require grad), and the probe's input and a noisy copy of it give the same
+    gradient bit for bit. Any failure: False (every copy runs)."""
+    probe_input = getattr(setup.probe, "input", None)
+    if probe_input is None:
+        return False
+    x = probe_input.to(setup.device)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+    try:
+        plain, noisy = _output_gradients(setup, targets, x), _output_gradients(setup, targets, x + noise)
+    except Exception:  # the layer not reached, a model without a second derivative: no shortcut
+        return False
+    if plain is None or noisy is None:
+        return False
+    return all(torch.equal(a, b) for a, b in zip(plain, noisy, strict=True))
+
+
+def _output_gradients(setup: Setup, targets: list[TargetLayer], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``d sum(outputs) / d A`` at each target for the input ``x``; None where it depends on ``A``
+    through the graph (it requires grad) or the outputs are not ``(N, C)`` scores of the layers."""
+    with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as stack:
+        hooks = [stack.enter_context(ActivationCapture(setup.module, t, True, len(targets) > 1)) for t in targets]
+        out = setup.forward(x)
+        leaves = [hooked.activation for hooked in hooks]
+        if out.dim() != 2 or not out.requires_grad or any(leaf is None for leaf in leaves):
+            return None
+        grads = torch.autograd.grad(out.float().sum(), leaves, create_graph=True)  # type: ignore[arg-type]
+    if any(g.requires_grad for g in grads):
+        return None
+    return [g.detach() for g in grads]
+
+
+def add_powers(total: torch.Tensor, g: torch.Tensor, image: torch.Tensor) -> None:
+    """``total`` ``(3, N, K, h, w)`` += ``g``, ``g^2``, ``g^3`` of each row ``(B, K, h, w)``
+    at its image's index (powers in float32, summed in ``total``'s dtype)."""
+    g = g.float().to(total.device)
+    g2 = g * g
+    where = image.to(total.device)
+    for p, power in enumerate((g, g2, g2 * g)):
+        total[p].index_add_(0, where, power.to(total.dtype))
 
 
 class SSCAM(ScoreCAM):
@@ -197,6 +271,10 @@ class SSCAM(ScoreCAM):
             _normal_(noise[row], self.std, generator)
         return masks.add_(noise)
 
+    def prepare(self, setup: Setup) -> None:
+        super().prepare(setup)
+        self.passes_per_image *= self.samples
+
     def scores(self, capture: Capture) -> torch.Tensor:
         return sampled_scores(capture, self.samples, self.perturb)
 
@@ -223,6 +301,10 @@ class ISCAM(ScoreCAM):
     def perturb(self, masks: torch.Tensor, sample: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor([self.coefficients[s] for s in sample.tolist()], dtype=masks.dtype, device=masks.device)
         return masks.mul_(scale.view(-1, 1, 1, 1))
+
+    def prepare(self, setup: Setup) -> None:
+        super().prepare(setup)
+        self.passes_per_image *= self.samples
 
     def scores(self, capture: Capture) -> torch.Tensor:
         return sampled_scores(capture, self.samples, self.perturb, torchcam_masks)
