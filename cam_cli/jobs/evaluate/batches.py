@@ -31,6 +31,9 @@ from cam_cli.metrics.regions import region_values
 #: a rebuilt model whose probability differs from the manifest's by more than this share of it is reported
 SCORE_TOLERANCE = 0.02
 IMAGES_PER_LOAD = 4
+#: images per load at most when the methods explain again (MPRT's explains are batches of a load's
+#: images, up to --batch-size; the trained bottom it keeps grows with them)
+REEXPLAINED_PER_LOAD = 16
 
 #: takes finished lines and the forward passes they took
 Emit = Callable[[list[dict[str, Any]], int], None]
@@ -55,7 +58,8 @@ class Scoring:
     result: EvaluateResult
     #: the ``--masks-from`` regions by key; None: the region metrics fill in the boxes
     masks: dict[str, list[Region]] | None = None
-    #: the randomisation metrics asked for, and their scorer per setup (by ``id``)
+    #: the randomisation metrics asked for, and the re-explainer of each setup (by ``id``:
+    #: a ``RandomisationScorer`` when randomising, for ARCC too)
     randomising: list[str] = field(default_factory=list)
     scorers: dict[int, Any] = field(default_factory=dict)
 
@@ -86,13 +90,18 @@ class SetupPass:
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
         self.mismatched = 0
-        self.randomiser = scoring.scorers.get(id(setup))
+        self.reexplainer = scoring.scorers.get(id(setup))
+        # the re-explainer's passes and batches before this pass (it counts from its making)
+        self.reexplained = (self.reexplainer.passes, self.reexplainer.batches) if self.reexplainer else (0, 0)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Score the pairs, batch after batch, until done or ``stop`` is set."""
         dataset = self._dataset()
         workers = default_workers() if self.scoring.workers is None else self.scoring.workers
-        for batch in loader(dataset, IMAGES_PER_LOAD, min(workers, len(dataset)), collate):
+        per_load = IMAGES_PER_LOAD
+        if self.reexplainer is not None and self.scoring.randomising:
+            per_load = max(per_load, min(self.scoring.batch_size, REEXPLAINED_PER_LOAD))
+        for batch in loader(dataset, per_load, min(workers, len(dataset)), collate):
             self._score(self._split(dataset, batch))
             if stop is not None and stop.is_set():
                 break
@@ -183,15 +192,16 @@ class SetupPass:
             emit(scored.errors, 0)
         if not scored.pairs:
             return
-        if self.randomiser is not None and any(n in p.todo for p in scored.pairs for n in self.scoring.randomising):
+        todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
+        randomising = any(n in p.todo for p in scored.pairs for n in self.scoring.randomising)
+        if self.reexplainer is not None and randomising:
             assert self.setup.runner is not None
             x = self.setup.runner.normalise(torch.stack(scored.images))
-            self.randomiser.score(scored.pairs, x[torch.tensor(scored.image_of, device=x.device)], scored.local)
-        todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
+            self.reexplainer.score(scored.pairs, x, scored.image_of, scored.local)
         if self.scheduler is None or not todo:
-            emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)
+            emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], self._tally())
             return
-        samples = self._samples(scored)
+        samples = self._samples(scored, "arcc" in todo)
         plans = []
         for entry in dict.fromkeys(METRICS[n].entry for n in todo):
             names = [n for n in todo if METRICS[n].entry == entry]
@@ -199,17 +209,34 @@ class SetupPass:
         self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored))
         self.scheduler.run()
 
-    def _samples(self, scored: Scored) -> Samples:
-        """The pairs' normalised images ``(N, 3, S, S)``, maps ``(N, S, S)`` and classes on the device."""
+    def _samples(self, scored: Scored, remade: bool = False) -> Samples:
+        """The pairs' normalised images ``(N, 3, S, S)``, maps ``(N, S, S)`` and classes on the
+        device; with ``remade``, each map made again from its image multiplied by it (ARCC)."""
         assert self.setup.runner is not None
         device = self.scoring.device
         x = self.setup.runner.normalise(torch.stack(scored.images))
-        return Samples(
+        samples = Samples(
             x[torch.tensor(scored.image_of, device=device)],
             torch.stack(scored.maps).to(device),
             torch.tensor([int(p.record["class_index"]) for p in scored.pairs], device=device),
             [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
         )
+        if remade:
+            assert self.reexplainer is not None
+            samples.remaps = self.reexplainer.remade(scored.pairs, samples.images, samples.maps)
+        return samples
+
+    def _tally(self) -> int:
+        """The run's forward passes and batches brought up to date (the scheduler's and the
+        re-explainer's); the passes since the last call."""
+        passes, batches = (self.scheduler.passes, self.scheduler.batches) if self.scheduler else (0, 0)
+        if self.reexplainer is not None:
+            passes += self.reexplainer.passes - self.reexplained[0]
+            batches += self.reexplainer.batches - self.reexplained[1]
+        self.scoring.result.passes = self.counted[0] + passes
+        self.scoring.result.batches = self.counted[1] + batches
+        new, self.passes_before = passes - self.passes_before, passes
+        return new
 
     def _finished(self, scored: Scored) -> Callable[[dict[str, torch.Tensor]], None]:
         """What the scheduler calls with the values of ``scored``'s pairs: their lines emitted."""
@@ -225,11 +252,7 @@ class SetupPass:
                 if isinstance(recorded, (int, float)) and abs(score - recorded) > SCORE_TOLERANCE * recorded + 1e-4:
                     self.mismatched += 1
                 lines.append(self.scoring.lines.line(pair, row, None, score))
-            assert self.scheduler is not None
-            passes, self.passes_before = self.scheduler.passes - self.passes_before, self.scheduler.passes
-            self.scoring.result.passes = self.counted[0] + self.scheduler.passes
-            self.scoring.result.batches = self.counted[1] + self.scheduler.batches
-            self.scoring.emit(lines, passes)
+            self.scoring.emit(lines, self._tally())
 
         return done
 
