@@ -4,8 +4,8 @@ At each depth MPRT explains the same images again with only some blocks randomis
 what the forward pass computes before the first randomised block starts is what the
 trained model computed. :class:`BlockCache` keeps each block's output from a trained
 pass over an input and, when the same input comes back, gives those outputs back
-instead of running the blocks again (a clone of each, so that an in-place operation of
-the model cannot change what is kept).
+instead of running the blocks again (the kept tensor itself: one that the model then
+changes in place is dropped after that pass, and its block runs again from then on).
 
 A block is given back only when that is exactly what it would compute and nothing needs
 it run: it is not randomised, it ran once in the trained pass and returned a tensor, it
@@ -40,6 +40,8 @@ class _Trained:
     starts: dict[int, int] = field(default_factory=dict)
     ends: dict[int, int] = field(default_factory=dict)
     calls: dict[int, int] = field(default_factory=dict)
+    #: each kept output's version counter (an in-place change moves it)
+    versions: dict[int, int] = field(default_factory=dict)
     #: the blocks something watched in that pass (what they gave may not be what they compute)
     watched: set[int] = field(default_factory=set)
 
@@ -67,7 +69,7 @@ class BlockCache:
         self.expected: list[torch.Tensor] = []
         self.handles: list[Any] = []
         self.passing: list[Any] = []
-        self.standing: list[nn.Module] = []
+        self.standing: list[tuple[nn.Module, _Trained, int]] = []
         self.clock = 0
         #: block passes given back instead of run
         self.skipped = 0
@@ -107,8 +109,10 @@ class BlockCache:
             self._record(x)
 
     def _after(self, *_: object) -> None:
-        for block in self.standing:
+        for block, trained, j in self.standing:
             del block.forward
+            if trained.outputs[j]._version != trained.versions[j]:  # changed in place: no longer kept
+                del trained.outputs[j]
         for handle in self.passing:
             handle.remove()
         self.standing, self.passing = [], []
@@ -148,6 +152,7 @@ class BlockCache:
             trained.ends[j] = self.clock
             if j in self.is_block and isinstance(output, torch.Tensor):
                 trained.outputs[j] = output.detach().clone()  # the model may change it in place later
+                trained.versions[j] = trained.outputs[j]._version
 
         return hook
 
@@ -165,7 +170,7 @@ class BlockCache:
             if all(self._clear(i, end, w, trained) for w in watched):
                 block, kept = self.modules[j], trained.outputs[j]
                 block.forward = lambda *_, kept=kept, **__: self._given(kept)  # type: ignore[method-assign]
-                self.standing.append(block)
+                self.standing.append((block, trained, j))
 
     def _clear(self, i: int, end: float, w: int, trained: _Trained) -> bool:
         """Whether the watched module ``w`` lets block ``i`` (finished at ``end``) be skipped."""
@@ -178,7 +183,7 @@ class BlockCache:
 
     def _given(self, kept: torch.Tensor) -> torch.Tensor:
         self.skipped += 1
-        return kept.clone()
+        return kept
 
 
 def _ids(module: nn.Module) -> set[int]:
@@ -189,7 +194,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal tensors (a few values compared first: most inputs differ at once)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    return torch.equal(a.flatten()[:64], b.flatten()[:64]) and torch.equal(a, b)
+    first = (0,) * (a.dim() - 1)  # a view of the first row: no copy
+    return torch.equal(a[first], b[first]) and torch.equal(a, b)
 
 
 def _slice_of(x: torch.Tensor, whole: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ from cam_cli.jobs.evaluate.reexplain import Recipe, Reexplainer
 from cam_cli.jobs.evaluate.setups import ModelSetup
 from cam_cli.metrics import METRICS, MetricOptions
 from cam_cli.metrics.blockcache import BlockCache
-from cam_cli.metrics.randomisation import Randomiser, final, other_class, spearman, ssim
+from cam_cli.metrics.randomisation import Against, Randomiser, final, other_class, ssim
 
 NAMES = ("mprt", "random-logit")
 #: the side of the maps kept for the report's strip
@@ -96,13 +96,14 @@ class RandomisationScorer(Reexplainer):
         rho = np.zeros((len(pairs), depths))
         structural = np.zeros((len(pairs), depths))
         strip = self._strip_rows(pairs)
+        trained = Against(original)  # its ranks and window means, once for every depth
         frames = [[_small(original[j])] for j in strip]
         try:
             for depth in range(1, depths + 1):
                 self.randomiser.set_depth(depth)
                 randomised = self.own_maps(recipe, methods, images, image_of, classes)
-                rho[:, depth - 1] = spearman(original, randomised)
-                structural[:, depth - 1] = ssim(original, randomised)
+                rho[:, depth - 1] = trained.spearman(randomised)
+                structural[:, depth - 1] = trained.ssim(randomised)
                 for frame, j in zip(frames, strip, strict=True):
                     frame.append(_small(randomised[j]))
         finally:
