@@ -111,7 +111,7 @@ class BlockCache:
     def _after(self, *_: object) -> None:
         for block, trained, j in self.standing:
             del block.forward
-            if trained.outputs[j]._version != trained.versions[j]:  # changed in place: no longer kept
+            if _version(trained.outputs[j]) != trained.versions[j]:  # changed in place: no longer kept
                 del trained.outputs[j]
         for handle in self.passing:
             handle.remove()
@@ -152,7 +152,7 @@ class BlockCache:
             trained.ends[j] = self.clock
             if j in self.is_block and isinstance(output, torch.Tensor):
                 trained.outputs[j] = output.detach().clone()  # the model may change it in place later
-                trained.versions[j] = trained.outputs[j]._version
+                trained.versions[j] = _version(trained.outputs[j])
 
         return hook
 
@@ -183,11 +183,15 @@ class BlockCache:
 
     def _given(self, kept: torch.Tensor) -> torch.Tensor:
         self.skipped += 1
-        return kept
+        return kept.clone() if kept.is_inference() else kept  # an inference tensor has no version to watch
 
 
 def _ids(module: nn.Module) -> set[int]:
     return {id(m) for m in module.modules()}
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else int(t._version)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
