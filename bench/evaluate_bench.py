@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -84,12 +85,22 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def timed(command: list[str]) -> tuple[float, str]:
+    seconds, _, stdout = timed_cpu(command)
+    return seconds, stdout
+
+
+def timed_cpu(command: list[str], cwd: Path = ROOT) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system, the child and the processes it waited for:
+    a shared machine's load moves them less than the wall clock) and stdout of ``command``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(command[:4])}...\n{done.stderr.strip()[-2000:]}")
-    return seconds, done.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, done.stdout
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ as a whole process (interpreter start, imports, model build, decoding and all):
 * floor: exactly as many forward passes as camx reported, in batches of the same
   size (``bench/evaluate_bench.py``'s floor).
 
-Prints seconds, forward passes and the ratios Quantus / camx (goal: at least 5 for
-pixel-flipping and irof) and camx / floor in passes per second (goal: at least 0.9).
+Prints wall seconds (and CPU seconds, user + system of the process and its workers: a
+shared machine's load moves them less), forward passes and the ratios Quantus / camx
+(goal: at least 5 for pixel-flipping and irof), in wall and CPU seconds, and camx / floor
+in passes per second (goal: at least 0.9).
 Not a test: nothing asserts a timing, and on a shared machine the figures are noisy.
 
     python bench/faithfulness_bench.py --model resnet18 --images 4 --input-size 192
@@ -29,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from evaluate_bench import FLOOR, timed, write_images
+from evaluate_bench import FLOOR, timed, timed_cpu, write_images
 
 QUANTUS = """
 import json, sys, warnings
@@ -123,8 +125,10 @@ def main() -> None:
             f"faithfulness bench: {args.model} at {args.input_size}, {args.images} images x gradcam, "
             f"batch {args.batch_size}, CPU, whole process, medians of {args.rounds}"
         )
-        print("| metric | camx s | passes | Quantus s | passes | Quantus / camx | floor s | camx / floor |")
-        print("|---|---|---|---|---|---|---|---|")
+        header = ["metric", "camx s (CPU s)", "passes", "Quantus s (CPU s)", "passes", "Quantus / camx"]
+        header += ["Quantus / camx CPU", "floor s", "camx / floor"]
+        print("| " + " | ".join(header) + " |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for metric in args.metrics.split(","):
             row = measure(out, work / "imgs", metric, args)
             print("| " + " | ".join(row) + " |", flush=True)
@@ -134,25 +138,30 @@ def measure(out: Path, images: Path, metric: str, args: argparse.Namespace) -> l
     """One row: camx, Quantus and the floor for ``metric`` (medians over the rounds)."""
     evaluate = [sys.executable, "-m", "cam_cli", "evaluate", str(out), "--metrics", metric, *OPTIONS[metric]]
     evaluate += ["--budget-ok", "--device", "cpu", "-q", "--json", "--batch-size", str(args.batch_size)]
+    quantus = [sys.executable, "-c", QUANTUS, str(out), args.model, metric, str(args.batch_size), json.dumps(SETTINGS)]
     camx, quant, floor = [], [], []
     passes = quantus_passes = 0
     for _ in range(args.rounds):
         for name in ("metrics.jsonl", "metrics-summary.json"):
             (out / name).unlink(missing_ok=True)
-        seconds, stdout = timed(evaluate)
+        seconds, cpu, stdout = timed_cpu(evaluate)
         passes = json.loads(stdout.strip().splitlines()[-1])["forward_passes"]
-        camx.append(seconds)
-        seconds, stdout = timed(
-            [sys.executable, "-c", QUANTUS, str(out), args.model, metric, str(args.batch_size), json.dumps(SETTINGS)]
-        )
+        camx.append((seconds, cpu))
+        seconds, cpu, stdout = timed_cpu(quantus)
         quantus_passes = json.loads(stdout.strip().splitlines()[-1])["passes"]
-        quant.append(seconds)
+        quant.append((seconds, cpu))
         command = [sys.executable, "-c", FLOOR_SIZED, str(images), args.model, "cpu", str(args.batch_size)]
         command += [str(passes), "1", str(args.input_size)]
         floor.append(timed(command)[0])
-    c, q, f = statistics.median(camx), statistics.median(quant), statistics.median(floor)
-    ratios = [f"{q / c:.2f}", f"{f:.1f}", f"{f / c:.2f}"]
-    return [metric, f"{c:.1f}", str(passes), f"{q:.1f}", str(quantus_passes), *ratios]
+    (c, c_cpu), (q, q_cpu) = _medians(camx), _medians(quant)
+    f = statistics.median(floor)
+    ratios = [f"{q / c:.2f}", f"{q_cpu / c_cpu:.2f}", f"{f:.1f}", f"{f / c:.2f}"]
+    return [metric, f"{c:.1f} ({c_cpu:.1f})", str(passes), f"{q:.1f} ({q_cpu:.1f})", str(quantus_passes), *ratios]
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``(wall, cpu)`` rounds."""
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 if __name__ == "__main__":

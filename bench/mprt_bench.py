@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -84,13 +85,16 @@ print(json.dumps({"layers": len(scores) - 1}))
 """
 
 
-def timed(command: list[str], cwd: Path) -> tuple[float, str]:
+def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system of the child and what it waited for) and stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} failed:\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    return seconds, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, done.stdout
 
 
 def main() -> None:
@@ -114,16 +118,20 @@ def main() -> None:
         timed([*explain, "--device", "cpu"], ROOT)
         evaluate = [*python, "evaluate", str(work / "out"), "--metrics", "mprt", "--device", "cpu", "-q", "--json"]
         evaluate += ["--batch-size", str(args.batch_size)]
-        results = {"camx": timed(evaluate, ROOT)[0]}
-        print(f"camx {results['camx']:.1f} s", flush=True)
+        results = {"camx": timed(evaluate, ROOT)[:2]}
+        print(f"camx {results['camx'][0]:.1f} s", flush=True)
         quantus = [sys.executable, "-c", QUANTUS, str(work / "out"), args.model, args.weights]
-        results["quantus-blocks"] = timed([*quantus, "blocks", str(args.batch_size)], ROOT)[0]
+        results["quantus-blocks"] = timed([*quantus, "blocks", str(args.batch_size)], ROOT)[:2]
         if args.quantus_layers:
-            seconds, text = timed([*quantus, "layers", str(args.batch_size)], ROOT)
-            results["quantus-layers"] = seconds
+            seconds, cpu, text = timed([*quantus, "layers", str(args.batch_size)], ROOT)
+            results["quantus-layers"] = (seconds, cpu)
             print("quantus layers:", json.loads(text.strip().splitlines()[-1])["layers"])
-        for name, seconds in results.items():
-            print(f"{name:16s} {seconds:8.1f} s   quantus-blocks / it: {results['quantus-blocks'] / seconds:5.2f}")
+        reference = results["quantus-blocks"]
+        for name, (seconds, cpu) in results.items():
+            print(
+                f"{name:16s} {seconds:8.1f} s {cpu:8.1f} CPU s   quantus-blocks / it: {reference[0] / seconds:5.2f}"
+                f" (CPU {reference[1] / cpu:5.2f})"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -77,6 +77,7 @@ def test_registry_lists_every_metric_and_imports_lazily() -> None:
         "irof",
         "region-perturbation",
         "faithfulness-correlation",
+        "arcc",
         "pointing",
         "iou",
         "sparseness",
@@ -95,7 +96,7 @@ def test_registry_lists_every_metric_and_imports_lazily() -> None:
     assert parse_metrics("all") == [
         n
         for n in METRICS
-        if n not in ("pixel-flipping", "irof", "region-perturbation", "faithfulness-correlation")
+        if n not in ("pixel-flipping", "irof", "region-perturbation", "faithfulness-correlation", "arcc")
         and METRICS[n].family != "randomisation"
     ]
     with pytest.raises(ValueError, match="unknown metric bogus; choose from deletion"):

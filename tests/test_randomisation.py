@@ -240,7 +240,9 @@ def test_mprt_resumes_recomputes_another_order_and_guards_its_budget(wide_factor
     assert payload["skipped"] == 12 and lines_of(out) == first
     code, payload, _ = evaluate_run(out, "--metrics", "mprt,deletion", "--steps", "1", "--budget-ok", "--mprt-order",
                                     "independent")  # fmt: skip
-    assert code == 0 and payload["done"] == 12 and payload["forward_passes"] == 0  # deletion's values still hold
+    # deletion's values still hold: the passes are MPRT's, each of the 6 images explained by both
+    # methods at 4 depths (one pass and Score-CAM's 64 masked passes an image each time)
+    assert code == 0 and payload["done"] == 12 and payload["forward_passes"] == 6 * 4 * (1 + 64)
     again = lines_of(out)[("a.jpg", "gradcam")]
     assert again["mprt_order"] == "independent" and again["deletion_auc"] == line["deletion_auc"]
     assert again["mprt_spearman_curve"][0] == line["mprt_spearman_curve"][0]  # the top block alone: the same model
@@ -260,3 +262,20 @@ def test_mprt_resumes_recomputes_another_order_and_guards_its_budget(wide_factor
     strips = sorted(p.name for p in (out / "report" / "mprt").iterdir())
     assert strips == [f"{i}.d{d:02d}.png" for i in range(2) for d in range(4)]
     assert section.count('<img src="mprt/') == 8
+
+
+def test_batched_ssim_equals_skimage_on_each_pair() -> None:
+    from skimage.metrics import structural_similarity
+
+    from cam_cli.metrics.randomisation import ssim
+
+    rng = np.random.default_rng(1)
+    a = rng.random((4, 23, 31)).astype(np.float32)
+    b = np.clip(a + rng.normal(scale=0.2, size=a.shape), 0, 1).astype(np.float32)
+    b[3] = 0.5  # a flat map
+    reference = [
+        structural_similarity(x.astype(np.float64), y.astype(np.float64), data_range=1.0)
+        for x, y in zip(a, b, strict=True)
+    ]
+    np.testing.assert_allclose(ssim(a, b), reference, rtol=0, atol=1e-12)
+    assert ssim(a[:1], a[:1])[0] == pytest.approx(1.0, abs=1e-12)

@@ -51,7 +51,9 @@ class MetricSpec:
     (the map against boxes), ``region`` (the map against a mask or boxes) or
     ``complexity`` (the map alone); ``settings``: the :class:`MetricOptions` fields
     (and ``boxes``, ``region_source``) its values depend on; ``entry``: ``module:function`` of its plan factory
-    (perturbation metrics; metrics of one entry share one plan).
+    (perturbation metrics; metrics of one entry share one plan); ``reexplains``: its
+    values need the pair's map made again by camx's own method (on the model randomised,
+    for another class, or of the image multiplied by its map), so evaluate re-runs methods.
     """
 
     name: str
@@ -64,6 +66,8 @@ class MetricSpec:
     in_all: bool = True
     #: fields it writes beside its statistics, not summarised (MPRT's per-block curves)
     extra: tuple[str, ...] = ()
+    #: its values need the methods to explain again (see above)
+    reexplains: bool = False
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -158,6 +162,17 @@ METRICS: dict[str, MetricSpec] = {
             in_all=False,
         ),
         MetricSpec(
+            "arcc",
+            "perturbation",
+            (Statistic("arcc", "arcc", "higher", "ARCC"),),
+            ("road_noise", "seed"),
+            "cam_cli.metrics.arcc:make_plan",
+            "pytorch-grad-cam 1.5 ARCC (Poppi 2021)",
+            in_all=False,
+            extra=("arcc_coherency", "arcc_complexity", "arcc_road"),
+            reexplains=True,
+        ),
+        MetricSpec(
             "pointing",
             "localisation",
             (Statistic("pointing_hit", "pointing_pct", "higher", "pointing %", 1, 100.0),),
@@ -212,6 +227,7 @@ METRICS: dict[str, MetricSpec] = {
             reference="Adebayo et al. 2018; Quantus MPRT",
             extra=("mprt_spearman_curve", "mprt_ssim_curve", "mprt_blocks"),
             in_all=False,
+            reexplains=True,
         ),
         MetricSpec(
             "random-logit",
@@ -221,6 +237,7 @@ METRICS: dict[str, MetricSpec] = {
             reference="Sixt et al. 2020; Quantus RandomLogit",
             extra=("random_logit_class",),
             in_all=False,
+            reexplains=True,
         ),
     )
 }

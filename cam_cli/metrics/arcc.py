@@ -14,16 +14,19 @@ mean of three scores in [0, 1], each higher for a better map,
 ``arcc = 3 / (1 / (coherency + 1e-8) + 1 / (1 - complexity + 1e-8) + 1 / (road + 1e-8))``;
 higher is better. (Its docstring calls it a geometric mean; the formula is harmonic.)
 
-Coherency needs the method to explain the masked images again, so ``arcc`` takes an
-``explain`` callable (camx's own method, batched); ROAD's passes go through the
-scheduler as every metric's. Equals pytorch-grad-cam's ``ARCC(base_method)`` to 1e-4
-with a softmax target, its imputer's noise 0 and camx's method as the base method.
-Not a ``camx evaluate`` metric yet: evaluate does not re-run methods.
+Coherency needs the method to explain the masked images again: ``camx evaluate --metrics
+arcc`` re-runs the pair's own method on ``x * map`` (every pair of a batch in the same
+passes) and hands the maps to :class:`ArccPlan` as ``Samples.remaps``; the library
+function :func:`arcc` takes an ``explain`` callable. ROAD's passes go through the
+scheduler as every metric's. A line records ``arcc`` and its parts, ``arcc_coherency``,
+``arcc_complexity`` and ``arcc_road`` (ROADCombined at 20..80, before the clip). Equals
+pytorch-grad-cam's ``ARCC(base_method)`` to 1e-4 with a softmax target, its imputer's
+noise 0 and the same method as the base method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -63,6 +66,35 @@ def combine(coherent: np.ndarray, complex_: np.ndarray, road_combined: np.ndarra
     return np.asarray(3 / (1 / (coherent + EPS) + 1 / ((1 - complex_) + EPS) + 1 / (road + EPS)))
 
 
+class ArccPlan(RoadPlan):
+    """ROAD's MoRF and LeRF inputs at ARCC's percentiles; ``finish`` combines ROADCombined
+    with the coherency of ``samples.remaps`` and the complexity of the maps."""
+
+    def __init__(self, samples: Samples, options: MetricOptions) -> None:
+        if samples.remaps is None:
+            raise ValueError("ARCC needs each map made again from its image multiplied by it (Samples.remaps)")
+        super().__init__(samples, options, ARCC_PERCENTILES)
+
+    def finish(self, scores: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.samples.remaps is not None
+        road = super().finish(scores, base)["road_combined"].double().numpy()
+        maps = self._maps.astype(np.float64)
+        coherent = coherency(maps, self.samples.remaps.detach().double().cpu().numpy())
+        complex_ = complexity(maps)
+        values = {
+            "arcc": combine(coherent, complex_, road),
+            "arcc_coherency": coherent,
+            "arcc_complexity": complex_,
+            "arcc_road": road,
+        }
+        return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)).float() for k, v in values.items()}
+
+
+def make_plan(samples: Samples, names: Collection[str], options: MetricOptions) -> ArccPlan:
+    """The registry's entry for ``arcc`` (``samples.remaps`` made by evaluate's re-explain)."""
+    return ArccPlan(samples, options)
+
+
 def arcc(
     images: torch.Tensor,
     maps: torch.Tensor,
@@ -78,13 +110,8 @@ def arcc(
     ``(N, 3, S, S)`` normalised, their ``maps`` ``(N, S, S)`` in [0, 1] and ``classes`` ``(N,)``;
     ``explain`` is the method that made the maps."""
     remaps = explain(images * maps.unsqueeze(1), classes)
-    samples = Samples(images, maps, classes, list(ids or []))
-    plan = RoadPlan(samples, MetricOptions(road_noise=noise, seed=seed), ARCC_PERCENTILES)
-    road = run_plans(samples, [plan], forward, batch_size)["road_combined"].double().numpy()
-    m = maps.detach().double().cpu().numpy()
-    coherent = coherency(m, remaps.detach().double().cpu().numpy())
-    complex_ = complexity(m)
-    values = {"arcc": combine(coherent, complex_, road), "coherency": coherent, "complexity": complex_}
-    out = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)).float() for k, v in values.items()}
-    out["road_combined"] = torch.from_numpy(road).float()
-    return out
+    samples = Samples(images, maps, classes, list(ids or []), remaps=remaps)
+    plan = ArccPlan(samples, MetricOptions(road_noise=noise, seed=seed))
+    values = run_plans(samples, [plan], forward, batch_size)
+    names = {"arcc": "arcc", "coherency": "arcc_coherency", "complexity": "arcc_complexity"}
+    return {**{k: values[v] for k, v in names.items()}, "road_combined": values["arcc_road"]}

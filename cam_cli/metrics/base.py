@@ -38,13 +38,16 @@ class Samples:
     ``images``: ``(N, 3, S, S)`` normalised model inputs; ``maps``: ``(N, S, S)``
     in [0, 1] at the model's input size; ``classes``: ``(N,)`` the explained
     class of each; ``ids``: a stable name per sample (seeds the noisy metrics, so
-    that a value does not depend on which samples share its batch).
+    that a value does not depend on which samples share its batch); ``remaps``:
+    ``(N, S, S)`` each map made again by its own method from ``images * maps`` (what
+    ARCC's coherency compares with; None where no metric needs it).
     """
 
     images: torch.Tensor
     maps: torch.Tensor
     classes: torch.Tensor
     ids: list[str] = field(default_factory=list)
+    remaps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.ids:

@@ -1,7 +1,13 @@
-"""What a metric costs in forward passes per map, and the guard that refuses a run
+"""What a metric costs in forward passes per map, and the one guard that refuses a run
 whose metrics would cost more than ``LIMIT`` times deletion and insertion together
 (the references' budgets can take hours: Quantus's pixel flipping flips one feature
-per step, 150,528 passes per 224 x 224 map)."""
+per step, 150,528 passes per 224 x 224 map; MPRT explains every image again once per
+block of the model).
+
+The metrics that explain again (``mprt``, ``random-logit``, ``arcc``) cost a number of
+explains times what one explain of one map costs (``explain_cost``: forward passes, a
+backward counted as two, Score-CAM's masked passes counted, shared by the methods of
+an image), which only the rebuilt model and its methods can tell."""
 
 from __future__ import annotations
 
@@ -13,12 +19,17 @@ from cam_cli.metrics.options import MetricOptions
 LIMIT = 10
 #: superpixels IROF asks slic for (its passes per map, about)
 IROF_SEGMENTS = 100
-#: the option that lowers each guarded metric's cost
+#: ROAD's passes inside ARCC (MoRF and LeRF at 20, 40, 60, 80)
+ARCC_ROAD_PASSES = 8
+#: what lowers each guarded metric's cost
 LOWER_WITH = {
-    "pixel-flipping": "a larger --flip-step",
-    "region-perturbation": "fewer --regions or a larger --patch-size",
-    "faithfulness-correlation": "fewer --corr-runs",
+    "pixel-flipping": "pass a larger --flip-step",
+    "region-perturbation": "pass fewer --regions or a larger --patch-size",
+    "faithfulness-correlation": "pass fewer --corr-runs",
     "irof": "",
+    "mprt": "evaluate a run of fewer or cheaper methods",
+    "random-logit": "evaluate a run of fewer or cheaper methods",
+    "arcc": "evaluate a run of fewer or cheaper methods",
 }
 
 
@@ -29,9 +40,11 @@ def deletion_insertion_passes(size: int, steps: int) -> int:
     return 1 + 2 * (points - 2)
 
 
-def passes_per_map(name: str, options: MetricOptions, size: int) -> int | None:
-    """Forward passes the metric ``name`` takes per ``size x size`` map (IROF's: about);
-    None for a metric the guard does not watch."""
+def passes_per_map(name: str, options: MetricOptions, size: int, explain_cost: float = 0.0,
+                   blocks: int = 0) -> int | None:  # fmt: skip
+    """Forward passes the metric ``name`` takes per ``size x size`` map (IROF's: about;
+    the metrics that explain again: ``explain_cost`` per explain, with ``blocks`` blocks
+    for MPRT); None for a metric the guard does not watch."""
     if name == "pixel-flipping":
         return math.ceil(size * size / options.flip_step)
     if name == "region-perturbation":
@@ -41,19 +54,24 @@ def passes_per_map(name: str, options: MetricOptions, size: int) -> int | None:
         return options.corr_runs
     if name == "irof":
         return IROF_SEGMENTS
-    return None
+    explains = {"mprt": 1 + blocks, "random-logit": 2, "arcc": 1}.get(name)
+    if explains is None:
+        return None
+    return math.ceil(explains * explain_cost) + (ARCC_ROAD_PASSES if name == "arcc" else 0)
 
 
-def over_budget(names: Sequence[str], options: MetricOptions, size: int) -> str | None:
-    """The one-line refusal for the first metric of ``names`` over the budget, else None."""
+def over_budget(names: Sequence[str], options: MetricOptions, size: int, explain_cost: float = 0.0,
+                blocks: int = 0) -> str | None:  # fmt: skip
+    """The one-line refusal for the first metric of ``names`` over the budget, else None
+    (``explain_cost`` and ``blocks`` as :func:`passes_per_map`)."""
     reference = deletion_insertion_passes(size, options.steps)
     for name in names:
-        cost = passes_per_map(name, options, size)
+        cost = passes_per_map(name, options, size, explain_cost, blocks)
         if cost is not None and cost > LIMIT * reference:
             lower = LOWER_WITH.get(name)
             return (
                 f"{name} would take {cost:,} forward passes per {size}x{size} map, {cost / reference:.0f}x "
                 f"deletion/insertion's {reference} at --steps {options.steps} (more than {LIMIT}x): "
-                f"pass {lower + ' or ' if lower else ''}--budget-ok to run it anyway"
+                f"{lower + ', or ' if lower else ''}pass --budget-ok to run it anyway"
             )
     return None

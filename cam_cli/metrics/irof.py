@@ -24,6 +24,7 @@ is negative the ratio means nothing, and ``irof`` is null.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection
 
@@ -70,41 +71,45 @@ def mean_fills(image: np.ndarray, segments: np.ndarray, order: np.ndarray) -> np
 
 
 class IrofPlan:
-    """Per sample one input per superpixel (``K`` differs between samples)."""
+    """Per sample one input per superpixel (``K`` differs between samples); the superpixels
+    of an image are cut once for all the samples (methods) that share it."""
 
     def __init__(self, samples: Samples) -> None:
         self.samples = samples
         images = samples.images.detach().float().cpu().numpy()
         maps = samples.maps.detach().float().cpu().numpy()
-        self.rank: list[torch.Tensor] = []  # per sample, (P,) the step that removes each pixel
-        self.fills: list[torch.Tensor] = []  # per sample, (P,) its fill
+        cut: dict[bytes, np.ndarray] = {}
+        ranks: list[np.ndarray] = []
+        fills: list[np.ndarray] = []
         self.steps: list[int] = []
-        device = samples.images.device
         for image, norm_map in zip(images, maps, strict=True):
-            segments = superpixels(image)
+            key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+            if key not in cut:
+                cut[key] = superpixels(image)
+            segments = cut[key]
             order = segment_order(norm_map, segments)
             step_of = np.full(int(segments.max()) + 1, len(order), dtype=np.int64)
             step_of[order] = np.arange(len(order))
-            fills = mean_fills(image, segments, order)
             pixel_step = step_of[segments.ravel()]
-            self.rank.append(torch.from_numpy(pixel_step).to(device))
-            self.fills.append(torch.from_numpy(fills[np.minimum(pixel_step, len(order) - 1)]).float().to(device))
+            ranks.append(pixel_step)
+            fills.append(mean_fills(image, segments, order)[np.minimum(pixel_step, len(order) - 1)])
             self.steps.append(len(order))
+        device = samples.images.device
+        self.rank = torch.from_numpy(np.stack(ranks)).to(device)  # (N, P) the step that removes each pixel
+        self.fills = torch.from_numpy(np.stack(fills)).float().to(device)  # (N, P) its fill
         self.offsets = np.concatenate([[0], np.cumsum(self.steps)])
+        self._offsets = torch.from_numpy(self.offsets).to(device)
         self.count = int(self.offsets[-1])
 
     def build(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.samples.images
-        inputs, samples = [], []
-        for job in range(start, stop):
-            sample = int(np.searchsorted(self.offsets, job, side="right")) - 1
-            step = job - int(self.offsets[sample])  # 0-based: segments 0..step removed
-            flat = images[sample].flatten(1)
-            removed = self.rank[sample] <= step
-            inputs.append(torch.where(removed.unsqueeze(0), self.fills[sample].to(flat.dtype), flat))
-            samples.append(sample)
-        x = torch.stack(inputs).view(-1, *images.shape[1:])
-        return x, self.samples.classes[torch.tensor(samples, device=images.device)]
+        jobs = torch.arange(start, stop, device=images.device)
+        sample = torch.searchsorted(self._offsets, jobs, right=True) - 1
+        step = (jobs - self._offsets[sample]).unsqueeze(1)  # 0-based: segments 0..step removed
+        removed = (self.rank[sample] <= step).unsqueeze(1)  # (n, 1, P)
+        flat = images.flatten(2)[sample]
+        x = torch.where(removed, self.fills[sample].unsqueeze(1).to(flat.dtype), flat)
+        return x.view(-1, *images.shape[1:]), self.samples.classes[sample]
 
     def finish(self, scores: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
         values = []

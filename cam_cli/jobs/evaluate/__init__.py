@@ -5,7 +5,8 @@
 (:mod:`~cam_cli.jobs.evaluate.setups`), images and maps loaded
 (:mod:`~cam_cli.jobs.evaluate.dataset`), the lines and what is done already
 (:mod:`~cam_cli.jobs.evaluate.lines`), one setup's pairs scored
-(:mod:`~cam_cli.jobs.evaluate.batches`) and the summary
+(:mod:`~cam_cli.jobs.evaluate.batches`), the methods run again for the metrics that need
+it (:mod:`~cam_cli.jobs.evaluate.reexplain`, :mod:`~cam_cli.jobs.evaluate.randomise`) and the summary
 (:mod:`~cam_cli.jobs.evaluate.summary`).
 """
 

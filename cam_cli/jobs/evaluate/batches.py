@@ -34,6 +34,9 @@ from cam_cli.metrics.regions import region_values
 #: a rebuilt model whose probability differs from the manifest's by more than this share of it is reported
 SCORE_TOLERANCE = 0.02
 IMAGES_PER_LOAD = 4
+#: images per load at most when the methods explain again (MPRT's explains are batches of a load's
+#: images, up to --batch-size; the trained bottom it keeps grows with them)
+REEXPLAINED_PER_LOAD = 16
 
 #: takes finished lines and the forward passes they took
 Emit = Callable[[list[dict[str, Any]], int], None]
@@ -58,7 +61,8 @@ class Scoring:
     result: EvaluateResult
     #: the ``--masks-from`` regions by key; None: the region metrics fill in the boxes
     masks: dict[str, list[Region]] | None = None
-    #: the randomisation metrics asked for, and their scorer per setup (by ``id``)
+    #: the randomisation metrics asked for, and the re-explainer of each setup (by ``id``:
+    #: a ``RandomisationScorer`` when randomising, for ARCC too)
     randomising: list[str] = field(default_factory=list)
     scorers: dict[int, Any] = field(default_factory=dict)
 
@@ -93,13 +97,18 @@ class SetupPass:
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
         self.mismatched = 0
-        self.randomiser = scoring.scorers.get(id(setup))
+        self.reexplainer = scoring.scorers.get(id(setup))
+        # the re-explainer's passes and batches before this pass (it counts from its making)
+        self.reexplained = (self.reexplainer.passes, self.reexplainer.batches) if self.reexplainer else (0, 0)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Score the pairs, batch after batch, until done or ``stop`` is set."""
         dataset = self._dataset()
         workers = default_workers() if self.scoring.workers is None else self.scoring.workers
-        for batch in loader(dataset, IMAGES_PER_LOAD, min(workers, len(dataset)), collate):
+        per_load = IMAGES_PER_LOAD
+        if self.reexplainer is not None and self.scoring.randomising:
+            per_load = max(per_load, min(self.scoring.batch_size, REEXPLAINED_PER_LOAD))
+        for batch in loader(dataset, per_load, min(workers, len(dataset)), collate):
             self._score(self._split(dataset, batch))
             if stop is not None and stop.is_set():
                 break
@@ -190,20 +199,21 @@ class SetupPass:
             emit(scored.errors, 0)
         if not scored.pairs:
             return
-        if self.randomiser is not None and any(n in p.todo for p in scored.pairs for n in self.scoring.randomising):
+        todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
+        randomising = any(n in p.todo for p in scored.pairs for n in self.scoring.randomising)
+        if self.reexplainer is not None and randomising:
             assert self.setup.runner is not None
             x = self.setup.runner.normalise(torch.stack(scored.images))
-            self.randomiser.score(scored.pairs, x[torch.tensor(scored.image_of, device=x.device)], scored.local)
-        todo = sorted({n for p in scored.pairs for n in p.todo if n in self.scoring.perturbing})
+            self.reexplainer.score(scored.pairs, x, scored.image_of, scored.local)
         if self.scheduler is None or not todo:
-            emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)
+            emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], self._tally())
             return
         assert self.setup.runner is not None
         x = self.setup.runner.normalise(torch.stack(scored.images))
         ids = self._fix(scored, x) if self.pinned is not None else None
         if not scored.pairs:
             return
-        samples = self._samples(scored, x, ids)
+        samples = self._samples(scored, x, ids, "arcc" in todo)
         plans = []
         for entry in dict.fromkeys(METRICS[n].entry for n in todo):
             names = [n for n in todo if METRICS[n].entry == entry]
@@ -232,22 +242,41 @@ class SetupPass:
             self.pinned.images.pop(ids[slot], None)
         return ids
 
-    def _samples(self, scored: Scored, x: torch.Tensor, ids: list[int] | None) -> Samples:
+    def _samples(self, scored: Scored, x: torch.Tensor, ids: list[int] | None, remade: bool = False) -> Samples:
         """The pairs' normalised images ``(N, 3, S, S)`` (of ``x``, one per image), maps
         ``(N, S, S)`` and classes on the device; for a readout that pins (``ids``: its image
-        ids of ``x``), a tag per pair in place of its class (:meth:`PinnedScores.tags`)."""
+        ids of ``x``), a tag per pair in place of its class (:meth:`PinnedScores.tags`); with
+        ``remade``, each map made again from its image multiplied by it (ARCC)."""
         device = self.scoring.device
         classes = [int(p.record["class_index"]) for p in scored.pairs]
         if self.pinned is not None and ids is not None:
             tags = self.pinned.tags([ids[i] for i in scored.image_of], classes, device)
         else:
             tags = torch.tensor(classes, device=device)
-        return Samples(
+        samples = Samples(
             x[torch.tensor(scored.image_of, device=device)],
             torch.stack(scored.maps).to(device),
             tags,
             [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
         )
+        if remade:
+            assert self.reexplainer is not None
+            samples.remaps = self.reexplainer.remade(scored.pairs, samples.images, samples.maps)
+        return samples
+
+    def _tally(self) -> int:
+        """The run's forward passes and batches brought up to date (the scheduler's, the pinned
+        free passes' and the re-explainer's); the passes since the last call."""
+        passes, batches = (self.scheduler.passes, self.scheduler.batches) if self.scheduler else (0, 0)
+        if self.pinned is not None:  # and the free passes
+            passes, batches = passes + self.pinned.passes, batches + self.pinned.batches
+        if self.reexplainer is not None:
+            passes += self.reexplainer.passes - self.reexplained[0]
+            batches += self.reexplainer.batches - self.reexplained[1]
+        self.scoring.result.passes = self.counted[0] + passes
+        self.scoring.result.batches = self.counted[1] + batches
+        new, self.passes_before = passes - self.passes_before, passes
+        return new
 
     def _finished(self, scored: Scored, samples: Samples) -> Callable[[dict[str, torch.Tensor]], None]:
         """What the scheduler calls with the values of ``scored``'s pairs: their lines emitted."""
@@ -266,15 +295,9 @@ class SetupPass:
                 ):
                     self.mismatched += 1
                 lines.append(self.scoring.lines.line(pair, row, None, score))
-            assert self.scheduler is not None
-            total, batches = self.scheduler.passes, self.scheduler.batches
-            if self.pinned is not None:  # and the free passes
+            if self.pinned is not None:  # its images' pinned state is no longer needed
                 self.pinned.release(samples.classes)
-                total, batches = total + self.pinned.passes, batches + self.pinned.batches
-            passes, self.passes_before = total - self.passes_before, total
-            self.scoring.result.passes = self.counted[0] + total
-            self.scoring.result.batches = self.counted[1] + batches
-            self.scoring.emit(lines, passes)
+            self.scoring.emit(lines, self._tally())
 
         return done
 

@@ -32,7 +32,7 @@ from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.lines import Lines, Pair
-from cam_cli.jobs.evaluate.randomise import randomisation_scorers
+from cam_cli.jobs.evaluate.randomise import RandomisationScorer, explain_cost, reexplainers
 from cam_cli.jobs.evaluate.setups import Setups, weights_argument
 from cam_cli.jobs.evaluate.summary import BOOTSTRAP_SAMPLES, add_mprt_verdicts, rows_by_method, summarise_methods
 from cam_cli.metrics import METRICS, MetricOptions
@@ -46,8 +46,7 @@ MAP_ONLY = ("localisation", "region", "complexity")
 NEEDS = {
     "road": (("scipy", "SciPy"),),
     "irof": (("skimage", "scikit-image"),),
-    "mprt": (("skimage", "scikit-image"),),
-    "random-logit": (("skimage", "scikit-image"),),
+    "arcc": (("scipy", "SciPy"),),
 }
 #: the fields a manifest line needs for its map to be evaluated
 NEEDED = ("key", "method", "map", "class_index")
@@ -101,8 +100,8 @@ class Evaluator:
         if self.perturbing or self.randomising:
             for setup in self.setups:
                 self.setups.rebuild(setup, self.device)
-            self._check_budget()
-        self.scorers = randomisation_scorers(self.records, self.randomising, self.options, config)
+        self.scorers = reexplainers(self.records, self.names, self.options, config)
+        self._check_budget()
         # after the rebuild, so that a model that does not exist is named as such first
         metrics_name, summary_name = rundir.metrics_names(self._other_model(ok))
         self.metrics_path = self.out_dir / metrics_name
@@ -110,14 +109,20 @@ class Evaluator:
         self._pending: tuple[list[Pair], int] | None = None
 
     def _check_budget(self) -> None:
-        """``InputError`` when a metric would cost more than ten times deletion/insertion
-        per map (at the largest model input size), unless ``budget_ok``."""
-        if self.config.budget_ok:
+        """``InputError`` when a metric would cost more than ten times deletion/insertion per
+        map on a model setup (at its input size; the metrics that explain again at what one
+        explain of its methods costs), unless ``budget_ok``."""
+        guarded = self.perturbing + self.randomising
+        if self.config.budget_ok or not guarded:
             return
-        size = max(setup.size for setup in self.setups)
-        refusal = over_budget(self.perturbing, self.options, size)
-        if refusal is not None:
-            raise InputError(refusal)
+        for setup in self.setups:
+            scorer = self.scorers.get(id(setup))
+            mine = [r for r, s in self.records if s is setup]
+            cost = explain_cost(scorer, mine) if scorer is not None and mine else 0.0
+            blocks = len(scorer.blocks) if isinstance(scorer, RandomisationScorer) else 0
+            refusal = over_budget(guarded, self.options, setup.size, cost, blocks)
+            if refusal is not None:
+                raise InputError(refusal)
 
     # -- reading the run
     def _ok_records(self) -> list[dict[str, Any]]:
