@@ -9,7 +9,9 @@ how to turn their scores into per-sample values. :class:`Scheduler` takes the
 plans of successive groups, cuts their inputs into batches of exactly
 ``batch_size`` (inputs of several samples, steps and metrics side by side), and
 hands each plan its scores. The score of an input is the softmax probability of
-its sample's explained class.
+its sample's explained class, unless the scheduler is given a ``score`` of its own:
+then a sample's "class" is a token that score reads (a detection run's token names the
+detection each input is scored by, :mod:`cam_cli.jobs.evaluate.detection`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 
 #: logits ``(n, C)`` of a batch of normalised images ``(n, 3, S, S)``
 Forward = Callable[[torch.Tensor], torch.Tensor]
+#: the score ``(n,)`` of each input of a batch, from the inputs (``(n, 3, S, S)``, or a list of
+#: ``(3, H, W)`` where their sizes differ) and what each is scored by ``(n,)``: its sample's
+#: class, or a token the scorer reads (a readout that pins each sample's target)
+Score = Callable[[torch.Tensor | list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -129,9 +135,11 @@ class Scheduler:
     inputs scored (forward passes of one image), ``batches`` the model calls.
     """
 
-    def __init__(self, forward: Forward, batch_size: int) -> None:
+    def __init__(self, forward: Forward, batch_size: int, score: Score | None = None) -> None:
         self.forward = forward
         self.batch_size = batch_size
+        #: scores a batch (default: the softmax probability of each input's class)
+        self.score: Score = score or self._probability
         self.queue: deque[_Pending] = deque()
         self.queued = 0
         self.passes = 0
@@ -144,6 +152,10 @@ class Scheduler:
         if plan.count == 0:
             self._retire()
         return pending
+
+    def _probability(self, x: torch.Tensor | list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        assert isinstance(x, torch.Tensor), "a classifier's inputs share one size"
+        return class_probability(self.forward(x), classes)
 
     def run(self, final: bool = False) -> None:
         while self.queued >= self.batch_size or (final and self.queued > 0):
@@ -168,18 +180,18 @@ class Scheduler:
             classes.append(c)
             parts.append((pending, start, start + take))
             need -= take
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        batch = joined(inputs)
         c = classes[0] if len(classes) == 1 else torch.cat(classes)
         with torch.inference_mode():
-            scores = class_probability(self.forward(x), c).cpu()
-        self.passes += int(x.shape[0])
+            scores = self.score(batch, c).float().cpu()
+        self.passes += len(batch)
         self.batches += 1
         offset = 0
         for pending, start, stop in parts:
             pending.scores[start:stop] = scores[offset : offset + stop - start]
             pending.done = stop
             offset += stop - start
-        self.queued -= int(x.shape[0])
+        self.queued -= len(batch)
         self._retire()
 
     def _retire(self) -> None:
@@ -188,6 +200,16 @@ class Scheduler:
             pending.result = pending.plan.finish(pending.scores)
             if pending.on_finish is not None:
                 pending.on_finish(pending.result)
+
+
+def joined(inputs: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Inputs ``(n_i, 3, H_i, W_i)`` as one batch: concatenated, or where their sizes differ
+    (a detection model's images at their own sizes) the list of their ``(3, H, W)`` rows."""
+    if len(inputs) == 1:
+        return inputs[0]
+    if len({tuple(x.shape[1:]) for x in inputs}) == 1:
+        return torch.cat(inputs)
+    return [row for x in inputs for row in x]
 
 
 def run_plans(samples: Samples, plans: Iterable[Plan], forward: Forward, batch_size: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 
 from cam_cli.images import InputImage
 from cam_cli.jobs.base import default_workers, loader
+from cam_cli.jobs.evaluate import detection
 from cam_cli.jobs.evaluate.config import EvaluateResult
 from cam_cli.jobs.evaluate.dataset import MapDataset, MapItem, collate
 from cam_cli.jobs.evaluate.lines import Lines, Pair
@@ -81,7 +82,8 @@ class SetupPass:
         self.setup = setup
         self.pairs = pairs
         runner = setup.runner
-        self.scheduler = Scheduler(runner.forward, scoring.batch_size) if runner else None
+        score = setup.scoring.score if setup.scoring is not None else None
+        self.scheduler = Scheduler(runner.forward, scoring.batch_size, score) if runner else None
         self.passes_before = 0
         # the passes and batches of the setups scored before this one (several models)
         self.counted = (scoring.result.passes, scoring.result.batches)
@@ -109,11 +111,12 @@ class SetupPass:
             per_input.setdefault(key, []).append(pair)
         order = sorted(inputs)
         classifier = self.setup.classifier
+        native = self.setup.scoring is not None and self.setup.scoring.native
         return MapDataset(
             self.scoring.out_dir,
             [inputs[k] for k in order],
             [per_input[k] for k in order],
-            self.setup.size,
+            None if native else self.setup.size,
             bool(self.scoring.localising),
             classifier.interpolation if classifier else "bilinear",
         )
@@ -161,6 +164,8 @@ class SetupPass:
         classifier = self.setup.classifier
         name = classifier.class_name(class_index) if classifier and classifier.categories else None
         truths = self.scoring.boxes.get(str(pair.record["key"]), [])
+        if self.scoring.lines.boxes_digest == detection.OWN_BOXES:
+            truths = detection.own_truths(pair.record)
         options = self.scoring.lines.options
         class_name = name or pair.record.get("class_name")
         values: dict[str, Any] = localise(native, truths, class_index, class_name, wanted, options.box_threshold)
@@ -191,23 +196,28 @@ class SetupPass:
         if self.scheduler is None or not todo:
             emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], 0)
             return
-        samples = self._samples(scored)
-        plans = []
-        for entry in dict.fromkeys(METRICS[n].entry for n in todo):
-            names = [n for n in todo if METRICS[n].entry == entry]
-            plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
-        self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored))
+        for part in _by_size(scored):  # one part, unless a model takes images at their own sizes
+            samples = self._samples(part)
+            plans = []
+            for entry in dict.fromkeys(METRICS[n].entry for n in todo):
+                names = [n for n in todo if METRICS[n].entry == entry]
+                plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
+            self.scheduler.add(Group(samples, plans), on_finish=self._finished(part))
         self.scheduler.run()
 
     def _samples(self, scored: Scored) -> Samples:
         """The pairs' normalised images ``(N, 3, S, S)``, maps ``(N, S, S)`` and classes on the device."""
         assert self.setup.runner is not None
         device = self.scoring.device
-        x = self.setup.runner.normalise(torch.stack(scored.images))
+        x = self.setup.runner.normalise(torch.stack(scored.images))[torch.tensor(scored.image_of, device=device)]
+        if self.setup.scoring is not None:  # a readout-driven setup: the free pass pins each sample's target
+            classes = self.setup.scoring.pin([p.record for p in scored.pairs], x).to(device)
+        else:
+            classes = torch.tensor([int(p.record["class_index"]) for p in scored.pairs], device=device)
         return Samples(
-            x[torch.tensor(scored.image_of, device=device)],
+            x,
             torch.stack(scored.maps).to(device),
-            torch.tensor([int(p.record["class_index"]) for p in scored.pairs], device=device),
+            classes,
             [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
         )
 
@@ -232,6 +242,26 @@ class SetupPass:
             self.scoring.emit(lines, passes)
 
         return done
+
+
+def _by_size(scored: Scored) -> list[Scored]:
+    """``scored`` in parts whose images share one size (itself when they all do)."""
+    sizes = [tuple(image.shape) for image in scored.images]
+    if len(set(sizes)) <= 1:
+        return [scored]
+    parts: dict[tuple[int, ...], Scored] = {}
+    slots: dict[int, int] = {}
+    for j, pair in enumerate(scored.pairs):
+        slot = scored.image_of[j]
+        part = parts.setdefault(sizes[slot], Scored())
+        if slot not in slots:
+            slots[slot] = len(part.images)
+            part.images.append(scored.images[slot])
+        part.image_of.append(slots[slot])
+        part.maps.append(scored.maps[j])
+        part.pairs.append(pair)
+        part.local.append(scored.local[j])
+    return list(parts.values())
 
 
 def _value(tensor: torch.Tensor) -> float | None:
