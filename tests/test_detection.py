@@ -128,7 +128,7 @@ def test_refuses_methods_and_options_in_one_line(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     for extra, words in (
         (["--method", "cam"], "cam cannot explain a detection model: needs a global-average-pooling"),
-        (["--method", "scorecam"], "scorecam cannot explain a detection model"),
+        (["--method", "iscam"], "iscam cannot explain a detection model"),
         (["--input-size", "224"], "--input-size does not apply to detection models"),
     ):
         result = run_camx("explain", tmp_path / "a.png", "--model", MODEL, "--weights", "NONE", "-o",
@@ -182,3 +182,22 @@ def test_models_and_layers_list_detection_models() -> None:
     assert result.exit_code == 0, result.output
     (marked,) = [line for line in result.output.splitlines() if "(default" in line]
     assert marked.startswith("backbone.body.16 ") and "every FPN level" in marked
+
+
+@pytest.mark.parametrize("name", ["scorecam", "ablationcam", "sscam"])
+def test_perturbation_methods_find_the_bright_object_through_the_padding(tmp_path: Path, name: str) -> None:
+    """Score-CAM and Ablation-CAM on a padded batch: each masked or ablated copy is scored by the
+    detection matched to the original box (a black copy's detection lands elsewhere: score 0), so
+    the brightness channel gets the weight and the map's peak lies on the object."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 60, size=(210, 300, 3), dtype=np.uint8)
+    pixels[120:160, 268:292] = 255
+    Image.fromarray(pixels).save(tmp_path / "spot.png")
+    image = torch.from_numpy(decode_image(tmp_path / "spot.png")).permute(2, 0, 1).float() / 255
+    explainer = DetectionExplainer(BrightestCell(), TargetLayer("backbone.0"), [create(name)],
+                                   DetectionTargets(min_score=0.5), batch_size=2)  # fmt: skip
+    result = explainer.explain([image])
+    heat = result.maps[0][name][0]
+    assert tuple(heat.shape) == (210, 300)
+    y, x = divmod(int(heat.flatten().argmax()), 300)
+    assert 120 <= y < 160 and 268 <= x < 292, (name, y, x)

@@ -171,8 +171,9 @@ def evaluate(out_dir: Path, **options: Any) -> None:
     Every ok line of OUT's manifest (its rank-1 map) is scored with the model
     the manifest records, rebuilt: deletion and insertion AUC (RISE), Average
     Drop and Increase in Confidence (Grad-CAM++), optionally ROAD, the
-    complexity of the map and, with --boxes-from, the pointing game and box
-    IoU; with --masks-from (or boxes), how much of the map lies on the object. One line per (input, method)
+    complexity of the map and, with --boxes-from (a detection run: each
+    detection's own box), the pointing game and box IoU; with --masks-from
+    (or boxes), how much of the map lies on the object. One line per (input, method)
     goes to OUT/metrics.jsonl; the summary per method (means with 95% bootstrap
     intervals, ranks, the gap to the random control) to OUT/metrics-summary.json
     and stdout. Re-running resumes and skips what is done.
@@ -191,12 +192,12 @@ def evaluate(out_dir: Path, **options: Any) -> None:
     names = list(options.pop("metrics"))
     if options["boxes_from"] is not None:
         names += [n for n in ("pointing", "iou") if n not in names]
-    elif any(METRICS[n].family == "localisation" for n in names):
+    elif any(METRICS[n].family == "localisation" for n in names) and not _detection_run(out_dir):
         raise click.UsageError("the metrics pointing and iou need ground-truth boxes: pass --boxes-from FILE")
     if options["masks_from"] is not None and not any(METRICS[n].family == "region" for n in names):
         names += list(REGION_METRICS)
     regional = [n for n in names if METRICS[n].family == "region"]
-    if regional and options["masks_from"] is None and options["boxes_from"] is None:
+    if regional and options["masks_from"] is None and options["boxes_from"] is None and not _detection_run(out_dir):
         raise click.UsageError(
             f"the metrics {', '.join(regional)} need ground truth: pass --masks-from DIR|FILE.json or --boxes-from FILE"
         )
@@ -223,6 +224,18 @@ def evaluate(out_dir: Path, **options: Any) -> None:
         )
     if result.failed:
         sys.exit(EXIT_FAILED_INPUTS)
+
+
+def _detection_run(out_dir: Path) -> bool:
+    """Whether every line of OUT explains a detection (its own box stands in for ground truth)."""
+    from cam_cli import rundir
+    from cam_cli.errors import CamxError
+
+    try:
+        records = rundir.read_run(out_dir).records
+    except CamxError:
+        return False
+    return bool(records) and all(r.get("task") == "detection" for r in records.values())
 
 
 def _run_with_progress(evaluator: Any, quiet: bool) -> Any:

@@ -2,17 +2,23 @@
 
 A batch of images in [0, 1] at their own sizes goes through the model once with the
 target layer hooked (the model resizes and pads them itself); the detections each map
-explains are chosen (:class:`DetectionTargets`), and the methods read the capture as
-they read a classifier's, with the detections' scores ``(N, R)`` in place of logits:
-rank ``r`` of every image is differentiated in one backward pass. Maps come back to
-each image's own pixels through the model's resize and padding (:func:`to_image`).
+explains are chosen (:class:`DetectionTargets`) by the model's
+:class:`~cam_cli.models.detection_readout.DetectionReadout`, and the methods read the
+capture as they read a classifier's, with the detections' scores ``(N, R)`` in place of
+logits: rank ``r`` of every image is differentiated in one backward pass. Score-CAM and
+Ablation-CAM then run their passes over each image's masked or ablated copies, where each
+detection's score is that of its match (the readout's ``pinned`` passes). Maps come back
+to each image's own pixels through the model's resize and padding (:func:`to_image`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,12 +28,16 @@ from torch import nn
 from cam_cli.errors import ModelError
 from cam_cli.methods.base import Capture, Method, TargetLayer, to_feature_map
 from cam_cli.methods.box_gradients import sparse_box_gradients
+from cam_cli.models.detection_readout import DetectionReadout, matched_scores
 from cam_cli.probe.capture import ActivationCapture
 
 #: methods whose maps are a function of the activation and the gradient of one score
 GRADIENT = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigengradcam")
 #: class-agnostic: one map per image, whatever the detections
 AGNOSTIC = ("eigencam", "fem", "random")
+#: channel weights from passes over each image's masked or ablated copies, each detection
+#: scored by its match there
+PERTURBATION = ("scorecam", "ablationcam", "sscam")
 #: why each other method is refused for a detection model
 REFUSED = {
     "cam": "needs a global-average-pooling + linear head, and a detector has box heads (use gradcam)",
@@ -41,17 +51,14 @@ REFUSED = {
     "shapleycam": "needs second derivatives, which torchvision's RoI and box operators do not provide",
     "segeigencam": "not checked against a reference on detection models",
     "kpcacam": "not checked against a reference on detection models",
-    "scorecam": "its masked passes are not adapted to detections yet",
-    "sscam": "its masked passes are not adapted to detections yet",
-    "iscam": "its masked passes are not adapted to detections yet",
-    "ablationcam": "its ablated passes are not adapted to detections yet",
+    "iscam": "its integrated masked passes are not checked against a reference on detections (sscam is)",
 }
 
 
 def check_detection_methods(names: Sequence[str]) -> None:
     """Refuse, in one line, a method that cannot apply to a detection model."""
     for name in names:
-        if name not in GRADIENT and name not in AGNOSTIC:
+        if name not in GRADIENT and name not in AGNOSTIC and name not in PERTURBATION:
             reason = REFUSED.get(name, "not adapted to detection models")
             raise ModelError(f"{name} cannot explain a detection model: {reason}")
 
@@ -149,40 +156,30 @@ def to_image(
     return (up - low) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes ``a`` ``(A, 4)`` and ``b`` ``(B, 4)`` as ``(A, B)``."""
-    from torchvision.ops import box_iou as iou
-
-    return iou(a.float(), b.float())
-
-
-def matched_scores(output: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The score each original detection keeps in another pass's ``output`` (a masked or
-    ablated input): that of the detection of the same label with the highest IoU, at
-    least 0.5, with the original box; 0 where none. ``(R,)``, differentiable."""
-    found = output["boxes"].detach()  # which detection matches needs no gradient; its score keeps it
-    scores = output["scores"]
-    result = []
-    for box, label in zip(boxes.to(found.device), labels.to(found.device), strict=True):
-        same = output["labels"] == label
-        if not bool(same.any()):
-            result.append(scores.new_zeros(()))
-            continue
-        overlap = box_iou(box[None], found)[0].masked_fill(~same, -1.0)
-        best = int(overlap.argmax())
-        result.append(scores[best] if float(overlap[best]) >= 0.5 else scores.new_zeros(()))
-    return torch.stack(result) if result else scores.new_zeros((0,))
+def own_cells(features: torch.Tensor, resized: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """The cells of ``features`` ``(..., h, w)`` over a padded batch that an image resized to
+    ``resized`` covers (whole cells: the padding cut off); all of them without padding."""
+    h, w = features.shape[-2:]
+    rows = min(h, math.ceil(h * resized[0] / padded[0] - 1e-6))
+    cols = min(w, math.ceil(w * resized[1] / padded[1] - 1e-6))
+    return features[..., :rows, :cols]
 
 
 class DetectionExplainer:
     """Runs prepared ``methods`` on a detection ``module`` at layer ``target``."""
 
-    def __init__(self, module: nn.Module, target: TargetLayer, methods: Sequence[Method], targets: DetectionTargets):
+    def __init__(self, module: nn.Module, target: TargetLayer, methods: Sequence[Method], targets: DetectionTargets,
+                 batch_size: int = 16) -> None:  # fmt: skip
         check_detection_methods([m.name for m in methods])
         self.module = module
         self.target = target
         self.methods = list(methods)
         self.targets = targets
+        self.batch_size = batch_size
+        self.readout = DetectionReadout(targets.select)
+        for method in self.methods:
+            if method.name == "ablationcam":  # what its ``prepare`` would set: the full passes, hooked
+                method.module, method.target = module, target  # type: ignore[attr-defined]
 
     def explain(self, images: list[torch.Tensor], names: Sequence[str] | None = None) -> DetectionBatch:
         """``images``: ``(3, H, W)`` float in [0, 1], each at its own size."""
@@ -196,14 +193,17 @@ class DetectionExplainer:
             leaf = hooked.activation
             if leaf is None:
                 raise ModelError(f"layer {self.target.label} was not reached by the forward pass")
-            chosen = [self.targets.select(o["scores"].detach(), o["labels"]) for o in outputs]
-            detections = [
-                Detections(o["boxes"][i].detach().cpu(), o["labels"][i].detach().cpu(), o["scores"][i].detach().cpu())
-                for o, i in zip(outputs, chosen, strict=True)
-            ]
-            capture = self._capture(leaf, outputs, chosen, grad)
+            scores = self.readout(outputs).to(leaf.device)
+            detections = [Detections(b, v, s) for b, v, s in
+                          zip(self.readout.boxes, self.readout.labels, self.readout.found, strict=True)]  # fmt: skip
+            capture = self._capture(leaf, scores, grad)
             ranks = capture.classes.shape[1]
-            raw = {m.name: m.maps(capture).detach() for m in methods if ranks or not m.info.class_specific}
+            raw = {m.name: m.maps(capture).detach() for m in methods
+                   if not m.after_pass and (ranks or not m.info.class_specific)}  # fmt: skip
+        if ranks:
+            with torch.inference_mode():
+                for method in (m for m in methods if m.after_pass):
+                    raw[method.name] = self._perturbed(method, capture, images, sz)
         maps: list[dict[str, torch.Tensor]] = []
         for n, image in enumerate(images):
             size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -216,17 +216,10 @@ class DetectionExplainer:
             maps.append(per)
         return DetectionBatch(detections, maps)
 
-    def _capture(self, leaf: torch.Tensor, outputs: list[dict[str, torch.Tensor]], chosen: list[torch.Tensor],
-                 grad: bool) -> Capture:  # fmt: skip
+    def _capture(self, leaf: torch.Tensor, scores: torch.Tensor, grad: bool) -> Capture:
         """The methods' view of the pass: the chosen scores ``(N, R)`` (zeros past an image's
         own detections) in place of logits, rank ``r`` differentiated as "class" ``r``."""
-        n = len(outputs)
-        ranks = max((len(i) for i in chosen), default=0)
-        rows = []
-        for o, i in zip(outputs, chosen, strict=True):
-            score = o["scores"][i]
-            rows.append(torch.cat([score, score.new_zeros(ranks - len(i))]))
-        scores = torch.stack(rows) if ranks else leaf.new_zeros((n, 0))
+        n, ranks = scores.shape
         classes = torch.arange(ranks, device=leaf.device).expand(n, ranks)
         features = to_feature_map(leaf.detach(), self.target).float()
         return Capture(
@@ -238,3 +231,65 @@ class DetectionExplainer:
             leaf if grad else None,
             scores if grad else None,
         )
+
+    def _pinned(self, image: int, rows: torch.Tensor | None) -> AbstractContextManager[None]:
+        """Passes over copies of ``image`` of the last batch (``rows``: indices into a one-image capture)."""
+        return self.readout.pinned(torch.tensor([image]) if rows is None else rows + image)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The readout of the model on copies of images ``(B, 3, H, W)`` of one size: ``(B, R)``
+        (inside ``pinned``: each target's matched score)."""
+        return self.readout(self.module(list(batch)))
+
+    def _perturbed(self, method: Method, capture: Capture, images: list[torch.Tensor], sizes: _Sizes) -> torch.Tensor:
+        """Raw maps ``(N, R, h, w)`` of a method with passes of its own (Score-CAM, Ablation-CAM):
+        channel weights from each image's masked or ablated copies (its own cells of the
+        activation: the padding cut off), then ``ReLU(sum_k w_k A_k)`` over the batch's activation."""
+        features = capture.features
+        n, ranks = capture.classes.shape
+        out = features.new_zeros((n, ranks, *features.shape[-2:]))
+        for i, image in enumerate(images):
+            count = len(self.readout.boxes[i])
+            if count == 0:
+                continue
+            part = Capture(
+                self.target,
+                own_cells(features[i : i + 1], sizes.resized[i], sizes.padded),
+                capture.logits[i : i + 1, :count],
+                torch.arange(count, device=features.device)[None],
+                capture.top1[i : i + 1],
+                x=image[None],
+                forward=self._forward,
+                batch_size=self.batch_size,
+                pin=partial(self._pinned, i),
+            )
+            weights = channel_weights(method, part)[0]  # (count, K)
+            out[i, :count] = torch.relu(torch.einsum("rk,khw->rhw", weights.to(features.dtype), features[i]))
+        return out
+
+
+def channel_weights(method: Method, capture: Capture) -> torch.Tensor:
+    """Score-CAM's (and its variants') or Ablation-CAM's channel weights ``(N, R, K)`` from the
+    passes of ``capture``."""
+    from cam_cli.methods.perturbation import ScoreCAM
+
+    if isinstance(method, ScoreCAM):  # its own masks and their scores, then softmax over the channels
+        return torch.softmax(method.scores(capture), dim=2)
+    if method.name == "ablationcam":
+        y = capture.logits.gather(1, capture.classes)[:, :, None]
+        return (y - method._ablated_scores(capture)) / y  # type: ignore[attr-defined]
+    raise ModelError(f"{method.name} has no passes adapted to detections")
+
+
+__all__ = [
+    "AGNOSTIC",
+    "GRADIENT",
+    "PERTURBATION",
+    "DetectionBatch",
+    "DetectionExplainer",
+    "DetectionTargets",
+    "Detections",
+    "check_detection_methods",
+    "matched_scores",
+    "to_image",
+]

@@ -10,9 +10,11 @@ plans of successive groups, cuts their inputs into batches of exactly
 ``batch_size`` (inputs of several samples, steps and metrics side by side), and
 hands each plan its scores. The score of an input is the softmax probability of
 its sample's explained class (:func:`class_probability`), unless the scheduler is given a
-:data:`Score`: a readout whose targets depend on the unperturbed image scores its inputs
-its own way, and a model whose output is itself the score (the similarity to a reference
-of an embedding run) is scored by that output (:func:`class_output`).
+``score`` of its own: then a sample's "class" is a token that score reads (a readout whose
+targets depend on the unperturbed image pins them: a segmentation run's region, a detection
+run's detection, :mod:`cam_cli.jobs.evaluate.pinning` and :mod:`cam_cli.jobs.evaluate.detection`),
+or the model's output is itself the score (the similarity to a reference of an embedding
+run, :func:`output_score`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 
 #: logits ``(n, C)`` of a batch of normalised images ``(n, 3, S, S)``
 Forward = Callable[[torch.Tensor], torch.Tensor]
-#: the scores ``(n,)`` (float32, on the CPU) of a batch of inputs ``(n, 3, S, S)`` and the
-#: ``(n,)`` values their plans gave for them (``Samples.classes``, whatever those stand for)
-Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: the score ``(n,)`` of each input of a batch, from the inputs (``(n, 3, S, S)``, or a list of
+#: ``(3, H, W)`` where their sizes differ) and what each is scored by ``(n,)``: its sample's
+#: class, or a token the scorer reads (a readout that pins each sample's target)
+Score = Callable[[torch.Tensor | list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -128,7 +131,8 @@ def class_output(outputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 def output_score(forward: Forward) -> Score:
     """A :data:`Score` that reads each input's output as it is (:func:`class_output`)."""
 
-    def score(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor | list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        assert isinstance(x, torch.Tensor), "an embedding model's inputs share one size"
         return class_output(forward(x), classes).cpu()
 
     return score
@@ -158,7 +162,8 @@ class Scheduler:
     def __init__(self, forward: Forward, batch_size: int, score: Score | None = None) -> None:
         self.forward = forward
         self.batch_size = batch_size
-        self.score = score
+        #: scores a batch (default: the softmax probability of each input's class)
+        self.score: Score = score or self._probability
         self.queue: deque[_Pending] = deque()
         self.queued = 0
         self.passes = 0
@@ -171,6 +176,10 @@ class Scheduler:
         if plan.count == 0:
             self._retire()
         return pending
+
+    def _probability(self, x: torch.Tensor | list[torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        assert isinstance(x, torch.Tensor), "a classifier's inputs share one size"
+        return class_probability(self.forward(x), classes)
 
     def run(self, final: bool = False) -> None:
         while self.queued >= self.batch_size or (final and self.queued > 0):
@@ -195,18 +204,18 @@ class Scheduler:
             classes.append(c)
             parts.append((pending, start, start + take))
             need -= take
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        batch = joined(inputs)
         c = classes[0] if len(classes) == 1 else torch.cat(classes)
         with torch.inference_mode():
-            scores = self.score(x, c) if self.score is not None else class_probability(self.forward(x), c).cpu()
-        self.passes += int(x.shape[0])
+            scores = self.score(batch, c).float().cpu()
+        self.passes += len(batch)
         self.batches += 1
         offset = 0
         for pending, start, stop in parts:
             pending.scores[start:stop] = scores[offset : offset + stop - start]
             pending.done = stop
             offset += stop - start
-        self.queued -= int(x.shape[0])
+        self.queued -= len(batch)
         self._retire()
 
     def _retire(self) -> None:
@@ -215,6 +224,16 @@ class Scheduler:
             pending.result = pending.plan.finish(pending.scores)
             if pending.on_finish is not None:
                 pending.on_finish(pending.result)
+
+
+def joined(inputs: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Inputs ``(n_i, 3, H_i, W_i)`` as one batch: concatenated, or where their sizes differ
+    (a detection model's images at their own sizes) the list of their ``(3, H, W)`` rows."""
+    if len(inputs) == 1:
+        return inputs[0]
+    if len({tuple(x.shape[1:]) for x in inputs}) == 1:
+        return torch.cat(inputs)
+    return [row for x in inputs for row in x]
 
 
 def run_plans(

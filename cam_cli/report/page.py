@@ -99,6 +99,16 @@ def _input_source(value: Any) -> Path | None:
     return Path(value)
 
 
+def _detected(records: list[dict[str, Any]]) -> list[str]:
+    """The classes of an image's detections that have maps (a detection run), in order."""
+    found: dict[str, None] = {}
+    for record in records:
+        name = _class_label(record) if record.get("det_box") is not None and record.get("status") == "ok" else None
+        if name is not None:
+            found.setdefault(name, None)
+    return list(found)
+
+
 def _predicted(record: dict[str, Any]) -> tuple[str | None, float | None]:
     """The top-1 class (rank 1 of ``targets`` when recorded) and its score."""
     chosen = record
@@ -124,7 +134,7 @@ class _Collector:
         entry["c"] = _class_label(record)
         entry["s"] = _number(record.get("score"))
         entry["ci"] = record.get("class_index") if isinstance(record.get("class_index"), int) else None
-        box = _box(record.get("box"))
+        box = _box(record.get("box") if record.get("box") is not None else record.get("det_box"))
         if box is not None:
             entry["b"] = box
         overlay = safe_relative(record.get("overlay"))
@@ -169,7 +179,11 @@ class _Collector:
                 item["f"] = 1
                 entry["e"] = " ".join(str(record.get("error") or status).split())
             entries.append(entry)
-        if "c" in item:
+        labels = _detected(records)
+        if len(labels) > 1:  # a detection run's image: it is under each of its detections' classes
+            item["cs"] = labels
+            self.classes.update(labels)
+        elif "c" in item:
             self.classes[item["c"]] += 1
         if source is not None and any(e["st"] == "ok" for e in entries):
             item["i"] = thumb_name(key, None)
@@ -190,6 +204,8 @@ def collect(run: Run, dest: Path) -> tuple[dict[str, Any], list[ThumbJob]]:
     for item in items:
         if "c" in item:
             item["c"] = class_of[item["c"]]
+        if "cs" in item:
+            item["cs"] = [class_of[name] for name in item["cs"]]
     data = {
         "run": _run_facts(run, methods, collector.statuses, len(items)),
         "methods": methods,

@@ -27,7 +27,7 @@ from cam_cli.jobs.explain.engine import Progress, Summary
 from cam_cli.jobs.explain.session import parse_method_list, select_images
 from cam_cli.methods import MethodOptions, create
 from cam_cli.methods.base import TargetLayer
-from cam_cli.methods.detection import DetectionExplainer, DetectionTargets, check_detection_methods
+from cam_cli.methods.detection import PERTURBATION, DetectionExplainer, DetectionTargets, check_detection_methods
 from cam_cli.models.base import read_labels
 from cam_cli.models.detection import Detector, default_layer, load_detector, lower_threshold
 from cam_cli.probe.capture import resolve_module
@@ -120,10 +120,11 @@ def open_detection(config: Any, names: list[str]) -> DetectionSetup:
     resolve_module(detector.module, layer_name)  # an unknown layer: refused now
     layer = TargetLayer(layer_name)
     targets = parse_detection_target(config.target, detector, config.min_score, config.max_detections)
-    options = MethodOptions(seed=config.seed)
+    options = MethodOptions(seed=config.seed, noise_samples=getattr(config, "noise_samples", None),
+                            noise_std=getattr(config, "noise_std", None))  # fmt: skip
     methods = [create(name, options) for name in names]
-    return DetectionSetup(detector, layer, targets, DetectionExplainer(detector.module, layer, methods, targets),
-                          device)  # fmt: skip
+    explainer = DetectionExplainer(detector.module, layer, methods, targets, config.batch_size)
+    return DetectionSetup(detector, layer, targets, explainer, device)
 
 
 class DetectionRun:
@@ -178,6 +179,9 @@ class DetectionRun:
             settings["seed"] = self.config.seed
         if agnostic:
             settings["class_agnostic"] = True
+        if method in PERTURBATION:  # what shapes its passes (sscam's noise), as for classifiers
+            chosen = next(m for m in self.setup.explainer.methods if m.name == method)
+            settings.update(chosen.settings())
         return settings
 
     def pending(self) -> tuple[list[InputImage], int]:

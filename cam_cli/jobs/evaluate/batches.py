@@ -19,6 +19,7 @@ import torch
 
 from cam_cli.images import InputImage
 from cam_cli.jobs.base import default_workers, loader
+from cam_cli.jobs.evaluate import detection
 from cam_cli.jobs.evaluate.config import EvaluateResult
 from cam_cli.jobs.evaluate.dataset import MapDataset, MapItem, collate
 from cam_cli.jobs.evaluate.lines import Lines, Pair
@@ -88,10 +89,11 @@ class SetupPass:
         self.setup = setup
         self.pairs = pairs
         runner = setup.runner
-        readout = setup.classifier.readout if setup.classifier else None
+        readout = getattr(setup.classifier, "readout", None) if setup.scoring is None else None
         # a readout whose targets depend on the unperturbed image: free pass, then pinned passes
         self.pinned = PinnedScores(runner.forward, readout) if runner and readout and pins(readout) else None
-        score = self.pinned or (output_score(runner.forward) if runner and setup.scores_output else None)
+        score = setup.scoring.score if setup.scoring is not None else None  # a detection run's
+        score = score or self.pinned or (output_score(runner.forward) if runner and setup.scores_output else None)
         self.scheduler = Scheduler(runner.forward, scoring.batch_size, score) if runner else None
         self.passes_before = 0
         # the passes and batches of the setups scored before this one (several models)
@@ -125,11 +127,12 @@ class SetupPass:
             per_input.setdefault(key, []).append(pair)
         order = sorted(inputs)
         classifier = self.setup.classifier
+        native = self.setup.scoring is not None and self.setup.scoring.native
         return MapDataset(
             self.scoring.out_dir,
             [inputs[k] for k in order],
             [per_input[k] for k in order],
-            self.setup.size,
+            None if native else self.setup.size,
             bool(self.scoring.localising),
             classifier.interpolation if classifier else "bilinear",
         )
@@ -177,6 +180,8 @@ class SetupPass:
         classifier = self.setup.classifier
         name = classifier.class_name(class_index) if classifier and classifier.categories else None
         truths = self.scoring.boxes.get(str(pair.record["key"]), [])
+        if self.scoring.lines.boxes_digest == detection.OWN_BOXES:
+            truths = detection.own_truths(pair.record)
         options = self.scoring.lines.options
         class_name = name or pair.record.get("class_name")
         values: dict[str, Any] = localise(native, truths, class_index, class_name, wanted, options.box_threshold)
@@ -209,16 +214,17 @@ class SetupPass:
             emit([lines.line(p, scored.local[j], None, None) for j, p in enumerate(scored.pairs)], self._tally())
             return
         assert self.setup.runner is not None
-        x = self.setup.runner.normalise(torch.stack(scored.images))
-        ids = self._fix(scored, x) if self.pinned is not None else None
-        if not scored.pairs:
-            return
-        samples = self._samples(scored, x, ids, "arcc" in todo)
-        plans = []
-        for entry in dict.fromkeys(METRICS[n].entry for n in todo):
-            names = [n for n in todo if METRICS[n].entry == entry]
-            plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
-        self.scheduler.add(Group(samples, plans), on_finish=self._finished(scored, samples))
+        for part in _by_size(scored):  # one part, unless a model takes images at their own sizes
+            x = self.setup.runner.normalise(torch.stack(part.images))
+            ids = self._fix(part, x) if self.pinned is not None else None
+            if not part.pairs:
+                continue
+            samples = self._samples(part, x, ids, "arcc" in todo)
+            plans = []
+            for entry in dict.fromkeys(METRICS[n].entry for n in todo):
+                names = [n for n in todo if METRICS[n].entry == entry]
+                plans.append(plan_factory(str(entry))(samples, names, self.scoring.lines.options))
+            self.scheduler.add(Group(samples, plans), on_finish=self._finished(part, samples))
         self.scheduler.run()
 
     def _fix(self, scored: Scored, x: torch.Tensor) -> list[int]:
@@ -248,13 +254,16 @@ class SetupPass:
         ids of ``x``), a tag per pair in place of its class (:meth:`PinnedScores.tags`); with
         ``remade``, each map made again from its image multiplied by it (ARCC)."""
         device = self.scoring.device
+        x = x[torch.tensor(scored.image_of, device=device)]
         classes = [int(p.record["class_index"]) for p in scored.pairs]
-        if self.pinned is not None and ids is not None:
+        if self.setup.scoring is not None:  # a detection run: the free pass pins each sample's detection
+            tags = self.setup.scoring.pin([p.record for p in scored.pairs], x).to(device)
+        elif self.pinned is not None and ids is not None:
             tags = self.pinned.tags([ids[i] for i in scored.image_of], classes, device)
         else:
             tags = torch.tensor(classes, device=device)
         samples = Samples(
-            x[torch.tensor(scored.image_of, device=device)],
+            x,
             torch.stack(scored.maps).to(device),
             tags,
             [f"{p.record['key']}\0{p.record['method']}" for p in scored.pairs],
@@ -300,6 +309,26 @@ class SetupPass:
             self.scoring.emit(lines, self._tally())
 
         return done
+
+
+def _by_size(scored: Scored) -> list[Scored]:
+    """``scored`` in parts whose images share one size (itself when they all do)."""
+    sizes = [tuple(image.shape) for image in scored.images]
+    if len(set(sizes)) <= 1:
+        return [scored]
+    parts: dict[tuple[int, ...], Scored] = {}
+    slots: dict[int, int] = {}
+    for j, pair in enumerate(scored.pairs):
+        slot = scored.image_of[j]
+        part = parts.setdefault(sizes[slot], Scored())
+        if slot not in slots:
+            slots[slot] = len(part.images)
+            part.images.append(scored.images[slot])
+        part.image_of.append(slots[slot])
+        part.maps.append(scored.maps[j])
+        part.pairs.append(pair)
+        part.local.append(scored.local[j])
+    return list(parts.values())
 
 
 def _value(tensor: torch.Tensor) -> float | None:

@@ -106,8 +106,9 @@ class PinnedScores:
         self.samples.update(zip(tags, zip(ids, classes, strict=True), strict=True))
         return torch.tensor(tags, dtype=torch.long, device=device)
 
-    def __call__(self, x: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | list[torch.Tensor], tags: torch.Tensor) -> torch.Tensor:
         """The scores ``(n,)`` of inputs ``x`` ``(n, 3, S, S)``, perturbed copies of their tags' images."""
+        assert isinstance(x, torch.Tensor), "a segmentation model's inputs share one size"
         samples = [self.samples[t] for t in tags.tolist()]
         images = [image for image, _ in samples]
         if any(i not in self.fixed for i in images):

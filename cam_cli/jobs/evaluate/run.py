@@ -29,6 +29,7 @@ from cam_cli import rundir
 from cam_cli.device import emulated_precision_note
 from cam_cli.errors import InputError, OutputError, plural
 from cam_cli.jobs.base import check_precision, journalled, open_device, prepare_process
+from cam_cli.jobs.evaluate import detection
 from cam_cli.jobs.evaluate.batches import SCORE_TOLERANCE, Scoring, SetupPass
 from cam_cli.jobs.evaluate.config import EvaluateConfig, EvaluateResult
 from cam_cli.jobs.evaluate.lines import Lines, Pair
@@ -129,11 +130,15 @@ class Evaluator:
         """The ok records of OUT by key (``not_evaluated`` counts the others); ``InputError``
         when there are none or they lack what evaluating needs."""
         records = rundir.read_run(self.out_dir).records
-        ok = [r for k, r in sorted(records.items()) if r.get("status") == "ok"]
+        ok, left = detection.evaluable([r for k, r in sorted(records.items()) if r.get("status") == "ok"])
         self.not_evaluated = len(records) - len(ok)
         if not ok:
-            raise InputError(f"the manifest of {self.out_dir} has no ok lines to evaluate ({len(records)} failed)")
+            raise InputError(
+                f"the manifest of {self.out_dir} has no ok lines to evaluate "
+                f"({len(records) - left} failed{f', {left} without a detection map' if left else ''})"
+            )
         self._check_fields(ok)
+        detection.check_metrics(self.names, ok)
         return ok
 
     def _other_model(self, records: Sequence[dict[str, Any]]) -> str | None:
@@ -161,7 +166,7 @@ class Evaluator:
 
     def _check_fields(self, records: Sequence[dict[str, Any]]) -> None:
         missing = [f for f in NEEDED if any(r.get(f) is None for r in records)]
-        overridable = [f for f in MODEL_FIELDS if any(r.get(f) is None for r in records)]
+        overridable = [f for f in MODEL_FIELDS if any(r.get(f) is None for r in records if not _native(r, f))]
         if self.config.model is not None:
             overridable = [f for f in overridable if f != "model"]
         if self.config.input_size is not None:
@@ -187,6 +192,8 @@ class Evaluator:
         ]
         if not boxed:
             return {}, None
+        if self.config.boxes_from is None and all(detection.own_truths(r) for r in records):
+            return {}, detection.OWN_BOXES  # each detection's map against its own box
         if self.config.boxes_from is None:
             raise InputError(f"the metrics {', '.join(boxed)} need ground-truth boxes: pass --boxes-from")
         boxes = self._match_boxes(read_boxes(self.config.boxes_from), records)
@@ -352,6 +359,11 @@ FAITHFULNESS_OPTIONS = ("flip_step", "patch_size", "regions", "corr_runs", "corr
 
 def _uses(names: Sequence[str], setting: str) -> bool:
     return any(setting in METRICS[n].settings for n in names)
+
+
+def _native(record: dict[str, Any], field: str) -> bool:
+    """Whether a detection line does without ``field`` (its images go in at their own size)."""
+    return field == "input_size" and detection.is_detection(record)
 
 
 def _metric_names(asked: Sequence[str]) -> list[str]:

@@ -51,6 +51,13 @@ class ModelSetup:
     classifier: Classifier | None = None
     runner: ModelRunner | None = None
     outputs: int = 0
+    #: what the model does; a detection setup also keeps the run's --min-score
+    task: str = "classification"
+    min_score: float | None = None
+    #: a readout-driven setup's scoring (``pin`` a group's samples in a free pass, giving each a
+    #: token; ``score`` inputs by their tokens; ``native`` sizes:
+    #: :class:`~cam_cli.jobs.evaluate.detection.DetectionScoring`); None: class probabilities
+    scoring: Any = None
 
     @property
     def size(self) -> int:
@@ -82,11 +89,9 @@ class Setups:
 
     def of(self, record: dict[str, Any]) -> ModelSetup:
         """The setup that rebuilds the model of ``record`` (the config's options win)."""
-        if record.get("task") == "detection":
-            raise ModelError(
-                f"{record.get('key')}: camx evaluate does not score detection runs yet (docs/detection.md)"
-            )
         c = self.config
+        if record.get("task") == "detection":
+            return self._detection(record)
         key = (
             c.model or str(record["model"]),
             c.weights or (weights_argument(record) if c.model in (None, record.get("model")) else "DEFAULT"),
@@ -101,6 +106,18 @@ class Setups:
         )
         if key not in self.by_key:
             self.by_key[key] = ModelSetup(*key)  # type: ignore[arg-type]
+        return self.by_key[key]
+
+    def _detection(self, record: dict[str, Any]) -> ModelSetup:
+        """The setup of a detection line: its model, weights, seed and --min-score."""
+        c = self.config
+        model = c.model or str(record["model"])
+        weights = c.weights or (weights_argument(record) if model == record.get("model") else "DEFAULT")
+        seed = self.seeds.get((record.get("model"), record.get("weights")), 0)
+        key = ("detection", model, weights, seed, record.get("min_score"))
+        if key not in self.by_key:
+            self.by_key[key] = ModelSetup(model, weights, None, None, None, None, None, seed, task="detection",
+                                          min_score=record.get("min_score"))  # fmt: skip
         return self.by_key[key]
 
     def _num_classes(self, record: dict[str, Any]) -> int | None:
@@ -118,6 +135,11 @@ class Setups:
     def rebuild(self, setup: ModelSetup, device: torch.device) -> None:
         """Load the model of ``setup`` and place it on ``device``; ``ModelError`` when it
         cannot be loaded or fails on a zero input (in channels-last and without)."""
+        if setup.task == "detection":
+            from cam_cli.jobs.evaluate.detection import rebuild_detector
+
+            rebuild_detector(setup, device, self.config.precision)
+            return
         classifier = self._load(setup)
         if setup.reference is not None:
             classifier = self._compared(setup, classifier, device)

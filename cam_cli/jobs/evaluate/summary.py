@@ -32,13 +32,18 @@ def summary_stats(names: Sequence[str]) -> dict[str, tuple[str, float, str]]:
 
 def rows_by_method(records: Iterable[dict[str, Any]], lines: Mapping[rundir.RecordKey, dict[str, Any]]) -> Rows:
     """The ok lines of ``records`` by method, then by input key; a fixed ``--target``
-    class is summarised apart (``gradcam.class281``)."""
+    class is summarised apart (``gradcam.class281``); a detection run's maps of one method
+    together, by input key and detection."""
     rows: Rows = {}
     for record in records:
         key = rundir.record_key(record)
         line = lines.get(key)
         if line is not None and line.get("status") == "ok":
-            rows.setdefault(key[1], {})[str(record["key"])] = line
+            method, where = key[1], str(record["key"])
+            if record.get("task") == "detection":  # every detection of a method in one row, paired by its
+                # rank with other methods' (a class-agnostic map is scored for the top detection, det0)
+                method, where = str(record["method"]), f"{where}\0{record.get('variant') or 'det0'}"
+            rows.setdefault(method, {})[where] = line
     return rows
 
 

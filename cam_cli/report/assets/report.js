@@ -154,7 +154,10 @@
     bar.addEventListener("submit", function (e) { e.preventDefault(); });
 
     var counts = new Array(classes.length).fill(0);
-    items.forEach(function (it) { if (it.c !== undefined) counts[it.c]++; });
+    items.forEach(function (it) {
+      if (it.cs) it.cs.forEach(function (c) { counts[c]++; }); // a detection run's image: each of its classes
+      else if (it.c !== undefined) counts[it.c]++;
+    });
     controls.cls = el("select", { id: "f-class", name: "class" }, option("", "all classes (" + classes.length + ")"));
     classes.forEach(function (name, i) { controls.cls.append(option(String(i), name + " (" + counts[i] + ")")); });
     controls.cls.addEventListener("change", function () { state.cls = controls.cls.value; refresh(); });
@@ -250,7 +253,7 @@
     view = [];
     for (var i = 0; i < items.length; i++) {
       var it = items[i];
-      if (cls >= 0 && it.c !== cls) continue;
+      if (cls >= 0 && it.c !== cls && !(it.cs && it.cs.indexOf(cls) >= 0)) continue;
       if (state.failedOnly && !it.f) continue;
       if (q && lowerKeys[i].indexOf(q) < 0) continue;
       if (!all && !it.m.some(function (e) { return state.shown.has(e.i); })) continue;
@@ -324,7 +327,11 @@
     art.append(el("p", { className: "pred" }, pred === null ? "no prediction" : el("b", { text: pred }), item.s !== undefined ? " " + fmt(item.s) : null));
     var figs = el("div", { className: "figs" });
     if (item.i) figs.append(el("figure", { className: "fig input" }, thumb(item.i, item.k), el("figcaption", { text: "input" })));
-    item.m.forEach(function (e) { if (state.shown.has(e.i)) figs.append(methodFigure(item, e)); });
+    // a class filter on a detection run's image shows that class's detections (and the class-agnostic maps)
+    var only = state.cls !== "" && item.cs ? classes[+state.cls] : null;
+    item.m.forEach(function (e) {
+      if (state.shown.has(e.i) && (only === null || !e.c || e.c === only)) figs.append(methodFigure(item, e));
+    });
     art.append(figs);
     return art;
   }
