@@ -74,7 +74,7 @@ def test_the_metrics_follow_the_similarity_to_the_recorded_reference(tmp_path: P
         samples = Samples(x, resized, torch.tensor([0]))
         with torch.no_grad():
             theirs = run_plans(samples, [make_plan(samples, ["deletion", "insertion"], MetricOptions(steps=4))],
-                               forward, 32, lambda outputs, classes: outputs[:, 0])  # fmt: skip
+                               forward, 32, lambda x, classes: forward(x)[:, 0])  # fmt: skip
             y, o = float(forward(x)), float(forward(x * resized[:, None]))
         assert line["score"] == pytest.approx(y, abs=1e-5) and record["score"] == pytest.approx(y, abs=1e-5)
         assert line["deletion_auc"] == pytest.approx(float(theirs["deletion_auc"]), abs=1e-5)
